@@ -1,0 +1,245 @@
+"""cifar.torch's models in Flax linen: VGG-BN-Dropout and Network-in-Network.
+
+Initialization follows the torch7 modules of 2015: MSR normal for VGG convolutions,
+N(0, 0.05) for NIN's, zero conv biases; `nn.Linear` U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+for weight and bias; BatchNormalization weight U(0, 1), bias 0.
+
+BatchNorm follows torch's THNN arithmetic: batch mean and biased variance normalize in
+training, the running variance is updated with the unbiased one, momentum 0.1. Its
+running statistics live in the `batch_stats` collection and move only in training.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+MODEL_NAMES = ("vgg_bn_drop", "nin")
+CONV_IMPLS = ("auto", "xla", "matmul")
+# XLA:CPU's convolution is ~60x slower than the same work as a matmul on 2x2 and 4x4 maps.
+AUTO_MATMUL_MAX_PIXELS = 16
+
+
+def torch_linear_init(fan_in: int) -> Callable:
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def conv_as_matmul(x, kernel, padding: int):
+    """Stride-1 'same'-style convolution as one im2col matmul (NHWC, HWIO)."""
+    kh, kw, cin, cout = kernel.shape
+    n, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    oh, ow = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
+    patches = jnp.concatenate([xp[:, i : i + oh, j : j + ow, :] for i in range(kh) for j in range(kw)], axis=-1)
+    out = patches.reshape(n * oh * ow, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
+    return out.reshape(n, oh, ow, cout)
+
+
+def use_matmul_conv(impl: str, spatial_pixels: int) -> bool:
+    if impl == "matmul":
+        return True
+    if impl == "xla":
+        return False
+    return jax.default_backend() == "cpu" and spatial_pixels <= AUTO_MATMUL_MAX_PIXELS
+
+
+class Conv(nn.Module):
+    """torch `SpatialConvolution(in, out, k, k, 1, 1, pad, pad)` with bias."""
+
+    features: int
+    kernel_size: int
+    padding: int
+    kernel_std: float
+    impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.normal(self.kernel_std), (k, k, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if k == 1:
+            y = x @ kernel[0, 0]
+        elif use_matmul_conv(self.impl, x.shape[1] * x.shape[2]):
+            y = conv_as_matmul(x, kernel, self.padding)
+        else:
+            pad = [(self.padding, self.padding)] * 2
+            y = lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias.astype(self.dtype)
+
+
+class TorchBatchNorm(nn.Module):
+    """torch7 (Spatial)BatchNormalization over all axes but the last."""
+
+    epsilon: float = 1e-5
+    momentum: float = 0.1  # torch's: running = (1 - m) * running + m * batch
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.uniform(1.0), (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = x32.mean(axes)
+            var = jnp.square(x32 - mean).mean(axes)
+            if not self.is_initializing():
+                n = x.size // c
+                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+                unbiased = var * (n / max(n - 1, 1))
+                running_var.value = (1 - self.momentum) * running_var.value + self.momentum * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (x32 - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(x.dtype)
+
+
+def max_pool_ceil(x, window: int, stride: int):
+    """torch `SpatialMaxPooling(k, k, s, s):ceil()`, no padding (NHWC)."""
+    pads = [_ceil_pad(x.shape[d], window, stride) for d in (1, 2)]
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1),
+        ((0, 0), (0, pads[0]), (0, pads[1]), (0, 0)),
+    )
+
+
+def avg_pool_ceil(x, window: int, stride: int):
+    """torch `SpatialAveragePooling(k, k, s, s):ceil()`: windows past the edge average their in-image part."""
+    pads = [_ceil_pad(x.shape[d], window, stride) for d in (1, 2)]
+    padding = ((0, 0), (0, pads[0]), (0, pads[1]), (0, 0))
+    dims, strides = (1, window, window, 1), (1, stride, stride, 1)
+    total = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, dims, strides, padding)
+    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
+    count = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, dims, strides, padding)
+    return total / count
+
+
+def _ceil_pad(size: int, window: int, stride: int) -> int:
+    out = -(-(size - window) // stride) + 1
+    if (out - 1) * stride >= size:  # torch: the last window must start inside the image
+        out -= 1
+    return max((out - 1) * stride + window - size, 0)
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+class ConvBNReLU(nn.Module):
+    features: int
+    kernel_size: int
+    padding: int
+    kernel_std: float
+    batch_norm: bool
+    conv_impl: str
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = Conv(self.features, self.kernel_size, self.padding, self.kernel_std, self.conv_impl, self.dtype)(x)
+        if self.batch_norm:
+            x = TorchBatchNorm(epsilon=1e-3)(x, train)
+        return nn.relu(x)
+
+
+# (channels or 'M', dropout after the block); cifar.torch's models/vgg_bn_drop.lua
+VGG_LAYOUT = (
+    (64, 0.3), (64, 0), "M",
+    (128, 0.4), (128, 0), "M",
+    (256, 0.4), (256, 0.4), (256, 0), "M",
+    (512, 0.4), (512, 0.4), (512, 0), "M",
+    (512, 0.4), (512, 0.4), (512, 0), "M",
+)
+
+
+class VGGBNDrop(nn.Module):
+    num_classes: int = 10
+    width: float = 1.0
+    batch_norm: bool = True
+    dropout: bool = True
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        drop = (lambda r: nn.Dropout(r, deterministic=not train)) if self.dropout else (lambda r: lambda y: y)
+        for layer in VGG_LAYOUT:
+            if layer == "M":
+                x = max_pool_ceil(x, 2, 2)
+                continue
+            channels, rate = layer
+            c = _scaled(channels, self.width)
+            x = ConvBNReLU(c, 3, 1, math.sqrt(2.0 / (9 * c)), self.batch_norm, self.conv_impl, self.dtype)(x, train)
+            if rate:
+                x = drop(rate)(x)
+        x = x.reshape(x.shape[0], -1)
+        hidden = _scaled(512, self.width)
+        x = drop(0.5)(x)
+        x = self._linear(hidden, x)
+        if self.batch_norm:
+            x = TorchBatchNorm(epsilon=1e-5)(x, train)
+        x = nn.relu(x)
+        x = drop(0.5)(x)
+        return self._linear(self.num_classes, x).astype(jnp.float32)
+
+    def _linear(self, features: int, x):
+        init = torch_linear_init(x.shape[-1])
+        return nn.Dense(features, dtype=self.dtype, kernel_init=init, bias_init=init)(x)
+
+
+# (out channels, kernel, padding) per block, pools between; cifar.torch's models/nin.lua
+NIN_LAYOUT = (
+    (192, 5, 2), (160, 1, 0), (96, 1, 0), "max",
+    (192, 5, 2), (192, 1, 0), (192, 1, 0), "avg",
+    (192, 3, 1), (192, 1, 0), (None, 1, 0),
+)
+
+
+class NIN(nn.Module):
+    num_classes: int = 10
+    width: float = 1.0
+    batch_norm: bool = True
+    dropout: bool = True
+    conv_impl: str = "auto"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for layer in NIN_LAYOUT:
+            if layer in ("max", "avg"):
+                x = max_pool_ceil(x, 3, 2) if layer == "max" else avg_pool_ceil(x, 3, 2)
+                if self.dropout:
+                    x = nn.Dropout(0.5, deterministic=not train)(x)
+                continue
+            channels, k, pad = layer
+            c = self.num_classes if channels is None else _scaled(channels, self.width)
+            x = ConvBNReLU(c, k, pad, 0.05, self.batch_norm, self.conv_impl, self.dtype)(x, train)
+        x = avg_pool_ceil(x, 8, 1)
+        return x.reshape(x.shape[0], -1).astype(jnp.float32)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    if name == "vgg_bn_drop":
+        return VGGBNDrop(**kwargs)
+    if name == "nin":
+        return NIN(**kwargs)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,326 @@
+"""Training: `python -m jaxcifar.train --config configs/vgg.py --workdir runs/vgg`.
+
+Every random draw is a function of (seed, epoch) or (seed, step): the epoch's order
+from fold_in(key, epoch), a step's flips and dropout from fold_in(key, step). A run is
+therefore the same run however often it is stopped and resumed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from jaxcifar import config as config_lib
+from jaxcifar import data, metrics, models, optim
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # updates applied so far
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw key data of the run's base key (uint32), so checkpoints hold plain arrays
+
+
+def build_model(config) -> flax.linen.Module:
+    return models.create_model(
+        config.model, num_classes=config.num_classes, width=config.width, batch_norm=config.batch_norm,
+        dropout=config.dropout, conv_impl=config.conv_impl, dtype=jnp.dtype(config.dtype))
+
+
+def build_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    return optim.torch7_sgd(**_optimizer_kwargs(config, steps_per_epoch))
+
+
+def _optimizer_kwargs(config, steps_per_epoch: int) -> dict:
+    o = config.optimizer
+    return dict(
+        learning_rate=o.learning_rate, momentum=o.momentum, dampening=None if o.dampening < 0 else o.dampening,
+        weight_decay=o.weight_decay, learning_rate_decay=o.learning_rate_decay, epoch_step=o.epoch_step,
+        steps_per_epoch=steps_per_epoch, schedule=o.schedule, total_steps=steps_per_epoch * config.num_epochs)
+
+
+def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
+    kw = _optimizer_kwargs(config, steps_per_epoch)
+    lr = optim.learning_rate_fn(kw.pop("learning_rate"), kw.pop("learning_rate_decay"),
+                                **{k: kw[k] for k in ("schedule", "epoch_step", "steps_per_epoch", "total_steps")})
+    return float(lr(step))
+
+
+def init_train_state(config, model, tx, image_shape) -> TrainState:
+    key = jax.random.key(config.seed)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        {"params": stream_key(jax.random.key_data(key), INIT_STREAM)}, jnp.zeros((1, *image_shape), jnp.float32))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(params), rng=jax.random.key_data(key))
+
+
+def zero_train_metrics(num_classes: int) -> dict:
+    return {"loss_sum": jnp.zeros([], jnp.float32), "confusion": jnp.zeros((num_classes, num_classes), jnp.int32),
+            "last_loss": jnp.zeros([], jnp.float32)}
+
+
+# Independent streams derived from the run's key, so epoch and step numbers never collide.
+INIT_STREAM, ORDER_STREAM, STEP_STREAM = 0, 1, 2
+
+
+def stream_key(rng, stream: int):
+    return jax.random.fold_in(jax.random.wrap_key_data(rng), stream)
+
+
+def step_keys(state: TrainState):
+    """(flip key, dropout key) of the update about to be applied: a function of (seed, step) only."""
+    return jax.random.split(jax.random.fold_in(stream_key(state.rng, STEP_STREAM), state.step))
+
+
+def epoch_order(rng, epoch, num_examples: int, batch_size: int):
+    """The epoch's batches: a function of (seed, epoch) only."""
+    return data.epoch_batch_indices(stream_key(rng, ORDER_STREAM), epoch, num_examples, batch_size)
+
+
+def train_step(state: TrainState, acc: dict, images, labels, epoch_indices, *, model, tx, flip: str,
+               label_smoothing: float, num_classes: int):
+    """One torch7-SGD update on the batch `epoch_indices[step % steps]`; accumulates epoch metrics."""
+    steps = epoch_indices.shape[0]
+    flip_key, dropout_key = step_keys(state)
+    x, y = data.gather_batch(images, labels, epoch_indices[state.step % steps], flip_key, flip)
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                      rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state)
+    acc = {"loss_sum": acc["loss_sum"] + loss, "last_loss": loss,
+           "confusion": acc["confusion"] + metrics.confusion_update(logits, y, num_classes)}
+    return state, acc
+
+
+def eval_step(params, batch_stats, images, labels, indices, valid, *, model, num_classes: int):
+    """Confusion counts and summed loss of one padded evaluation batch (padding weighted 0)."""
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, images[indices], train=False)
+    y = labels[indices]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return metrics.confusion_update(logits, y, num_classes, valid), jnp.sum(jnp.where(valid, loss, 0.0))
+
+
+class Trainer:
+    """The compiled steps and device-resident data of one run."""
+
+    def __init__(self, config, dataset: data.Preprocessed):
+        self.config = config
+        self.num_train = len(dataset.train_labels)
+        self.steps_per_epoch = self.num_train // config.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"bad config: batch_size={config.batch_size} exceeds the {self.num_train} training images")
+        self.model = build_model(config)
+        self.tx = build_optimizer(config, self.steps_per_epoch)
+        # The whole preprocessed dataset lives on the device; batches are gathered inside jit.
+        self.train_images = jax.device_put(dataset.train_images)
+        self.train_labels = jax.device_put(dataset.train_labels.astype(np.int32))
+        self.test_images = jax.device_put(dataset.test_images)
+        self.test_labels = jax.device_put(dataset.test_labels.astype(np.int32))
+        self.eval_indices, self.eval_valid = data.eval_batches(len(dataset.test_labels), config.eval_batch_size)
+        self._train_step = jax.jit(
+            functools.partial(train_step, model=self.model, tx=self.tx, flip=config.flip,
+                              label_smoothing=config.label_smoothing, num_classes=config.num_classes),
+            donate_argnums=(0, 1))
+        self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, num_classes=config.num_classes))
+        self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3))
+
+    def init_state(self) -> TrainState:
+        return init_train_state(self.config, self.model, self.tx, self.train_images.shape[1:])
+
+    def train_epoch(self, state: TrainState, epoch: int, progress=None):
+        """Runs the remaining steps of `epoch` (1-based); returns (state, loss, confusion, steps run)."""
+        c = self.config
+        order = self._epoch_order(state.rng, epoch, self.num_train, c.batch_size)
+        acc = zero_train_metrics(c.num_classes)
+        first = int(state.step) - (epoch - 1) * self.steps_per_epoch
+        for i in range(first, self.steps_per_epoch):
+            state, acc = self._train_step(state, acc, self.train_images, self.train_labels, order)
+            done = i + 1
+            if done % c.log_every_steps == 0 or done == self.steps_per_epoch:
+                last = float(acc["last_loss"])  # syncs: keeps the bar honest and catches divergence early
+                if not math.isfinite(last):
+                    raise TrainingDiverged(
+                        f"loss became {last} at epoch {epoch}, step {int(state.step)}: training stopped; "
+                        "lower optimizer.learning_rate or check the input data")
+                if progress is not None:
+                    progress(done, last)
+        count = (self.steps_per_epoch - first) * c.batch_size
+        loss = float(acc["loss_sum"]) / max(self.steps_per_epoch - first, 1)
+        return state, loss, np.asarray(acc["confusion"]), count
+
+    def evaluate(self, params, batch_stats, images=None, labels=None):
+        """Confusion matrix and mean loss over every test image, exactly once."""
+        images = self.test_images if images is None else images
+        labels = self.test_labels if labels is None else labels
+        if images is self.test_images:
+            indices, valid = self.eval_indices, self.eval_valid
+        else:
+            indices, valid = data.eval_batches(len(labels), self.config.eval_batch_size)
+        confusion = jnp.zeros((self.config.num_classes,) * 2, jnp.int32)
+        loss = jnp.zeros([], jnp.float32)
+        for idx, ok in zip(indices, valid):
+            conf, l = self._eval_step(params, batch_stats, images, labels, idx, ok)
+            confusion, loss = confusion + conf, loss + l
+        return np.asarray(confusion), float(loss) / int(valid.sum())
+
+
+# ---------------------------------------------------------------------------
+# Logs: plain text, CSV and JSON lines in the workdir.
+
+
+class RunLog:
+    CSV_FIELDS = ("epoch", "step", "learning_rate", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                  "test_average_row_correct", "test_average_rowucol_correct", "epoch_time_s", "train_images_per_s",
+                  "eval_time_s")
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._text = open(workdir / "log.txt", "a", buffering=1)
+
+    def print(self, msg: str = "") -> None:
+        print(msg, flush=True)
+        self._text.write(msg + "\n")
+
+    def epoch(self, record: dict) -> None:
+        csv_path = self.workdir / "metrics.csv"
+        new = not csv_path.exists()
+        with open(csv_path, "a") as f:
+            if new:
+                f.write(",".join(self.CSV_FIELDS) + "\n")
+            f.write(",".join(_csv_value(record[k]) for k in self.CSV_FIELDS) + "\n")
+        with open(self.workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._text.close()
+
+
+def _csv_value(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _progress_bar(epoch: int, total: int, start: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
+               file=sys.stderr)
+
+    def update(done: int, loss: float):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    return bar, update
+
+
+# ---------------------------------------------------------------------------
+
+
+def load_dataset(config, log=print) -> data.Preprocessed:
+    d = config.data
+    md5s = data.read_md5_file(d.md5_file) if d.md5_file else data.OFFICIAL_MD5
+    return data.load_preprocessed(d.data_dir or None, d.cache_dir or None, d.preprocess, d.archive or None, md5s, log=log)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    config_lib.validate(config)
+    workdir = Path(workdir)
+    log = RunLog(workdir)
+    try:
+        return _train(config, workdir, log)
+    finally:
+        log.close()
+
+
+def _train(config, workdir: Path, log: RunLog) -> TrainState:
+    log.print(f"jaxcifar: {config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}")
+    dataset = load_dataset(config, log.print)
+    trainer = Trainer(config, dataset)
+    state = trainer.init_state()
+    log.print(f"{models.count_params(state.params):,} parameters; {trainer.steps_per_epoch} steps of "
+              f"{config.batch_size} per epoch; {config.num_epochs} epochs")
+    start_epoch = int(state.step) // trainer.steps_per_epoch + 1
+    for epoch in range(start_epoch, config.num_epochs + 1):
+        lr = learning_rate_at(config, trainer.steps_per_epoch, int(state.step))
+        log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]")
+        t0 = time.time()
+        first = int(state.step) - (epoch - 1) * trainer.steps_per_epoch
+        bar, progress = _progress_bar(epoch, trainer.steps_per_epoch, first)
+        try:
+            state, train_loss, train_conf, count = trainer.train_epoch(state, epoch, progress)
+        finally:
+            bar.close()
+        train_time = time.time() - t0
+        t1 = time.time()
+        test_conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
+        eval_time = time.time() - t1
+        train_s, test_s = metrics.summarize(train_conf), metrics.summarize(test_conf)
+        record = {
+            "epoch": epoch, "step": int(state.step), "learning_rate": lr, "train_loss": train_loss,
+            "train_accuracy": train_s["accuracy"], "test_loss": test_loss, "test_accuracy": test_s["accuracy"],
+            "test_average_row_correct": test_s["average_row_correct"],
+            "test_average_rowucol_correct": test_s["average_rowucol_correct"],
+            "epoch_time_s": train_time + eval_time, "train_images_per_s": count / train_time, "eval_time_s": eval_time,
+            "test_confusion": test_conf.tolist(),
+        }
+        log.print(f"Train loss: {train_loss:.4f}  Train accuracy: {train_s['accuracy']:.2f} %  "
+                  f"time: {train_time:.1f} s ({record['train_images_per_s']:.0f} images/s)")
+        log.print(f"Test accuracy: {test_s['accuracy']:.2f} %  (loss {test_loss:.4f}, {eval_time:.1f} s)")
+        log.print(metrics.format_confusion(test_conf, data.CLASS_NAMES))
+        log.epoch(record)
+    return state
+
+
+def main(argv) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    del argv
+    cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    try:
+        train_and_evaluate(cfg, workdir)
+    except (data.DataError, ValueError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/vgg.py.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Folder for logs, checkpoints and the report.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,193 @@
+import gzip
+import os
+import shutil
+import tarfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxcifar import data, fake_data
+
+
+def test_good_archive_verifies(fake_archive):
+    archive, md5_file = fake_archive
+    members = data.read_archive(archive, data.read_md5_file(md5_file))
+    images, labels = data.parse_batches(members[f] for f in data.TRAIN_FILES)
+    assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8
+    assert set(labels) == set(range(10))
+
+
+def test_extracted_folder_is_accepted(fake_archive, tmp_path):
+    archive, md5_file = fake_archive
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path, filter="data")
+    for folder in (tmp_path, tmp_path / data.ARCHIVE_PREFIX):
+        assert len(data.read_archive(folder, data.read_md5_file(md5_file))) == 7
+
+
+def test_official_sums_reject_a_fake_archive(fake_archive):
+    with pytest.raises(data.DataError, match=r"data_batch_1.bin .* has MD5 [0-9a-f]{32}, expected 5dd7e06a"):
+        data.read_archive(fake_archive[0])
+
+
+def test_truncated_archive(fake_archive, tmp_path):
+    blob = fake_archive[0].read_bytes()
+    bad = tmp_path / "truncated.tar.gz"
+    bad.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(data.DataError, match="truncated or not a valid tar.gz"):
+        data.read_archive(bad, data.read_md5_file(fake_archive[1]))
+
+
+def test_missing_member(fake_archive, tmp_path):
+    src, md5_file = fake_archive
+    bad = tmp_path / "missing.tar.gz"
+    with tarfile.open(src) as tin, tarfile.open(bad, "w:gz") as tout:
+        for info in tin:
+            if not info.name.endswith("test_batch.bin"):
+                tout.addfile(info, tin.extractfile(info))
+    with pytest.raises(data.DataError, match="no member cifar-10-batches-bin/test_batch.bin"):
+        data.read_archive(bad, data.read_md5_file(md5_file))
+
+
+def test_unreadable_and_absent_paths(tmp_path, fake_archive):
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.read_archive(tmp_path / "nope.tar.gz")
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked.tar.gz"
+        shutil.copy(fake_archive[0], locked)
+        locked.chmod(0)
+        with pytest.raises(data.DataError, match="cannot read"):
+            data.read_archive(locked)
+
+
+def test_offline_without_archive_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DOWNLOAD_HOST", ("127.0.0.1", 9))  # nothing listens: the probe fails at once
+    t0 = time.time()
+    with pytest.raises(data.DataError, match=r"--archive /path/to/cifar-10-binary.tar.gz"):
+        data.prepare(str(tmp_path / "tfds"))
+    assert time.time() - t0 < 15
+
+
+def test_failed_prepare_leaves_no_partial_dataset(tmp_path, fake_archive):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(fake_archive[0].read_bytes()[:5000])
+    with pytest.raises(data.DataError):
+        data.prepare(str(tmp_path / "tfds"), str(bad), data.read_md5_file(fake_archive[1]))
+    leftovers = list((tmp_path / "tfds").rglob("*")) if (tmp_path / "tfds").exists() else []
+    assert not [p for p in leftovers if p.is_file()]
+
+
+def test_prepare_cli_reports_split_sizes(tmp_path, fake_archive, capsys):
+    rc = data.main(["prepare", "--archive", str(fake_archive[0]), "--md5-file", str(fake_archive[1]),
+                    "--data-dir", str(tmp_path / "tfds")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "train: 200 images" in out and "test: 50 images" in out
+    assert "airplane 20" in out and "airplane 5" in out
+
+
+def test_prepare_cli_error_is_one_line(tmp_path, capsys):
+    rc = data.main(["prepare", "--archive", str(tmp_path / "missing.tar.gz"), "--data-dir", str(tmp_path / "t")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error:") and "\n" not in err
+
+
+def test_tfds_roundtrip_preserves_images(prepared, fake_archive):
+    data_dir, _, md5s = prepared
+    raw = data.load_uint8(data_dir)
+    members = data.read_archive(fake_archive[0], md5s)
+    want_images, want_labels = data.parse_batches(members[f] for f in data.TRAIN_FILES)
+    # tfds stores its own (deterministic) order: compare as multisets keyed by bytes
+    got = sorted(zip(raw["train_labels"].tolist(), (im.tobytes() for im in raw["train_images"])))
+    want = sorted(zip(want_labels.tolist(), (im.tobytes() for im in want_images)))
+    assert got == want
+    assert raw["test_images"].shape == (50, 32, 32, 3)
+
+
+def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
+    data_dir, _, md5s = prepared
+    import tempfile
+    cache_dir = tempfile.mkdtemp()
+    messages = []
+    first = data.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
+    assert any("preprocessing" in m for m in messages)
+    messages.clear()
+    second = data.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
+    assert any("loaded preprocessed" in m for m in messages)
+    np.testing.assert_array_equal(first.train_images, second.train_images)
+    assert first.stats == second.stats
+    # flip bytes inside the cached training images: detected, rebuilt, never trusted
+    (folder,) = [p for p in os.scandir(cache_dir) if p.is_dir()]
+    path = os.path.join(folder.path, "train_images.npy")
+    with open(path, "r+b") as f:
+        f.seek(4000)
+        f.write(b"\xff" * 64)
+    messages.clear()
+    third = data.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
+    assert "corrupt" in capsys.readouterr().err
+    assert any("preprocessing" in m for m in messages)
+    np.testing.assert_array_equal(first.train_images, third.train_images)
+    assert not [n for n in os.listdir(cache_dir) if ".tmp-" in n]
+
+
+def test_cache_files_load_without_pickle(prepared):
+    data_dir, cache_dir, md5s = prepared
+    data.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=lambda m: None)
+    for root, _, files in os.walk(cache_dir):
+        for f in files:
+            if f.endswith(".npy"):
+                np.load(os.path.join(root, f), allow_pickle=False)
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    key = jax.random.key(0)
+    a = data.epoch_batch_indices(key, 3, 1000, 128)
+    b = data.epoch_batch_indices(key, 3, 1000, 128)
+    c = data.epoch_batch_indices(key, 4, 1000, 128)
+    d = data.epoch_batch_indices(jax.random.key(1), 3, 1000, 128)
+    assert a.shape == (7, 128)  # 1000 // 128 full batches, the partial one dropped
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and not np.array_equal(a, d)
+    assert len(set(np.asarray(a).ravel().tolist())) == 7 * 128  # no repeats within an epoch
+
+
+def test_cifar_epoch_has_390_steps():
+    assert data.epoch_batch_indices(jax.random.key(0), 1, 50_000, 128).shape == (390, 128)
+
+
+@pytest.mark.parametrize("batch", [128, 7])
+def test_batchflip_mirrors_exactly_half(batch):
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 4, 5, 3)).astype(np.float32))
+    labels = jnp.arange(batch)
+    idx = jnp.arange(batch)
+    counts = []
+    for seed in range(5):
+        x, y = data.gather_batch(images, labels, idx, jax.random.key(seed), "batchflip")
+        flipped = np.array([np.array_equal(x[i], images[i, :, ::-1]) for i in range(batch)])
+        unchanged = np.array([np.array_equal(x[i], images[i]) for i in range(batch)])
+        assert np.all(flipped ^ unchanged)
+        counts.append(flipped.sum())
+        np.testing.assert_array_equal(y, labels)
+    assert all(c == batch // 2 for c in counts)
+
+
+def test_independent_flips_and_no_flips():
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(256, 2, 3, 1)).astype(np.float32))
+    idx = jnp.arange(256)
+    counts = set()
+    for seed in range(4):
+        x, _ = data.gather_batch(images, idx, idx, jax.random.key(seed), "independent")
+        counts.add(sum(np.array_equal(x[i], images[i, :, ::-1]) for i in range(256)))
+    assert all(80 < n < 176 for n in counts) and len(counts) > 1  # binomial(256, 1/2), not forced to half
+    x, _ = data.gather_batch(images, idx, idx, jax.random.key(0), "none")
+    np.testing.assert_array_equal(x, images)
+
+
+def test_eval_batches_cover_every_example_once():
+    for n, b in [(10_000, 500), (10_000, 128), (50, 64), (7, 3)]:
+        idx, valid = data.eval_batches(n, b)
+        seen = idx[valid]
+        assert sorted(seen.tolist()) == list(range(n))

@@ -1,0 +1,138 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from jaxcifar import models
+
+
+def init(model, batch=2, train=False):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 32, 32, 3)).astype(np.float32))
+    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=train)
+    return variables, x
+
+
+def conv_params(cin, cout, k):
+    return cin * cout * k * k + cout
+
+
+def test_vgg_parameter_count_and_output():
+    variables, x = init(models.VGGBNDrop())
+    channels = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    convs = sum(conv_params(a, b, 3) for a, b in zip(channels[:-1], channels[1:]))
+    bn = 2 * sum(channels[1:]) + 2 * 512
+    linear = (512 * 512 + 512) + (512 * 10 + 10)
+    assert models.count_params(variables["params"]) == convs + bn + linear == 14_991_946
+    assert convs + linear == 14_982_474  # the 14.98 M weights of the convolutions and linear layers
+    out = models.VGGBNDrop().apply(variables, x, train=False)
+    assert out.shape == (2, 10) and out.dtype == jnp.float32
+
+
+def test_nin_parameter_count_and_output():
+    variables, x = init(models.NIN())
+    layers = [(3, 192, 5), (192, 160, 1), (160, 96, 1), (96, 192, 5), (192, 192, 1), (192, 192, 1),
+              (192, 192, 3), (192, 192, 1), (192, 10, 1)]
+    expected = sum(conv_params(a, b, k) + 2 * b for a, b, k in layers)
+    assert models.count_params(variables["params"]) == expected
+    assert models.NIN().apply(variables, x, train=False).shape == (2, 10)
+
+
+def test_ablations_and_width():
+    no_bn, _ = init(models.VGGBNDrop(batch_norm=False, width=0.25))
+    assert "batch_stats" not in no_bn or not jax.tree_util.tree_leaves(no_bn["batch_stats"])
+    narrow, _ = init(models.VGGBNDrop(width=0.25))
+    assert models.count_params(narrow["params"]) < 14_991_946 / 10
+    variables, x = init(models.VGGBNDrop(dropout=False, width=0.25))
+    a = models.VGGBNDrop(dropout=False, width=0.25).apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    b = models.VGGBNDrop(dropout=False, width=0.25).apply(variables, x, train=True, mutable=["batch_stats"])[0]
+    np.testing.assert_array_equal(a, b)  # without dropout, training mode is deterministic
+
+
+def test_init_follows_torch7():
+    variables, _ = init(models.VGGBNDrop())
+    p = variables["params"]
+    k = np.asarray(p["ConvBNReLU_1"]["Conv_0"]["kernel"])  # 64 -> 64
+    assert abs(k.std() / np.sqrt(2 / (9 * 64)) - 1) < 0.03
+    assert np.all(np.asarray(p["ConvBNReLU_1"]["Conv_0"]["bias"]) == 0)
+    scale = np.asarray(p["ConvBNReLU_1"]["TorchBatchNorm_0"]["scale"])
+    assert scale.min() >= 0 and scale.max() <= 1 and 0.35 < scale.mean() < 0.65  # U(0, 1)
+    w = np.asarray(p["Dense_0"]["kernel"])
+    assert np.abs(w).max() <= 1 / np.sqrt(512) and np.abs(np.asarray(p["Dense_0"]["bias"])).max() > 0
+    nin, _ = init(models.NIN())
+    assert abs(np.asarray(nin["params"]["ConvBNReLU_1"]["Conv_0"]["kernel"]).std() - 0.05) < 0.002
+
+
+def test_batchnorm_train_uses_batch_stats_and_updates_running_averages():
+    bn = models.TorchBatchNorm(epsilon=1e-5)
+    x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, size=(64, 4, 4, 8)).astype(np.float32))
+    v = bn.init(jax.random.key(0), x, train=False)
+    v = {"params": {"scale": jnp.ones(8), "bias": jnp.zeros(8)}, "batch_stats": v["batch_stats"]}
+    y, upd = bn.apply(v, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 8).mean(0), 0, atol=1e-4)
+    flat = np.asarray(x, np.float64).reshape(-1, 8)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-4)  # unbiased
+    # evaluation normalizes with the running statistics and changes nothing
+    y_eval = bn.apply(v, x, train=False)
+    np.testing.assert_allclose(y_eval, (np.asarray(x) - 0) / np.sqrt(1 + 1e-5), rtol=1e-5)
+
+
+def test_dropout_only_in_training():
+    model = models.VGGBNDrop(width=0.125)
+    variables, x = init(model, batch=4)
+    e1 = model.apply(variables, x, train=False)
+    e2 = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(e1, e2)
+    t1, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    t2, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
+    assert not np.allclose(t1, t2)
+
+
+@pytest.mark.parametrize("hw,cin,cout,k,pad", [(2, 8, 16, 3, 1), (4, 5, 7, 3, 1), (8, 3, 4, 5, 2), (32, 3, 8, 3, 1)])
+def test_matmul_conv_matches_lax(hw, cin, cout, k, pad):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, hw, hw, cin)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)).astype(np.float32))
+    ref = lax.conv_general_dilated(x, w, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(models.conv_as_matmul(x, w, pad), ref, rtol=1e-4, atol=1e-4)
+    gx = jax.grad(lambda x: (models.conv_as_matmul(x, w, pad) ** 2).sum())(x)
+    gx_ref = jax.grad(lambda x: (lax.conv_general_dilated(x, w, (1, 1), [(pad, pad)] * 2,
+                                                          dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2).sum())(x)
+    np.testing.assert_allclose(gx, gx_ref, rtol=1e-3, atol=1e-3)
+
+
+def test_model_is_the_same_function_with_either_conv():
+    a = models.VGGBNDrop(width=0.125, conv_impl="xla")
+    b = models.VGGBNDrop(width=0.125, conv_impl="matmul")
+    variables, x = init(a)
+    np.testing.assert_allclose(a.apply(variables, x), b.apply(variables, x), rtol=1e-4, atol=1e-4)
+
+
+def torch_ceil_out(size, k, s):
+    out = int(np.ceil((size - k) / s)) + 1
+    if (out - 1) * s >= size:
+        out -= 1
+    return out
+
+
+@pytest.mark.parametrize("size,k,s", [(32, 3, 2), (16, 3, 2), (8, 8, 1), (2, 2, 2), (5, 2, 2), (7, 3, 2)])
+def test_ceil_pooling_sizes(size, k, s):
+    x = jnp.ones((1, size, size, 2))
+    assert models.max_pool_ceil(x, k, s).shape[1] == torch_ceil_out(size, k, s)
+    assert models.avg_pool_ceil(x, k, s).shape[1] == torch_ceil_out(size, k, s)
+
+
+def test_avg_pool_ceil_averages_only_the_part_inside():
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1) + 1
+    got = np.asarray(models.avg_pool_ceil(x, 3, 2))[0, :, :, 0]  # windows start at 0 and 2
+    img = np.asarray(x)[0, :, :, 0]
+    want = np.array([[img[r:r + 3, c:c + 3].mean() for c in (0, 2)] for r in (0, 2)])
+    np.testing.assert_allclose(got, want)
+    got_max = np.asarray(models.max_pool_ceil(x, 3, 2))[0, :, :, 0]
+    np.testing.assert_allclose(got_max, [[img[r:r + 3, c:c + 3].max() for c in (0, 2)] for r in (0, 2)])
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'resnet'"):
+        models.create_model("resnet")
