@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.md5_file = ""  # md5sum-style list for a non-official archive (tests)
     c.data.preprocess = "yuv"  # provider.lua's; "rgb": per-channel standardization
 
+    c.compile_cache_dir = ""  # JAX's persistent compilation cache; empty: $JAXCIFAR_COMPILE_CACHE, $JAXCIFAR_CACHE_DIR/xla or ~/.cache/jaxcifar/xla; "none" disables
     c.log_every_steps = 20  # progress bar and NaN check cadence (each one syncs with the device)
     c.checkpoint_every_epochs = 1
     c.keep_checkpoints = 3

@@ -10,7 +10,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxcifar import config as config_lib
-from jaxcifar import data, metrics, models, optim
+from jaxcifar import checkpoint, data, metrics, models, optim
 
 
 class TrainingDiverged(RuntimeError):
@@ -153,11 +156,15 @@ class Trainer:
     def init_state(self) -> TrainState:
         return init_train_state(self.config, self.model, self.tx, self.train_images.shape[1:])
 
-    def train_epoch(self, state: TrainState, epoch: int, progress=None):
-        """Runs the remaining steps of `epoch` (1-based); returns (state, loss, confusion, steps run)."""
+    def train_epoch(self, state: TrainState, epoch: int, acc: dict | None = None, progress=None,
+                    should_stop=lambda: False):
+        """Runs the remaining steps of `epoch` (1-based) from `state.step`, accumulating into `acc`.
+
+        Returns (state, acc, finished); `finished` is False when `should_stop()` cut the epoch short.
+        """
         c = self.config
         order = self._epoch_order(state.rng, epoch, self.num_train, c.batch_size)
-        acc = zero_train_metrics(c.num_classes)
+        acc = zero_train_metrics(c.num_classes) if acc is None else acc
         first = int(state.step) - (epoch - 1) * self.steps_per_epoch
         for i in range(first, self.steps_per_epoch):
             state, acc = self._train_step(state, acc, self.train_images, self.train_labels, order)
@@ -170,9 +177,13 @@ class Trainer:
                         "lower optimizer.learning_rate or check the input data")
                 if progress is not None:
                     progress(done, last)
-        count = (self.steps_per_epoch - first) * c.batch_size
-        loss = float(acc["loss_sum"]) / max(self.steps_per_epoch - first, 1)
-        return state, loss, np.asarray(acc["confusion"]), count
+            if done < self.steps_per_epoch and should_stop():
+                return state, acc, False
+        return state, acc, True
+
+    def epoch_summary(self, acc: dict) -> tuple[float, np.ndarray]:
+        """(mean training loss, training confusion) of a finished epoch."""
+        return float(acc["loss_sum"]) / self.steps_per_epoch, np.asarray(acc["confusion"])
 
     def evaluate(self, params, batch_stats, images=None, labels=None):
         """Confusion matrix and mean loss over every test image, exactly once."""
@@ -209,14 +220,27 @@ class RunLog:
         self._text.write(msg + "\n")
 
     def epoch(self, record: dict) -> None:
-        csv_path = self.workdir / "metrics.csv"
-        new = not csv_path.exists()
-        with open(csv_path, "a") as f:
-            if new:
-                f.write(",".join(self.CSV_FIELDS) + "\n")
-            f.write(",".join(_csv_value(record[k]) for k in self.CSV_FIELDS) + "\n")
+        with open(self.workdir / "metrics.csv", "a") as f:
+            f.write(self._csv_row(record))
         with open(self.workdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def rewrite(self, history: list[dict]) -> None:
+        """Makes metrics.csv/jsonl hold exactly `history` (atomic replace), keeping what it drops aside."""
+        jsonl = self.workdir / "metrics.jsonl"
+        if jsonl.exists():
+            old = jsonl.read_text().splitlines()
+            if len(old) > len(history):  # epochs logged after the last save: kept, not lost
+                with open(self.workdir / "metrics.discarded.jsonl", "a") as f:
+                    f.write("".join(line + "\n" for line in old[len(history):]))
+        for name, text in (("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history)),
+                           ("metrics.csv", ",".join(self.CSV_FIELDS) + "\n" + "".join(map(self._csv_row, history)))):
+            tmp = self.workdir / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.workdir / name)
+
+    def _csv_row(self, record: dict) -> str:
+        return ",".join(_csv_value(record[k]) for k in self.CSV_FIELDS) + "\n"
 
     def close(self) -> None:
         self._text.close()
@@ -248,64 +272,167 @@ def load_dataset(config, log=print) -> data.Preprocessed:
     return data.load_preprocessed(d.data_dir or None, d.cache_dir or None, d.preprocess, d.archive or None, md5s, log=log)
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; the state was saved and the run can be resumed."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after saving; "
+                         "run the same command again to resume")
+        self.signum = signum
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (a second signal still kills)."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.signum = signum
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains `config` in `workdir`, resuming from its latest complete checkpoint if there is one."""
     config_lib.validate(config)
+    enable_compile_cache(config.compile_cache_dir)
     workdir = Path(workdir)
     log = RunLog(workdir)
+    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     try:
-        return _train(config, workdir, log)
+        with StopFlag() as stop:
+            return _train(config, workdir, log, ckpt, stop)
     finally:
-        log.close()
+        try:
+            ckpt.wait()  # exit waits for pending saves, and reports a failed one
+        finally:
+            ckpt.close()
+            log.close()
 
 
-def _train(config, workdir: Path, log: RunLog) -> TrainState:
+def enable_compile_cache(path: str) -> None:
+    """JAX's persistent compilation cache, so restarts and resumes do not recompile."""
+    if path == "none":
+        return
+    path = path or os.environ.get("JAXCIFAR_COMPILE_CACHE") or str(Path(data.default_cache_dir()) / "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run_meta(config, dataset: data.Preprocessed, epoch: int, step: int, history: list) -> dict:
+    return {"epoch": epoch, "step": step, "history": history, "stats": dataset.stats.to_json(),
+            "fingerprint": dataset.fingerprint, "config": config.to_dict()}
+
+
+def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, stop: StopFlag) -> TrainState:
     log.print(f"jaxcifar: {config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}")
     dataset = load_dataset(config, log.print)
     trainer = Trainer(config, dataset)
     state = trainer.init_state()
+    acc = None
+    history: list[dict] = []
+
+    # Resume order: (1) the newest readable checkpoint, (2) refuse one of another run,
+    # (3) state, partial-epoch metrics and history from it, (4) logs rewritten from that history,
+    # so epochs logged after the save are neither duplicated nor missing.
+    template = checkpoint.to_tree({"train_state": state, "epoch_metrics": zero_train_metrics(config.num_classes)})
+
+    def refuse_other_runs(meta):
+        differing = checkpoint.incompatible_fields(meta["config"], config)
+        if differing:
+            raise checkpoint.CheckpointError(
+                f"{workdir} holds checkpoints of a different run ({'; '.join(differing)}); "
+                "use a fresh --workdir, or restore those settings to resume")
+
+    restored = ckpt.restore(template, check_meta=refuse_other_runs, log=log.print)
+    if restored is not None:
+        tree, meta, step = restored
+        state = checkpoint.from_tree(state, tree["train_state"])
+        acc = checkpoint.from_tree(zero_train_metrics(config.num_classes), tree["epoch_metrics"])
+        history = meta["history"]
+        log.print(f"resumed from checkpoint at step {step} (epoch {meta['epoch']}, "
+                  f"{len(history)} epochs done) in {workdir / 'checkpoints'}")
+    log.rewrite(history)
     log.print(f"{models.count_params(state.params):,} parameters; {trainer.steps_per_epoch} steps of "
               f"{config.batch_size} per epoch; {config.num_epochs} epochs")
+
     start_epoch = int(state.step) // trainer.steps_per_epoch + 1
     for epoch in range(start_epoch, config.num_epochs + 1):
-        lr = learning_rate_at(config, trainer.steps_per_epoch, int(state.step))
+        lr = learning_rate_at(config, trainer.steps_per_epoch, (epoch - 1) * trainer.steps_per_epoch)
         log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]")
-        t0 = time.time()
         first = int(state.step) - (epoch - 1) * trainer.steps_per_epoch
+        t0 = time.time()
         bar, progress = _progress_bar(epoch, trainer.steps_per_epoch, first)
         try:
-            state, train_loss, train_conf, count = trainer.train_epoch(state, epoch, progress)
+            state, acc, finished = trainer.train_epoch(state, epoch, acc, progress, stop)
         finally:
             bar.close()
+        if not finished:
+            step = int(state.step)
+            ckpt.save(step, checkpoint.to_tree({"train_state": state, "epoch_metrics": acc}),
+                      run_meta(config, dataset, epoch - 1, step, history))
+            ckpt.wait()
+            raise TrainingInterrupted(stop.signum, step)
         train_time = time.time() - t0
+        train_loss, train_conf = trainer.epoch_summary(acc)
+        acc = None
         t1 = time.time()
         test_conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
         eval_time = time.time() - t1
         train_s, test_s = metrics.summarize(train_conf), metrics.summarize(test_conf)
+        images = (trainer.steps_per_epoch - first) * config.batch_size
         record = {
             "epoch": epoch, "step": int(state.step), "learning_rate": lr, "train_loss": train_loss,
             "train_accuracy": train_s["accuracy"], "test_loss": test_loss, "test_accuracy": test_s["accuracy"],
             "test_average_row_correct": test_s["average_row_correct"],
             "test_average_rowucol_correct": test_s["average_rowucol_correct"],
-            "epoch_time_s": train_time + eval_time, "train_images_per_s": count / train_time, "eval_time_s": eval_time,
-            "test_confusion": test_conf.tolist(),
+            "epoch_time_s": train_time + eval_time, "train_images_per_s": images / train_time,
+            "eval_time_s": eval_time, "test_confusion": test_conf.tolist(),
         }
         log.print(f"Train loss: {train_loss:.4f}  Train accuracy: {train_s['accuracy']:.2f} %  "
                   f"time: {train_time:.1f} s ({record['train_images_per_s']:.0f} images/s)")
         log.print(f"Test accuracy: {test_s['accuracy']:.2f} %  (loss {test_loss:.4f}, {eval_time:.1f} s)")
         log.print(metrics.format_confusion(test_conf, data.CLASS_NAMES))
+        is_best = all(record["test_accuracy"] > h["test_accuracy"] for h in history)
+        history.append(record)
         log.epoch(record)
+        if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
+            ckpt.save(int(state.step), checkpoint.to_tree({"train_state": state,
+                                                           "epoch_metrics": zero_train_metrics(config.num_classes)}),
+                      run_meta(config, dataset, epoch, int(state.step), history), is_best=is_best)
+        if stop():
+            ckpt.wait()
+            raise TrainingInterrupted(stop.signum, int(state.step))
     return state
 
 
 def main(argv) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
+    from absl import flags, logging
 
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds narrate every file at INFO
     cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         train_and_evaluate(cfg, workdir)
-    except (data.DataError, ValueError, TrainingDiverged) as e:
+    except TrainingInterrupted as e:
+        print(f"jaxcifar: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except (data.DataError, ValueError, TrainingDiverged, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -21,6 +21,12 @@ def prepared(tmp_path_factory, fake_archive):
     return data_dir, cache_dir, md5s
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compile_cache(tmp_path_factory):
+    # One persistent XLA cache for the whole session, subprocesses included: each program compiles once.
+    os.environ["JAXCIFAR_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla"))
+
+
 @pytest.fixture(autouse=True)
 def _no_home_writes(tmp_path, monkeypatch):
     # Tests never touch the user's tfds folder or cache.

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,10 +15,18 @@ from jaxcifar import data, metrics, preprocess, train
 REPO = Path(__file__).resolve().parents[1]
 
 
+def load_config_file(path):
+    spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def tiny_config(prepared, **overrides):
+    """configs/tiny.py on the prepared fake dataset, 1 epoch unless overridden."""
     data_dir, cache_dir, _ = prepared
-    c = config_lib.base_config()
-    c.width, c.batch_size, c.eval_batch_size, c.num_epochs, c.log_every_steps = 1 / 16, 32, 64, 1, 2
+    c = load_config_file(REPO / "configs/tiny.py")
+    c.num_epochs, c.log_every_steps = 1, 2
     c.data.data_dir, c.data.cache_dir = data_dir, cache_dir
     for k, v in overrides.items():
         target = c
@@ -43,7 +52,9 @@ def test_a_few_steps_overfit_a_tiny_batch(prepared):
     state = trainer.init_state()
     losses = []
     for epoch in range(1, 41):
-        state, loss, conf, _ = trainer.train_epoch(state, epoch)
+        state, acc, finished = trainer.train_epoch(state, epoch)
+        loss, conf = trainer.epoch_summary(acc)
+        assert finished
         losses.append(loss)
     assert losses[-1] < 0.1 * losses[0]
     assert metrics.summarize(conf)["accuracy"] == 100.0

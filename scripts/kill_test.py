@@ -1,0 +1,157 @@
+"""Fault test: SIGKILL the tiny training at random moments, restart it, and demand the same result.
+
+    python scripts/kill_test.py --rounds 20
+
+1. prepares a fake archive once and trains it uninterrupted (the reference);
+2. for each round starts the same command in a second workdir, waits until it trains,
+   kills it with SIGKILL after a random delay (often during a checkpoint save), and checks
+   that the next start resumes with at most the epoch in progress lost;
+3. lets the last start finish and compares final parameters (bit for bit) and the
+   per-epoch metrics with the reference.
+Exits non-zero on any failure; prints a one-line summary per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TIMED_FIELDS = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
+
+
+def train_command(workdir: Path, archive: Path, md5_file: Path, epochs: int) -> list[str]:
+    return [sys.executable, "-m", "jaxcifar.train", "--config", str(REPO / "configs/tiny.py"),
+            "--workdir", str(workdir), f"--config.num_epochs={epochs}", f"--config.data.archive={archive}",
+            f"--config.data.md5_file={md5_file}", "--config.log_every_steps=1"]
+
+
+def completed_epochs(workdir: Path) -> int:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    complete = 0
+    for line in lines:
+        try:
+            complete = json.loads(line)["epoch"]
+        except (ValueError, KeyError):
+            break  # a line cut by the kill
+    return complete
+
+
+def final_params(workdir: Path) -> dict:
+    from jaxcifar import checkpoint
+
+    return checkpoint.read_saved(workdir)[0]["train_state"]["params"]
+
+
+def flatten(tree, prefix="") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}/{k}"))
+        return out
+    return {prefix: np.asarray(tree)}
+
+
+def untimed_metrics(workdir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMED_FIELDS} for r in records]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--max-delay", type=float, default=1.5, help="longest wait after training starts, seconds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--root", help="working folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+
+    from jaxcifar import data, fake_data
+
+    root = Path(args.root or tempfile.mkdtemp(prefix="jaxcifar-kill-"))
+    env = dict(os.environ, TFDS_DATA_DIR=str(root / "tfds"), JAXCIFAR_CACHE_DIR=str(root / "cache"))
+    env.setdefault("JAXCIFAR_COMPILE_CACHE", str(root / "xla"))
+    archive, md5_file = fake_data.write_fake_archive(root / "archive", train_per_batch=60, test_records=60)
+    data.prepare(str(root / "tfds"), str(archive), data.read_md5_file(md5_file))
+
+    reference = root / "reference"
+    t0 = time.time()
+    subprocess.run(train_command(reference, archive, md5_file, args.epochs), env=env, check=True,
+                   capture_output=True, text=True)
+    print(f"reference: {args.epochs} epochs uninterrupted in {time.time() - t0:.1f} s", flush=True)
+
+    workdir = root / "interrupted"
+    failures = []
+    kills = 0
+    for rnd in range(1, args.rounds + 1):
+        before = completed_epochs(workdir)
+        out_path = root / f"round-{rnd}.out"
+        with open(out_path, "w") as out:
+            proc = subprocess.Popen(train_command(workdir, archive, md5_file, args.epochs), env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+            started = _wait_for_training_steps(out_path, proc, timeout=300)
+            delay = rng.uniform(0, args.max_delay)
+            time.sleep(delay)
+            finished = proc.poll() is not None
+            if not finished:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            proc.wait()
+        text = out_path.read_text()
+        resumed = re.search(r"resumed from checkpoint at step (\d+) \(epoch (\d+)", text)
+        resumed_epoch = int(resumed.group(2)) if resumed else 0
+        lost_ok = resumed_epoch >= max(before - 1, 0)
+        if not lost_ok:
+            failures.append(f"round {rnd}: resumed at epoch {resumed_epoch} but {before} epochs were logged")
+        print(f"round {rnd:2d}: {'killed' if not finished else 'finished'} after {delay:.2f} s; "
+              f"resumed at epoch {resumed_epoch} (had logged {before}); now {completed_epochs(workdir)} logged",
+              flush=True)
+        if not started:
+            failures.append(f"round {rnd}: training never started; see {out_path}")
+
+    final = subprocess.run(train_command(workdir, archive, md5_file, args.epochs), env=env, capture_output=True,
+                           text=True)
+    if final.returncode != 0:
+        failures.append(f"final run failed: {final.stderr[-2000:]}")
+    else:
+        ref_params, got_params = flatten(final_params(reference)), flatten(final_params(workdir))
+        differing = [k for k in ref_params if not np.array_equal(ref_params[k], got_params.get(k))]
+        if differing or ref_params.keys() != got_params.keys():
+            failures.append(f"final parameters differ from the uninterrupted run in {differing[:5]}")
+        if untimed_metrics(reference) != untimed_metrics(workdir):
+            failures.append("per-epoch metrics differ from the uninterrupted run")
+    status = "PASS" if not failures else "FAIL"
+    print(f"{status}: {args.rounds} rounds, {kills} SIGKILLs; final parameters "
+          f"{'identical' if not failures else 'checked'} to the uninterrupted run's; work in {root}")
+    for f in failures:
+        print("  " + f)
+    return 0 if not failures else 1
+
+
+def _wait_for_training_steps(out_path: Path, proc: subprocess.Popen, timeout: float) -> bool:
+    """Waits until this start reports training steps (its progress bar shows a loss)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if "loss=" in out_path.read_text(errors="replace"):
+            return True
+        time.sleep(0.02)
+    return proc.poll() is not None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
