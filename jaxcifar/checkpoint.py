@@ -96,6 +96,16 @@ class Checkpointer:
                 os.replace(src, aside / f"{s}-{int(time.time())}")
         self.latest.reload()
 
+    def read_meta(self, step: int, best: bool = False) -> dict:
+        manager = self.best if best else self.latest
+        if step not in manager.all_steps():
+            raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; "
+                                  f"available: {sorted(manager.all_steps()) or 'none'}")
+        try:
+            return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {step} in {manager.directory} is unreadable: {_one_line(e)}") from None
+
     def steps(self, best: bool = False) -> list[int]:
         return sorted((self.best if best else self.latest).all_steps())
 

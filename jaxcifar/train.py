@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxcifar import config as config_lib
-from jaxcifar import checkpoint, data, metrics, models, optim
+from jaxcifar import checkpoint, data, metrics, models, optim, report
 
 
 class TrainingDiverged(RuntimeError):
@@ -334,6 +334,13 @@ def enable_compile_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def optimizer_state(config, epoch: int, step: int, lr: float) -> dict:
+    """train.lua's optimState as the report shows it, plus where the run stands."""
+    o = config.optimizer
+    return {"learningRate": lr, "learningRateDecay": o.learning_rate_decay, "weightDecay": o.weight_decay,
+            "momentum": o.momentum, "evalCounter": step, "epoch": epoch, "schedule": o.schedule}
+
+
 def run_meta(config, dataset: data.Preprocessed, epoch: int, step: int, history: list) -> dict:
     return {"epoch": epoch, "step": step, "history": history, "stats": dataset.stats.to_json(),
             "fingerprint": dataset.fingerprint, "config": config.to_dict()}
@@ -370,6 +377,8 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     log.rewrite(history)
     log.print(f"{models.count_params(state.params):,} parameters; {trainer.steps_per_epoch} steps of "
               f"{config.batch_size} per epoch; {config.num_epochs} epochs")
+    summary = report.model_summary(state.params, state.batch_stats)
+    scalars = report.ScalarWriter(workdir / "tensorboard")
 
     start_epoch = int(state.step) // trainer.steps_per_epoch + 1
     for epoch in range(start_epoch, config.num_epochs + 1):
@@ -411,6 +420,10 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         is_best = all(record["test_accuracy"] > h["test_accuracy"] for h in history)
         history.append(record)
         log.epoch(record)
+        report.write_report(workdir, history, config.to_dict(), optimizer_state(config, epoch, int(state.step), lr),
+                            summary, data.CLASS_NAMES)
+        scalars.write(int(state.step), {k: record[k] for k in (
+            "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "train_images_per_s")})
         if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
             ckpt.save(int(state.step), checkpoint.to_tree({"train_state": state,
                                                            "epoch_metrics": zero_train_metrics(config.num_classes)}),

@@ -1,0 +1,232 @@
+"""The per-epoch report (the seed's logs/report.html, self-contained), its plot, and TensorBoard scalars.
+
+report.html embeds its plot as a base64 PNG, so it opens offline and can be copied anywhere;
+it is written under a temporary name and renamed, so a browser never sees half a file.
+TensorBoard event files are written directly (TFRecord framing + Event protos), no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from jaxcifar import metrics
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+def plot_curves(history: Sequence[dict]) -> bytes:
+    """PNG: train/test accuracy (left) and loss (right) per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], ".-" if len(epochs) < 30 else "-", label="train (train mode)")
+    ax_acc.plot(epochs, [r["test_accuracy"] for r in history], ".-" if len(epochs) < 30 else "-", label="test")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy, %")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(loc="lower right")
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "-", label="train")
+    ax_loss.plot(epochs, [r["test_loss"] for r in history], "-", label="test")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(loc="upper right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _table(rows) -> str:
+    return "<table>\n" + "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>\n" for k, v in rows) + "</table>\n"
+
+
+def _flatten_config(d: dict, prefix: str = ""):
+    for k, v in sorted(d.items()):
+        if isinstance(v, dict):
+            yield from _flatten_config(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def render_html(*, workdir: str, history: Sequence[dict], config: dict, optimizer_state: dict, model_summary: str,
+                class_names: Sequence[str], png: bytes) -> str:
+    latest = history[-1]
+    e = html.escape
+    title = f"{workdir} - epoch {latest['epoch']}"
+    confusion = metrics.format_confusion(np.asarray(latest["test_confusion"]), class_names)
+    timing = [("epoch time, s", f"{latest['epoch_time_s']:.1f}"),
+              ("training images/s", f"{latest['train_images_per_s']:.0f}"),
+              ("evaluation time, s", f"{latest['eval_time_s']:.1f}")]
+    accuracy = [("test accuracy, %", f"{latest['test_accuracy']:.2f}"),
+                ("best test accuracy, %", f"{max(r['test_accuracy'] for r in history):.2f}"),
+                ("train accuracy, %", f"{latest['train_accuracy']:.2f}"),
+                ("train loss", f"{latest['train_loss']:.4f}")]
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{e(title)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
+td {{ padding: 0 1em 0 0; }}
+pre {{ font-size: 12px; background: #f6f6f6; padding: 0.6em; overflow-x: auto; }}
+</style>
+</head>
+<body>
+<h2>{e(title)}</h2>
+<img alt="accuracy and loss per epoch" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+<h4>Accuracy</h4>
+{_table(accuracy)}
+<h4>optimState:</h4>
+{_table(sorted(optimizer_state.items()))}
+<h4>Speed</h4>
+{_table(timing)}
+<h4>Test confusion matrix</h4>
+<pre>{e(confusion)}</pre>
+<h4>Config</h4>
+{_table(_flatten_config(config))}
+<h4>Model</h4>
+<pre>{e(model_summary)}</pre>
+</body>
+</html>
+"""
+
+
+def write_report(workdir: str | Path, history: Sequence[dict], config: dict, optimizer_state: dict,
+                 model_summary: str, class_names: Sequence[str]) -> None:
+    """Rewrites workdir/report.html and workdir/accuracy.png from the history so far."""
+    workdir = Path(workdir)
+    png = plot_curves(history)
+    _atomic_write(workdir / "accuracy.png", png)
+    page = render_html(workdir=str(workdir), history=history, config=config, optimizer_state=optimizer_state,
+                       model_summary=model_summary, class_names=class_names, png=png)
+    _atomic_write(workdir / "report.html", page.encode())
+
+
+def model_summary(params, batch_stats=None) -> str:
+    """One line per layer: its parameter shapes and count, then the total."""
+    import jax
+
+    lines = []
+    total = 0
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    by_layer: dict[str, list] = {}
+    for path, leaf in flat:
+        keys = [getattr(p, "key", str(p)) for p in path]
+        by_layer.setdefault("/".join(keys[:-1]), []).append((keys[-1], tuple(leaf.shape)))
+    width = max((len(k) for k in by_layer), default=10)
+    for layer, entries in by_layer.items():
+        count = sum(int(np.prod(s)) for _, s in entries)
+        total += count
+        shapes = ", ".join(f"{name} {'x'.join(map(str, s))}" for name, s in entries)
+        lines.append(f"{layer:<{width}}  {count:>10,}  {shapes}")
+    lines.append(f"{'total':<{width}}  {total:>10,}  parameters")
+    if batch_stats:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(batch_stats))
+        lines.append(f"{'batch_stats':<{width}}  {n:>10,}  running means and variances (not trained)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# TensorBoard scalars without TensorFlow
+
+
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        crc = i
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | wire_type) + payload
+
+
+def _bytes_field(number: int, data: bytes) -> bytes:
+    return _field(number, 2, _varint(len(data)) + data)
+
+
+def encode_event(wall_time: float, step: int = 0, scalars: dict | None = None, file_version: str | None = None) -> bytes:
+    """A tensorflow.Event proto: wall_time=1 (double), step=2 (int64), file_version=3, summary=5."""
+    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
+    if file_version is not None:
+        msg += _bytes_field(3, file_version.encode())
+    if scalars:
+        values = b"".join(
+            _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
+            for tag, v in scalars.items())
+        msg += _bytes_field(5, values)
+    return msg
+
+
+def tfrecord(data: bytes) -> bytes:
+    header = struct.pack("<Q", len(data))
+    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
+
+
+class ScalarWriter:
+    """Appends scalars to an events.out.tfevents.* file TensorBoard reads."""
+
+    def __init__(self, logdir: str | Path):
+        logdir = Path(logdir)
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        with open(self.path, "ab") as f:
+            f.write(tfrecord(encode_event(time.time(), file_version="brain.Event:2")))
+
+    def write(self, step: int, scalars: dict) -> None:
+        with open(self.path, "ab") as f:
+            f.write(tfrecord(encode_event(time.time(), step, scalars)))
