@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcifar import config as config_lib
 from jaxcifar import checkpoint, data, metrics, models, optim, report
@@ -100,12 +101,13 @@ def epoch_order(rng, epoch, num_examples: int, batch_size: int):
 
 
 def train_step(state: TrainState, acc: dict, images, labels, epoch_indices, *, model, tx, flip: str,
-               label_smoothing: float, num_classes: int):
+               label_smoothing: float, num_classes: int, batch_sharding=None):
     """One torch7-SGD update on the batch `epoch_indices[step % steps]`; accumulates epoch metrics."""
     steps = epoch_indices.shape[0]
     flip_key, dropout_key = step_keys(state)
     x, y = data.gather_batch(images, labels, epoch_indices[state.step % steps], flip_key, flip)
-
+    if batch_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
                                       rngs={"dropout": dropout_key}, mutable=["batch_stats"])
@@ -129,32 +131,59 @@ def eval_step(params, batch_stats, images, labels, indices, valid, *, model, num
     return metrics.confusion_update(logits, y, num_classes, valid), jnp.sum(jnp.where(valid, loss, 0.0))
 
 
-class Trainer:
-    """The compiled steps and device-resident data of one run."""
+def replicate(x, sharding):
+    """A host array as a global array with `sharding`; works across hosts, where device_put cannot."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    def __init__(self, config, dataset: data.Preprocessed):
+
+class Trainer:
+    """The compiled steps and device-resident data of one run, data-parallel over `devices`.
+
+    Parameters, optimizer state and the dataset are replicated; every batch is split along
+    the 'data' mesh axis. BatchNorm statistics are means over the global batch (XLA inserts
+    the all-reduce), so any device count computes the same function as one device.
+    """
+
+    def __init__(self, config, dataset: data.Preprocessed, devices=None):
         self.config = config
         self.num_train = len(dataset.train_labels)
         self.steps_per_epoch = self.num_train // config.batch_size
         if self.steps_per_epoch < 1:
             raise ValueError(f"bad config: batch_size={config.batch_size} exceeds the {self.num_train} training images")
+        devices = list(jax.devices() if devices is None else devices)
+        if config.batch_size % len(devices):
+            raise ValueError(f"bad config: batch_size={config.batch_size} is not divisible by the {len(devices)} "
+                             f"devices; use a multiple of {len(devices)}")
+        self.mesh = Mesh(np.array(devices), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        batch_rows = NamedSharding(self.mesh, P(None, "data"))  # (steps, batch) index tables
         self.model = build_model(config)
         self.tx = build_optimizer(config, self.steps_per_epoch)
-        # The whole preprocessed dataset lives on the device; batches are gathered inside jit.
-        self.train_images = jax.device_put(dataset.train_images)
-        self.train_labels = jax.device_put(dataset.train_labels.astype(np.int32))
-        self.test_images = jax.device_put(dataset.test_images)
-        self.test_labels = jax.device_put(dataset.test_labels.astype(np.int32))
-        self.eval_indices, self.eval_valid = data.eval_batches(len(dataset.test_labels), config.eval_batch_size)
+        # The whole preprocessed dataset lives on the devices; batches are gathered inside jit.
+        self.train_images = replicate(dataset.train_images, self.replicated)
+        self.train_labels = replicate(dataset.train_labels.astype(np.int32), self.replicated)
+        self.test_images = replicate(dataset.test_images, self.replicated)
+        self.test_labels = replicate(dataset.test_labels.astype(np.int32), self.replicated)
+        eval_batch = -(-config.eval_batch_size // len(devices)) * len(devices)  # padding rows are masked out
+        indices, valid = data.eval_batches(len(dataset.test_labels), eval_batch)
+        self.eval_indices, self.eval_valid = replicate(indices, batch_rows), replicate(valid, batch_rows)
         self._train_step = jax.jit(
             functools.partial(train_step, model=self.model, tx=self.tx, flip=config.flip,
-                              label_smoothing=config.label_smoothing, num_classes=config.num_classes),
-            donate_argnums=(0, 1))
-        self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, num_classes=config.num_classes))
-        self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3))
+                              label_smoothing=config.label_smoothing, num_classes=config.num_classes,
+                              batch_sharding=NamedSharding(self.mesh, P("data"))),
+            out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1))
+        self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
+                                  out_shardings=(self.replicated, self.replicated))
+        self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3), out_shardings=batch_rows)
 
     def init_state(self) -> TrainState:
-        return init_train_state(self.config, self.model, self.tx, self.train_images.shape[1:])
+        state = init_train_state(self.config, self.model, self.tx, self.train_images.shape[1:])
+        return self.place(state)
+
+    def place(self, tree):
+        """Replicates a host or single-device pytree (a fresh or restored state) over the mesh."""
+        return jax.tree_util.tree_map(lambda x: replicate(x, self.replicated), tree)
 
     def train_epoch(self, state: TrainState, epoch: int, acc: dict | None = None, progress=None,
                     should_stop=lambda: False):
@@ -164,7 +193,7 @@ class Trainer:
         """
         c = self.config
         order = self._epoch_order(state.rng, epoch, self.num_train, c.batch_size)
-        acc = zero_train_metrics(c.num_classes) if acc is None else acc
+        acc = self.place(zero_train_metrics(c.num_classes)) if acc is None else acc
         first = int(state.step) - (epoch - 1) * self.steps_per_epoch
         for i in range(first, self.steps_per_epoch):
             state, acc = self._train_step(state, acc, self.train_images, self.train_labels, order)
@@ -185,20 +214,14 @@ class Trainer:
         """(mean training loss, training confusion) of a finished epoch."""
         return float(acc["loss_sum"]) / self.steps_per_epoch, np.asarray(acc["confusion"])
 
-    def evaluate(self, params, batch_stats, images=None, labels=None):
+    def evaluate(self, params, batch_stats):
         """Confusion matrix and mean loss over every test image, exactly once."""
-        images = self.test_images if images is None else images
-        labels = self.test_labels if labels is None else labels
-        if images is self.test_images:
-            indices, valid = self.eval_indices, self.eval_valid
-        else:
-            indices, valid = data.eval_batches(len(labels), self.config.eval_batch_size)
         confusion = jnp.zeros((self.config.num_classes,) * 2, jnp.int32)
         loss = jnp.zeros([], jnp.float32)
-        for idx, ok in zip(indices, valid):
-            conf, l = self._eval_step(params, batch_stats, images, labels, idx, ok)
-            confusion, loss = confusion + conf, loss + l
-        return np.asarray(confusion), float(loss) / int(valid.sum())
+        for idx, ok in zip(self.eval_indices, self.eval_valid):
+            conf, batch_loss = self._eval_step(params, batch_stats, self.test_images, self.test_labels, idx, ok)
+            confusion, loss = confusion + conf, loss + batch_loss
+        return np.asarray(confusion), float(loss) / int(self.eval_valid.sum())
 
 
 # ---------------------------------------------------------------------------
@@ -369,8 +392,8 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     restored = ckpt.restore(template, check_meta=refuse_other_runs, log=log.print)
     if restored is not None:
         tree, meta, step = restored
-        state = checkpoint.from_tree(state, tree["train_state"])
-        acc = checkpoint.from_tree(zero_train_metrics(config.num_classes), tree["epoch_metrics"])
+        state = trainer.place(checkpoint.from_tree(state, tree["train_state"]))
+        acc = trainer.place(checkpoint.from_tree(zero_train_metrics(config.num_classes), tree["epoch_metrics"]))
         history = meta["history"]
         log.print(f"resumed from checkpoint at step {step} (epoch {meta['epoch']}, "
                   f"{len(history)} epochs done) in {workdir / 'checkpoints'}")
@@ -434,11 +457,18 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     return state
 
 
+def maybe_initialize_distributed() -> None:
+    """Multi-host: JAX's own runtime, when the usual coordinator environment is present."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"):
+        jax.distributed.initialize()
+
+
 def main(argv) -> None:
     from absl import flags, logging
 
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and tfds narrate every file at INFO
+    maybe_initialize_distributed()
     cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
         train_and_evaluate(cfg, workdir)

@@ -1,0 +1,80 @@
+"""Data parallelism over 4 CPU devices and bf16, each in a fresh process (XLA flags are read at start)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from test_train import REPO
+
+SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from jaxcifar import data, train
+from test_train import tiny_config
+prepared = tuple(json.loads(sys.argv[1]))
+dataset = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
+out = {"devices": jax.device_count()}
+for name, devices in (("one", jax.devices()[:1]), ("all", jax.devices())):
+    c = tiny_config(prepared, batch_size=32, eval_batch_size=30)
+    trainer = train.Trainer(c, dataset, devices=devices)
+    state = trainer.init_state()
+    losses = []
+    for epoch in (1, 2):
+        acc = None
+        for _ in range(trainer.steps_per_epoch):
+            state, acc, _ = trainer.train_epoch(state, epoch, acc, should_stop=lambda: True)
+            losses.append(float(acc["last_loss"]))
+    conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
+    out[name] = {"losses": losses, "confusion": conf.tolist(), "test_loss": test_loss,
+                 "sharding": str(trainer.train_images.sharding)}
+try:
+    train.Trainer(tiny_config(prepared, batch_size=30), dataset)
+except ValueError as e:
+    out["error"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_four_devices_follow_the_one_device_trajectory(prepared):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(list(prepared))], capture_output=True, text=True,
+                       env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    one, four = out["one"], out["all"]
+    assert len(one["losses"]) == 12
+    for a, b in zip(one["losses"], four["losses"]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one["losses"], four["losses"])
+    assert one["confusion"] == four["confusion"] and abs(one["test_loss"] - four["test_loss"]) < 1e-4
+    assert sum(map(sum, four["confusion"])) == 50
+    assert "batch_size=30 is not divisible by the 4 devices" in out["error"]
+
+
+def test_bfloat16_trains_and_agrees_with_float32(prepared):
+    import numpy as np
+
+    from jaxcifar import data, train
+    from test_train import tiny_config
+
+    dataset = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        c = tiny_config(prepared, dtype=dtype, num_epochs=3)
+        trainer = train.Trainer(c, dataset)
+        state = trainer.init_state()
+        assert all(p.dtype == np.float32 for p in __import__("jax").tree_util.tree_leaves(state.params))
+        run = []
+        for epoch in (1, 2, 3):
+            state, acc, _ = trainer.train_epoch(state, epoch)
+            run.append(trainer.epoch_summary(acc)[0])
+        import jax
+        assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(state.params))
+        assert all(v.dtype == np.float32 for v in jax.tree_util.tree_leaves(state.batch_stats))
+        losses[dtype] = run
+    assert np.all(np.isfinite(losses["bfloat16"]))
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.05)
