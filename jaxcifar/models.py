@@ -123,9 +123,9 @@ def avg_pool_ceil(x, window: int, stride: int):
     pads = [_ceil_pad(x.shape[d], window, stride) for d in (1, 2)]
     padding = ((0, 0), (0, pads[0]), (0, pads[1]), (0, 0))
     dims, strides = (1, window, window, 1), (1, stride, stride, 1)
-    total = lax.reduce_window(x, jnp.array(0, x.dtype), lax.add, dims, strides, padding)
+    total = lax.reduce_window(x, 0.0, lax.add, dims, strides, padding)  # a literal 0: differentiable sum
     ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
-    count = lax.reduce_window(ones, jnp.array(0, x.dtype), lax.add, dims, strides, padding)
+    count = lax.reduce_window(ones, 0.0, lax.add, dims, strides, padding)
     return total / count
 
 

@@ -136,3 +136,18 @@ def test_avg_pool_ceil_averages_only_the_part_inside():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'resnet'"):
         models.create_model("resnet")
+
+
+@pytest.mark.parametrize("name", models.MODEL_NAMES)
+def test_models_are_differentiable_in_training_mode(name):
+    model = models.create_model(name, width=0.125)
+    variables, x = init(model, batch=4)
+
+    def loss(params):
+        out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                             rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+        return (out ** 2).mean()
+
+    grads = jax.grad(loss)(variables["params"])
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert all(np.all(np.isfinite(g)) for g in leaves) and any(np.abs(g).max() > 0 for g in leaves)

@@ -1,0 +1,338 @@
+"""The seed's benchmark table for today's backends: `python -m jaxcifar.bench [--compare-torch] [--json PATH]`.
+
+For each model at batch 128: forward (eval mode), backward, forward+backward and the full
+train step (forward + backward + torch7-SGD update, input gather and flips included),
+each the median of `--runs` timed calls after warm-up, compile time reported apart;
+images/s, achieved GFLOP/s from an analytic FLOP count, and the fraction of this device's
+matmul peak measured in the same run. `--compare-torch` times the same models in PyTorch
+(eager, channels_last, same threads and batch) and prints JAX/PyTorch ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ("vgg_bn_drop", "nin")
+PHASES = ("forward", "backward", "forward+backward", "train step")
+
+
+def _timed(fn, runs: int, warmup: int = 1):
+    """(compile+first-call seconds, median seconds of `runs` calls)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+# ---------------------------------------------------------------------------
+# FLOPs
+
+
+def forward_flops(model, image_shape=(32, 32, 3)) -> int:
+    """Multiply-adds x 2 of every convolution and dense layer for one image (analytic, from shapes)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from jaxcifar import models
+
+    total = []
+
+    def count(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, (models.Conv, nn.Dense)):
+            x = args[0]
+            cin = x.shape[-1]
+            if isinstance(mod, models.Conv):
+                total.append(2 * out.shape[1] * out.shape[2] * mod.kernel_size ** 2 * cin * out.shape[-1])
+            else:
+                total.append(2 * cin * out.shape[-1])
+        return out
+
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    with nn.intercept_methods(count):
+        jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    return int(sum(total))
+
+
+def train_flops(model) -> int:
+    """Forward + backward (input and weight gradients): 3x the forward FLOPs."""
+    return 3 * forward_flops(model)
+
+
+def matmul_peak_gflops(dtype: str = "float32", size: int | None = None, runs: int = 5) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jnp.ones((size, size), dtype)
+    f = jax.jit(lambda a: a @ a)
+    _, t = _timed(lambda: f(a).block_until_ready(), runs)
+    return 2 * size ** 3 / t / 1e9
+
+
+# ---------------------------------------------------------------------------
+# JAX
+
+
+def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", conv_impl: str = "auto") -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxcifar import config as config_lib
+    from jaxcifar import data, preprocess, train
+
+    c = config_lib.base_config()
+    c.model, c.batch_size, c.dtype, c.conv_impl = model_name, batch, dtype, conv_impl
+    rng = np.random.default_rng(0)
+    n = batch * 4
+    images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
+    labels = (np.arange(n) % 10).astype(np.int32)
+    stats = preprocess.NormalizationStats("yuv", (0.0, 0.0), (1.0, 1.0))
+    trainer = train.Trainer(c, data.Preprocessed(images, labels, images[:batch], labels[:batch], stats, "bench"))
+    state = trainer.init_state()
+    model = trainer.model
+    x = jax.device_put(images[:batch])
+    y = jax.device_put(labels[:batch])
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+    def loss_fn(params, batch_stats, x, y, key, with_grad):
+        logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                  rngs={"dropout": key}, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+    forward_train = jax.jit(lambda p, b, x, y, k: loss_fn(p, b, x, y, k, False)[0])
+    fwd_bwd = jax.jit(lambda p, b, x, y, k: jax.value_and_grad(
+        lambda p: loss_fn(p, b, x, y, k, True), has_aux=True)(p))
+    key = jax.random.key(1)
+    order = trainer._epoch_order(state.rng, 1, n, batch)
+    acc = trainer.place(train.zero_train_metrics(10))
+    holder = {"state": state, "acc": acc}
+
+    def step():
+        holder["state"], holder["acc"] = trainer._train_step(holder["state"], holder["acc"], trainer.train_images,
+                                                             trainer.train_labels, order)
+        holder["acc"]["last_loss"].block_until_ready()
+
+    out = {}
+    compile_fwd, out["forward"] = _timed(lambda: jax.block_until_ready(forward(variables, x)), runs)
+    _, fwd_train = _timed(lambda: jax.block_until_ready(forward_train(state.params, state.batch_stats, x, y, key)), runs)
+    compile_fb, out["forward+backward"] = _timed(
+        lambda: jax.block_until_ready(fwd_bwd(state.params, state.batch_stats, x, y, key)), runs)
+    out["backward"] = max(out["forward+backward"] - fwd_train, 0.0)
+    compile_step, out["train step"] = _timed(step, runs)
+    flops = train_flops(model) * batch
+    return {
+        "seconds": out,
+        "compile_seconds": {"forward": compile_fwd - out["forward"], "forward+backward": compile_fb - out["forward+backward"],
+                            "train step": compile_step - out["train step"]},
+        "images_per_s": batch / out["train step"],
+        "train_gflops_per_image": train_flops(model) / 1e9,
+        "achieved_gflops": flops / out["train step"] / 1e9,
+    }
+
+
+# ---------------------------------------------------------------------------
+# PyTorch (optional extra)
+
+
+def torch_model(name: str):
+    import torch.nn as tnn
+
+    if name == "vgg_bn_drop":
+        from jaxcifar.models import VGG_LAYOUT
+
+        layers, cin = [], 3
+        for layer in VGG_LAYOUT:
+            if layer == "M":
+                layers.append(tnn.MaxPool2d(2, 2, ceil_mode=True))
+                continue
+            cout, rate = layer
+            layers += [tnn.Conv2d(cin, cout, 3, 1, 1), tnn.BatchNorm2d(cout, eps=1e-3), tnn.ReLU(True)]
+            if rate:
+                layers.append(tnn.Dropout(rate))
+            cin = cout
+        layers += [tnn.Flatten(), tnn.Dropout(0.5), tnn.Linear(512, 512), tnn.BatchNorm1d(512), tnn.ReLU(True),
+                   tnn.Dropout(0.5), tnn.Linear(512, 10)]
+        return tnn.Sequential(*layers)
+    from jaxcifar.models import NIN_LAYOUT
+
+    layers, cin = [], 3
+    for layer in NIN_LAYOUT:
+        if layer in ("max", "avg"):
+            pool = tnn.MaxPool2d if layer == "max" else tnn.AvgPool2d
+            layers += [pool(3, 2, ceil_mode=True), tnn.Dropout(0.5)]
+            continue
+        cout, k, pad = layer
+        cout = cout or 10
+        layers += [tnn.Conv2d(cin, cout, k, 1, pad), tnn.BatchNorm2d(cout, eps=1e-3), tnn.ReLU(True)]
+        cin = cout
+    layers += [tnn.AvgPool2d(8, 1, ceil_mode=True), tnn.Flatten()]
+    return tnn.Sequential(*layers)
+
+
+def bench_torch(model_name: str, batch: int, runs: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = torch_model(model_name).to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.9, weight_decay=5e-4)
+    x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            model(x)
+
+    def forward_train():
+        model.train()
+        with torch.no_grad():
+            loss_fn(model(x), y)
+
+    def fwd_bwd():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+
+    def step():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    out = {}
+    _, out["forward"] = _timed(forward, runs)
+    _, fwd_train = _timed(forward_train, runs)
+    _, out["forward+backward"] = _timed(fwd_bwd, runs)
+    out["backward"] = max(out["forward+backward"] - fwd_train, 0.0)
+    _, out["train step"] = _timed(step, runs)
+    return {"seconds": out, "images_per_s": batch / out["train step"], "version": torch.__version__}
+
+
+# ---------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    import flax
+    import jax
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = jax.devices()[0]
+    return {"platform": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
+            "device_count": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
+            "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    for name, r in result["models"].items():
+        jx = r["jax"]["seconds"]
+        th = r.get("torch", {}).get("seconds")
+        head = f"{name} (batch {result['batch']}, {result['dtype']}), seconds"
+        lines.append(head)
+        lines.append(f"{'':<18}{'JAX':>10}" + (f"{'PyTorch':>10}{'JAX/PyTorch':>13}" if th else ""))
+        for phase in PHASES:
+            row = f"{phase:<18}{jx[phase]:>10.3f}"
+            if th:
+                ratio = jx[phase] / th[phase] if th[phase] > 0 else float("nan")
+                row += f"{th[phase]:>10.3f}{ratio:>13.2f}"
+            lines.append(row)
+        j = r["jax"]
+        lines.append(f"train step: {j['images_per_s']:.0f} images/s, {j['achieved_gflops']:.1f} GFLOP/s "
+                     f"({j['train_gflops_per_image']:.2f} GFLOP/image) = {100 * j['fraction_of_matmul_peak']:.1f} % "
+                     f"of the measured matmul peak; compile {j['compile_seconds']['train step']:.1f} s")
+        lines.append("")
+    lines.append(f"matmul peak ({result['dtype']}): {result['matmul_peak_gflops']:.0f} GFLOP/s on "
+                 f"{result['machine']['device']} ({result['machine']['cpu']}, {result['machine']['cpu_count']} cores)")
+    return "\n".join(lines)
+
+
+def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = False, dtype: str = "float32",
+        threads: int | None = None, conv_impl: str = "auto") -> dict:
+    threads = threads or os.cpu_count()
+    result = {"batch": batch, "runs": runs, "dtype": dtype, "threads": threads, "machine": machine_info(),
+              "matmul_peak_gflops": matmul_peak_gflops(dtype), "models": {}}
+    for name in models:
+        entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl)}
+        entry["jax"]["fraction_of_matmul_peak"] = entry["jax"]["achieved_gflops"] / result["matmul_peak_gflops"]
+        if compare_torch:
+            entry["torch"] = bench_torch(name, batch, runs, threads)
+            entry["jax_over_torch"] = {p: entry["jax"]["seconds"][p] / entry["torch"]["seconds"][p] for p in PHASES
+                                       if entry["torch"]["seconds"][p] > 0}
+            result["torch_version"] = entry["torch"]["version"]
+        result["models"][name] = entry
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxcifar.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated: vgg_bn_drop,nin")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--runs", type=int, default=5, help="timed calls per measurement (median reported)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--conv-impl", choices=("auto", "xla", "matmul"), default="auto")
+    p.add_argument("--compare-torch", action="store_true", help="also time PyTorch (pip install torch)")
+    p.add_argument("--threads", type=int, help="PyTorch threads (default: all cores, as XLA uses)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or args.batch <= 0 or args.runs <= 0:
+        print(f"error: unknown model(s) {unknown} (choose from {MODELS})" if unknown else
+              "error: --batch and --runs must be positive", file=sys.stderr)
+        return 2
+    if args.compare_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("error: --compare-torch needs PyTorch: pip install torch", file=sys.stderr)
+            return 2
+    result = run(models, args.batch, args.runs, args.compare_torch, args.dtype, args.threads, args.conv_impl)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
