@@ -1,9 +1,7 @@
-"""cifar.torch's Network-in-Network with BatchNorm and Dropout, same training recipe as VGG."""
+"""cifar.torch's Network-in-Network with BatchNorm and Dropout, same training recipe (the seed reports 91.9 %)."""
 
-from jaxcifar.config import base_config
+from jaxcifar.config import nin_config
 
 
 def get_config():
-    c = base_config()
-    c.model = "nin"
-    return c
+    return nin_config()

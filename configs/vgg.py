@@ -1,4 +1,5 @@
-"""cifar.torch's recipe: VGG-BN-Dropout, BatchFlip, batch 128, 300 epochs, torch7 SGD (lr 1, halved every 25)."""
+"""cifar.torch's recipe (the seed reports 92.45 %): VGG-BN-Dropout, BatchFlip, batch 128, 300 epochs,
+torch7 SGD with lr 1 halved every 25 epochs."""
 
 from jaxcifar.config import base_config
 

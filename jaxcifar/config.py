@@ -51,6 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def nin_config() -> ml_collections.ConfigDict:
+    """cifar.torch's models/nin.lua with the same training recipe."""
+    c = base_config()
+    c.model = "nin"
+    return c
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the field and the fix for a config that cannot train."""
     def need(cond, msg):

@@ -1,0 +1,9 @@
+"""VGG-BN without Dropout (the seed: 91.4 % when BN or Dropout is removed)."""
+
+from jaxcifar.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.dropout = False
+    return c

@@ -1,0 +1,9 @@
+"""VGG-BN-Drop without flips (the seed reports 91.3 %)."""
+
+from jaxcifar.config import base_config
+
+
+def get_config():
+    c = base_config()
+    c.flip = "none"
+    return c
