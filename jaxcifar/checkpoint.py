@@ -9,7 +9,6 @@ mid-save leaves nothing that `all_steps()` lists.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -154,10 +153,6 @@ def to_tree(obj) -> Any:
 
 def from_tree(template, tree) -> Any:
     return flax.serialization.from_state_dict(template, tree)
-
-
-def read_meta_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 def read_saved(workdir: str | Path, step: int | None = None, best: bool = False):

@@ -167,13 +167,18 @@ VGG_LAYOUT = (
 )
 
 
-class VGGBNDrop(nn.Module):
+class CifarNet(nn.Module):
+    """Options shared by both networks: the seed's ablations and a width multiplier for fast tests."""
+
     num_classes: int = 10
     width: float = 1.0
     batch_norm: bool = True
     dropout: bool = True
     conv_impl: str = "auto"
     dtype: Any = jnp.float32
+
+
+class VGGBNDrop(CifarNet):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -210,13 +215,7 @@ NIN_LAYOUT = (
 )
 
 
-class NIN(nn.Module):
-    num_classes: int = 10
-    width: float = 1.0
-    batch_norm: bool = True
-    dropout: bool = True
-    conv_impl: str = "auto"
-    dtype: Any = jnp.float32
+class NIN(CifarNet):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
