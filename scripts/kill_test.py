@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--max-delay", type=float, default=1.5, help="longest wait after training starts, seconds")
+    parser.add_argument("--max-delay", type=float, default=5.0, help="longest wait after training starts, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", help="working folder (default: a temporary one)")
     args = parser.parse_args(argv)

@@ -151,3 +151,13 @@ def test_models_are_differentiable_in_training_mode(name):
     grads = jax.grad(loss)(variables["params"])
     leaves = jax.tree_util.tree_leaves(grads)
     assert all(np.all(np.isfinite(g)) for g in leaves) and any(np.abs(g).max() > 0 for g in leaves)
+
+
+def test_dropout_rate_and_scaling():
+    x = jnp.ones((64, 32, 32, 8))
+    for rate in (0.3, 0.5):
+        y = models.Dropout(rate).apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
+        kept = np.asarray(y) != 0
+        assert abs(kept.mean() - (1 - rate)) < 0.005
+        np.testing.assert_allclose(np.asarray(y)[kept], 1 / (1 - rate), rtol=1e-6)
+    np.testing.assert_array_equal(models.Dropout(0.5).apply({}, x, train=False), x)
