@@ -82,14 +82,13 @@ class Checkpointer:
         for m in (self.latest, self.best):
             m.close()
 
-    def _set_aside(self, restored_step: int) -> None:
-        """Moves saves newer than the one restored (unreadable ones) out of the way, without deleting them."""
-        newer = [s for s in self.latest.all_steps() if s > restored_step]
-        if not newer:
+    def _set_aside(self, unreadable: list[int]) -> None:
+        """Moves unreadable saves out of the way (a resumed run saves those steps again), deleting nothing."""
+        if not unreadable:
             return
         aside = self.workdir / "unreadable-checkpoints"
         aside.mkdir(exist_ok=True)
-        for s in newer:
+        for s in unreadable:
             src = Path(self.latest.directory) / str(s)
             if src.exists():
                 os.replace(src, aside / f"{s}-{int(time.time())}")
@@ -108,11 +107,13 @@ class Checkpointer:
     def steps(self, best: bool = False) -> list[int]:
         return sorted((self.best if best else self.latest).all_steps())
 
-    def restore(self, template: Any, step: int | None = None, best: bool = False, check_meta=None, log=print):
+    def restore(self, template: Any, step: int | None = None, best: bool = False, check_meta=None, log=print,
+                set_aside_unreadable: bool = False):
         """(state, meta, step) from the newest readable save (or `step`); None when there is none.
 
         `check_meta(meta)` runs before the arrays are read and may refuse the run by raising.
-        A save that fails to read is skipped with a warning and the one before it is used.
+        A save that fails to read is skipped with a warning and the one before it is used; a run
+        about to resume passes `set_aside_unreadable` so the skipped ones leave the step list.
         """
         manager = self.best if best else self.latest
         available = sorted(manager.all_steps(), reverse=True)
@@ -120,14 +121,15 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; "
                                   f"available: {sorted(available) or 'none'}")
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        unreadable = []
         for s in [step] if step is not None else available:
             try:
                 meta = manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
                 if check_meta is not None:
                     check_meta(meta)
                 restored = manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-                if not best:
-                    self._set_aside(s)
+                if set_aside_unreadable and not best:
+                    self._set_aside(unreadable)
                 return restored["state"], meta, s
             except CheckpointError:
                 raise
@@ -135,6 +137,7 @@ class Checkpointer:
                 if step is not None:
                     raise CheckpointError(f"checkpoint {s} in {manager.directory} is unreadable: {_one_line(e)}") from None
                 log(f"warning: checkpoint {s} in {manager.directory} is unreadable ({_one_line(e)}); trying an older one")
+                unreadable.append(s)
         if available:
             raise CheckpointError(f"no checkpoint in {manager.directory} is readable; move the folder away to start "
                                   "afresh, or use a fresh --workdir")

@@ -389,7 +389,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
                 f"{workdir} holds checkpoints of a different run ({'; '.join(differing)}); "
                 "use a fresh --workdir, or restore those settings to resume")
 
-    restored = ckpt.restore(template, check_meta=refuse_other_runs, log=log.print)
+    restored = ckpt.restore(template, check_meta=refuse_other_runs, log=log.print, set_aside_unreadable=True)
     if restored is not None:
         tree, meta, step = restored
         state = trainer.place(checkpoint.from_tree(state, tree["train_state"]))

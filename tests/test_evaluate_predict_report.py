@@ -43,6 +43,9 @@ def test_evaluate_reproduces_the_logged_accuracy(trained_run, prepared, capsys, 
 
 
 def test_evaluate_best_and_step(trained_run, prepared, tmp_path):
+    from jaxcifar import checkpoint
+
+    steps_before = checkpoint.Checkpointer(trained_run).steps()
     h = history(trained_run)
     best = next(r for r in h if r["test_accuracy"] == max(x["test_accuracy"] for x in h))
     for args, want in ((["--best"], best), (["--step", str(h[0]["step"])], h[0])):
@@ -51,6 +54,7 @@ def test_evaluate_best_and_step(trained_run, prepared, tmp_path):
                               "--cache-dir", prepared[1], *args]) == 0
         result = json.loads(out.read_text())
         assert result["step"] == want["step"] and result["accuracy"] == pytest.approx(want["test_accuracy"])
+    assert checkpoint.Checkpointer(trained_run).steps() == steps_before  # evaluation never moves checkpoints
 
 
 def test_evaluate_errors_are_one_line(trained_run, tmp_path, capsys):
