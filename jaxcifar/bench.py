@@ -95,7 +95,8 @@ def matmul_peak_gflops(dtype: str = "float32", size: int | None = None, runs: in
 # JAX
 
 
-def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", conv_impl: str = "auto") -> dict:
+def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", conv_impl: str = "auto",
+              epoch_steps: int = 8) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -106,7 +107,7 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     c = config_lib.base_config()
     c.model, c.batch_size, c.dtype, c.conv_impl = model_name, batch, dtype, conv_impl
     rng = np.random.default_rng(0)
-    n = batch * 4
+    n = batch * max(epoch_steps, 1)
     images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
     labels = (np.arange(n) % 10).astype(np.int32)
     stats = preprocess.NormalizationStats("yuv", (0.0, 0.0), (1.0, 1.0))
@@ -144,6 +145,12 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
         lambda: jax.block_until_ready(fwd_bwd(state.params, state.batch_stats, x, y, key)), runs)
     out["backward"] = max(out["forward+backward"] - fwd_train, 0.0)
     compile_step, out["train step"] = _timed(step, runs)
+    # A whole (short) epoch through the training loop: what it spends outside the steps themselves
+    # (epoch order, progress syncs, metric fetches) is the loop's overhead.
+    t0 = time.perf_counter()
+    trainer.train_epoch(holder["state"], 2, progress=lambda done, loss: None)
+    epoch_s = time.perf_counter() - t0
+    overhead = max(epoch_s - trainer.steps_per_epoch * out["train step"], 0.0) / epoch_s
     flops = train_flops(model) * batch
     return {
         "seconds": out,
@@ -152,6 +159,7 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
         "images_per_s": batch / out["train step"],
         "train_gflops_per_image": train_flops(model) / 1e9,
         "achieved_gflops": flops / out["train step"] / 1e9,
+        "epoch_loop": {"steps": trainer.steps_per_epoch, "seconds": epoch_s, "fraction_outside_steps": overhead},
     }
 
 
@@ -280,6 +288,9 @@ def format_table(result: dict) -> str:
         lines.append(f"train step: {j['images_per_s']:.0f} images/s, {j['achieved_gflops']:.1f} GFLOP/s "
                      f"({j['train_gflops_per_image']:.2f} GFLOP/image) = {100 * j['fraction_of_matmul_peak']:.1f} % "
                      f"of the measured matmul peak; compile {j['compile_seconds']['train step']:.1f} s")
+        loop = j["epoch_loop"]
+        lines.append(f"training loop: {loop['steps']} steps in {loop['seconds']:.2f} s, "
+                     f"{100 * loop['fraction_outside_steps']:.1f} % of it outside the train step")
         lines.append("")
     lines.append(f"matmul peak ({result['dtype']}): {result['matmul_peak_gflops']:.0f} GFLOP/s on "
                  f"{result['machine']['device']} ({result['machine']['cpu']}, {result['machine']['cpu_count']} cores)")
@@ -287,12 +298,12 @@ def format_table(result: dict) -> str:
 
 
 def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = False, dtype: str = "float32",
-        threads: int | None = None, conv_impl: str = "auto") -> dict:
+        threads: int | None = None, conv_impl: str = "auto", epoch_steps: int = 8) -> dict:
     threads = threads or os.cpu_count()
     result = {"batch": batch, "runs": runs, "dtype": dtype, "threads": threads, "machine": machine_info(),
               "matmul_peak_gflops": matmul_peak_gflops(dtype), "models": {}}
     for name in models:
-        entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl)}
+        entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl, epoch_steps)}
         entry["jax"]["fraction_of_matmul_peak"] = entry["jax"]["achieved_gflops"] / result["matmul_peak_gflops"]
         if compare_torch:
             entry["torch"] = bench_torch(name, batch, runs, threads)
@@ -312,6 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--conv-impl", choices=("auto", "xla", "matmul"), default="auto")
     p.add_argument("--compare-torch", action="store_true", help="also time PyTorch (pip install torch)")
     p.add_argument("--threads", type=int, help="PyTorch threads (default: all cores, as XLA uses)")
+    p.add_argument("--epoch-steps", type=int, default=8, help="steps of the timed training-loop epoch")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -326,7 +338,8 @@ def main(argv=None) -> int:
         except ImportError:
             print("error: --compare-torch needs PyTorch: pip install torch", file=sys.stderr)
             return 2
-    result = run(models, args.batch, args.runs, args.compare_torch, args.dtype, args.threads, args.conv_impl)
+    result = run(models, args.batch, args.runs, args.compare_torch, args.dtype, args.threads, args.conv_impl,
+                 args.epoch_steps)
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
