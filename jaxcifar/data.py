@@ -10,6 +10,8 @@ archive --(md5-verified, tfds builder)--> TFDS_DATA_DIR/cifar10/3.0.2 (array_rec
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import functools
 import hashlib
 import io
 import json
@@ -137,6 +139,7 @@ def parse_batches(blobs: Iterable[bytes]) -> tuple[np.ndarray, np.ndarray]:
 # The tfds dataset
 
 
+@functools.lru_cache(maxsize=None)
 def _builder_class():
     """tfds's catalog `cifar10` builder, able to read a local archive and prepare without TensorFlow."""
     import tensorflow_datasets as tfds
@@ -195,11 +198,19 @@ def builder(data_dir: str | None = None, **kwargs):
 
 
 def _can_download() -> bool:
-    try:
+    """Whether the download host answers within the probe timeout (DNS included, hence the thread)."""
+
+    def probe():
         with socket.create_connection(DOWNLOAD_HOST, timeout=DOWNLOAD_PROBE_TIMEOUT_S):
             return True
-    except OSError:
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(probe).result(timeout=DOWNLOAD_PROBE_TIMEOUT_S)
+    except (OSError, concurrent.futures.TimeoutError):
         return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mapping[str, str] = OFFICIAL_MD5):
