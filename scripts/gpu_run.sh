@@ -9,6 +9,7 @@
 # OUT_DIR     receives bench.json, results/*.json, the run logs and reports
 # CONFIGS     comma-separated names of configs/*.py (default: vgg_fast)
 # SEEDS       comma-separated seeds (default: 0,1,2)
+# BENCH=0     skips the benchmark
 set -euo pipefail
 wheels=${1:?usage: gpu_run.sh WHEELS_DIR DATA OUT_DIR [CONFIGS] [SEEDS]}
 data=${2:?DATA: archive or parts folder}
@@ -42,9 +43,11 @@ cd "$repo"
 echo "== preparing CIFAR-10"
 $py -m jaxcifar.data prepare --archive "$archive" --preprocess
 $py -c 'import jax; print("devices:", jax.devices())'
-echo "== benchmark"
-$py -m jaxcifar.bench --json "$out/bench-fp32.json" | tee "$out/bench-fp32.txt"
-$py -m jaxcifar.bench --dtype bfloat16 --batch 512 --json "$out/bench-bf16-b512.json" | tee "$out/bench-bf16.txt"
+if [ "${BENCH:-1}" != 0 ]; then
+  echo "== benchmark"
+  $py -m jaxcifar.bench --json "$out/bench-fp32.json" | tee "$out/bench-fp32.txt"
+  $py -m jaxcifar.bench --dtype bfloat16 --batch 512 --json "$out/bench-bf16-b512.json" | tee "$out/bench-bf16.txt"
+fi
 echo "== training $configs x seeds $seeds"
 $py scripts/reproduce.py --configs "$configs" --seeds "$seeds" --results "$out/results" --runs-dir "$out/runs" \
   --archive "$archive" --no-readme
