@@ -8,6 +8,7 @@ TensorBoard event files are written directly (TFRecord framing + Event protos), 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import html
 import io
 import os
@@ -126,6 +127,29 @@ def write_report(workdir: str | Path, history: Sequence[dict], config: dict, opt
     page = render_html(workdir=str(workdir), history=history, config=config, optimizer_state=optimizer_state,
                        model_summary=model_summary, class_names=class_names, png=png)
     _atomic_write(workdir / "report.html", page.encode())
+
+
+class BackgroundReporter:
+    """Writes reports on one worker thread; each submit first waits for (and re-raises from) the previous one."""
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report")
+        self._pending = None
+
+    def submit(self, *args) -> None:
+        self.wait()
+        self._pending = self._pool.submit(write_report, *args)
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown()
 
 
 def model_summary(params, batch_stats=None) -> str:

@@ -337,15 +337,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     workdir = Path(workdir)
     log = RunLog(workdir)
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+    reporter = report.BackgroundReporter()  # plotting overlaps the next epoch instead of delaying it
     try:
         with StopFlag() as stop:
-            return _train(config, workdir, log, ckpt, stop)
+            return _train(config, workdir, log, ckpt, stop, reporter)
     finally:
         try:
             ckpt.wait()  # exit waits for pending saves, and reports a failed one
         finally:
-            ckpt.close()
-            log.close()
+            try:
+                reporter.close()
+            finally:
+                ckpt.close()
+                log.close()
 
 
 def enable_compile_cache(path: str) -> None:
@@ -369,7 +373,8 @@ def run_meta(config, dataset: data.Preprocessed, epoch: int, step: int, history:
             "fingerprint": dataset.fingerprint, "config": config.to_dict()}
 
 
-def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, stop: StopFlag) -> TrainState:
+def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, stop: StopFlag,
+           reporter: report.BackgroundReporter) -> TrainState:
     log.print(f"jaxcifar: {config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}")
     dataset = load_dataset(config, log.print)
     trainer = Trainer(config, dataset)
@@ -443,8 +448,8 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         is_best = all(record["test_accuracy"] > h["test_accuracy"] for h in history)
         history.append(record)
         log.epoch(record)
-        report.write_report(workdir, history, config.to_dict(), optimizer_state(config, epoch, int(state.step), lr),
-                            summary, data.CLASS_NAMES)
+        reporter.submit(workdir, list(history), config.to_dict(), optimizer_state(config, epoch, int(state.step), lr),
+                        summary, data.CLASS_NAMES)
         scalars.write(int(state.step), {k: record[k] for k in (
             "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "train_images_per_s")})
         if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
