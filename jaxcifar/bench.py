@@ -120,14 +120,14 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
 
     forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
 
-    def loss_fn(params, batch_stats, x, y, key, with_grad):
+    def loss_fn(params, batch_stats, x, y, key):
         logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                   rngs={"dropout": key}, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
-    forward_train = jax.jit(lambda p, b, x, y, k: loss_fn(p, b, x, y, k, False)[0])
+    forward_train = jax.jit(lambda p, b, x, y, k: loss_fn(p, b, x, y, k)[0])
     fwd_bwd = jax.jit(lambda p, b, x, y, k: jax.value_and_grad(
-        lambda p: loss_fn(p, b, x, y, k, True), has_aux=True)(p))
+        lambda p: loss_fn(p, b, x, y, k), has_aux=True)(p))
     key = jax.random.key(1)
     order = trainer._epoch_order(state.rng, 1, n, batch)
     acc = trainer.place(train.zero_train_metrics(10))

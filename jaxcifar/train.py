@@ -63,9 +63,9 @@ def _optimizer_kwargs(config, steps_per_epoch: int) -> dict:
 
 def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
     kw = _optimizer_kwargs(config, steps_per_epoch)
-    lr = optim.learning_rate_fn(kw.pop("learning_rate"), kw.pop("learning_rate_decay"),
-                                **{k: kw[k] for k in ("schedule", "epoch_step", "steps_per_epoch", "total_steps")})
-    return float(lr(step))
+    for unused in ("momentum", "dampening", "weight_decay"):
+        del kw[unused]
+    return float(optim.learning_rate_fn(**kw)(step))
 
 
 def init_train_state(config, model, tx, image_shape) -> TrainState:
@@ -108,6 +108,7 @@ def train_step(state: TrainState, acc: dict, images, labels, epoch_indices, *, m
     x, y = data.gather_batch(images, labels, epoch_indices[state.step % steps], flip_key, flip)
     if batch_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
+
     def loss_fn(params):
         logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
                                       rngs={"dropout": dropout_key}, mutable=["batch_stats"])
@@ -368,9 +369,13 @@ def optimizer_state(config, epoch: int, step: int, lr: float) -> dict:
             "momentum": o.momentum, "evalCounter": step, "epoch": epoch, "schedule": o.schedule}
 
 
-def run_meta(config, dataset: data.Preprocessed, epoch: int, step: int, history: list) -> dict:
-    return {"epoch": epoch, "step": step, "history": history, "stats": dataset.stats.to_json(),
+def save(ckpt: checkpoint.Checkpointer, config, dataset: data.Preprocessed, state: TrainState, acc: dict,
+         epochs_done: int, history: list, is_best: bool = False) -> None:
+    """Starts the asynchronous save of the run as it stands after `epochs_done` epochs (plus `acc`'s steps)."""
+    step = int(state.step)
+    meta = {"epoch": epochs_done, "step": step, "history": history, "stats": dataset.stats.to_json(),
             "fingerprint": dataset.fingerprint, "config": config.to_dict()}
+    ckpt.save(step, checkpoint.to_tree({"train_state": state, "epoch_metrics": acc}), meta, is_best=is_best)
 
 
 def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, stop: StopFlag,
@@ -419,12 +424,10 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
             state, acc, finished = trainer.train_epoch(state, epoch, acc, progress, stop)
         finally:
             bar.close()
-        if not finished:
-            step = int(state.step)
-            ckpt.save(step, checkpoint.to_tree({"train_state": state, "epoch_metrics": acc}),
-                      run_meta(config, dataset, epoch - 1, step, history))
+        if not finished:  # stopped mid-epoch: keep the partial epoch's metrics too
+            save(ckpt, config, dataset, state, acc, epoch - 1, history)
             ckpt.wait()
-            raise TrainingInterrupted(stop.signum, step)
+            raise TrainingInterrupted(stop.signum, int(state.step))
         train_time = time.time() - t0
         train_loss, train_conf = trainer.epoch_summary(acc)
         acc = None
@@ -432,9 +435,10 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         test_conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
         eval_time = time.time() - t1
         train_s, test_s = metrics.summarize(train_conf), metrics.summarize(test_conf)
+        step = int(state.step)
         images = (trainer.steps_per_epoch - first) * config.batch_size
         record = {
-            "epoch": epoch, "step": int(state.step), "learning_rate": lr, "train_loss": train_loss,
+            "epoch": epoch, "step": step, "learning_rate": lr, "train_loss": train_loss,
             "train_accuracy": train_s["accuracy"], "test_loss": test_loss, "test_accuracy": test_s["accuracy"],
             "test_average_row_correct": test_s["average_row_correct"],
             "test_average_rowucol_correct": test_s["average_rowucol_correct"],
@@ -448,17 +452,15 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         is_best = all(record["test_accuracy"] > h["test_accuracy"] for h in history)
         history.append(record)
         log.epoch(record)
-        reporter.submit(workdir, list(history), config.to_dict(), optimizer_state(config, epoch, int(state.step), lr),
+        reporter.submit(workdir, list(history), config.to_dict(), optimizer_state(config, epoch, step, lr),
                         summary, data.CLASS_NAMES)
-        scalars.write(int(state.step), {k: record[k] for k in (
+        scalars.write(step, {k: record[k] for k in (
             "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "train_images_per_s")})
         if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
-            ckpt.save(int(state.step), checkpoint.to_tree({"train_state": state,
-                                                           "epoch_metrics": zero_train_metrics(config.num_classes)}),
-                      run_meta(config, dataset, epoch, int(state.step), history), is_best=is_best)
+            save(ckpt, config, dataset, state, zero_train_metrics(config.num_classes), epoch, history, is_best)
         if stop():
             ckpt.wait()
-            raise TrainingInterrupted(stop.signum, int(state.step))
+            raise TrainingInterrupted(stop.signum, step)
     return state
 
 
