@@ -41,22 +41,21 @@ def load_trained(workdir: str | Path, step: int | None = None, best: bool = Fals
             raise checkpoint.CheckpointError(
                 f"no {'best ' if best else ''}checkpoints in {workdir}; train first with "
                 f"`python -m jaxcifar.train --workdir {workdir} ...`")
-        meta_only = ckpt.read_meta(step if step is not None else max(steps), best)
-        config = ml_collections.ConfigDict(meta_only["config"])
+        step = max(steps) if step is None else step
+        config = ml_collections.ConfigDict(ckpt.read_meta(step, best)["config"])
         model = train.build_model(config)
         template = train.init_train_state(config, model, train.build_optimizer(config, 1), (32, 32, 3))
         tree_template = checkpoint.to_tree({"train_state": template,
                                             "epoch_metrics": train.zero_train_metrics(config.num_classes)})
         try:
-            restored = ckpt.restore(tree_template, step=step if step is not None else max(steps), best=best)
+            tree, meta, _ = ckpt.restore(tree_template, step=step, best=best)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(f"{e} (does it match model {config.model!r} at width {config.width}?)") from None
-        tree, meta, s = restored
     finally:
         ckpt.close()
     state = checkpoint.from_tree(template, tree["train_state"])
     return TrainedModel(model, {"params": state.params, "batch_stats": state.batch_stats}, config,
-                        preprocess.NormalizationStats.from_json(meta["stats"]), meta, s)
+                        preprocess.NormalizationStats.from_json(meta["stats"]), meta, step)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
