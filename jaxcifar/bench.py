@@ -118,15 +118,18 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     y = jax.device_put(labels[:batch])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
 
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    from jaxcifar import models
+
+    jit = functools.partial(jax.jit, compiler_options=models.compiler_options())
+    forward = jit(lambda v, x: model.apply(v, x, train=False))
 
     def loss_fn(params, batch_stats, x, y, key):
         logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                                   rngs={"dropout": key}, mutable=["batch_stats"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
 
-    forward_train = jax.jit(lambda p, b, x, y, k: loss_fn(p, b, x, y, k)[0])
-    fwd_bwd = jax.jit(lambda p, b, x, y, k: jax.value_and_grad(
+    forward_train = jit(lambda p, b, x, y, k: loss_fn(p, b, x, y, k)[0])
+    fwd_bwd = jit(lambda p, b, x, y, k: jax.value_and_grad(
         lambda p: loss_fn(p, b, x, y, k), has_aux=True)(p))
     key = jax.random.key(1)
     order = trainer._epoch_order(state.rng, 1, n, batch)

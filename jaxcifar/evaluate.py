@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxcifar import checkpoint, data, metrics, preprocess, train
+from jaxcifar import checkpoint, data, metrics, models, preprocess, train
 
 
 class TrainedModel(NamedTuple):
@@ -58,9 +58,13 @@ def load_trained(workdir: str | Path, step: int | None = None, best: bool = Fals
                         preprocess.NormalizationStats.from_json(meta["stats"]), meta, step)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.cache
+def _logits_fn(model):
+    return jax.jit(functools.partial(model.apply, train=False), compiler_options=models.compiler_options())
+
+
 def _logits(model, variables, images):
-    return model.apply(variables, images, train=False)
+    return _logits_fn(model)(variables, images)
 
 
 def predict_logits(trained: TrainedModel, images: np.ndarray, batch_size: int = 500) -> np.ndarray:

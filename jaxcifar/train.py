@@ -173,9 +173,11 @@ class Trainer:
             functools.partial(train_step, model=self.model, tx=self.tx, flip=config.flip,
                               label_smoothing=config.label_smoothing, num_classes=config.num_classes,
                               batch_sharding=NamedSharding(self.mesh, P("data"))),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1))
+            out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1),
+            compiler_options=models.compiler_options())
         self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
-                                  out_shardings=(self.replicated, self.replicated))
+                                  out_shardings=(self.replicated, self.replicated),
+                                  compiler_options=models.compiler_options())
         self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3), out_shardings=batch_rows)
 
     def init_state(self) -> TrainState:

@@ -161,3 +161,21 @@ def test_dropout_rate_and_scaling():
         assert abs(kept.mean() - (1 - rate)) < 0.005
         np.testing.assert_allclose(np.asarray(y)[kept], 1 / (1 - rate), rtol=1e-6)
     np.testing.assert_array_equal(models.Dropout(0.5).apply({}, x, train=False), x)
+
+
+def test_cpu_convolutions_are_compiled_by_xla_not_ynnpack():
+    opts = models.compiler_options()
+    assert opts == {"xla_cpu_experimental_ynn_fusion_type": models.CPU_LIBRARY_FUSIONS}
+    assert models.compiler_options("gpu") is None
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 16, 16, 8)).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(3, 3, 8, 8)).astype(np.float32))
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    default, ours = jax.jit(conv).lower(x, w).compile(), jax.jit(conv, compiler_options=opts).lower(x, w).compile()
+    if "__ynn_fusion" not in default.as_text():
+        pytest.skip("this jaxlib does not hand convolutions to YNNPACK")
+    assert "__ynn_fusion" not in ours.as_text()
+    np.testing.assert_allclose(ours(x, w), default(x, w), rtol=1e-5, atol=1e-5)
