@@ -168,8 +168,8 @@ def test_cpu_convolutions_are_compiled_by_xla_not_ynnpack():
     assert opts == {"xla_cpu_experimental_ynn_fusion_type": models.CPU_LIBRARY_FUSIONS}
     assert models.compiler_options("gpu") is None
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(4, 16, 16, 8)).astype(np.float32))
-    w = jnp.asarray(rng.normal(size=(3, 3, 8, 8)).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(2, 16, 16, 32)).astype(np.float32))  # big enough for YNNPACK to want it
+    w = jnp.asarray(rng.normal(size=(3, 3, 32, 32)).astype(np.float32))
 
     def conv(x, w):
         return lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -178,4 +178,4 @@ def test_cpu_convolutions_are_compiled_by_xla_not_ynnpack():
     if "__ynn_fusion" not in default.as_text():
         pytest.skip("this jaxlib does not hand convolutions to YNNPACK")
     assert "__ynn_fusion" not in ours.as_text()
-    np.testing.assert_allclose(ours(x, w), default(x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours(x, w), default(x, w), rtol=1e-4, atol=1e-4)
