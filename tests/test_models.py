@@ -179,3 +179,34 @@ def test_cpu_convolutions_are_compiled_by_xla_not_ynnpack():
         pytest.skip("this jaxlib does not hand convolutions to YNNPACK")
     assert "__ynn_fusion" not in ours.as_text()
     np.testing.assert_allclose(ours(x, w), default(x, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,k,s", [(32, 3, 2), (16, 2, 2), (5, 2, 2), (7, 3, 2), (8, 8, 1), (9, 2, 3)])
+def test_pooling_matches_reduce_window_and_sends_gradient_to_the_first_maximum(size, k, s):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(np.maximum(rng.normal(size=(2, size, size, 3)), 0).astype(np.float32))  # ReLU'd: ties at 0
+    out = torch_ceil_out(size, k, s)
+    pad = [(0, 0), (0, max((out - 1) * s + k - size, 0)), (0, max((out - 1) * s + k - size, 0)), (0, 0)]
+    ref_max = lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1, s, s, 1), pad)
+    np.testing.assert_array_equal(models.max_pool_ceil(x, k, s), ref_max)
+    ref_sum = lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
+    ref_count = lax.reduce_window(jnp.ones_like(x), 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
+    np.testing.assert_allclose(models.avg_pool_ceil(x, k, s), ref_sum / ref_count, rtol=1e-6)
+    # torch's backward: each window's gradient goes whole to its first maximum in row-major order
+    dy = rng.normal(size=ref_max.shape).astype(np.float32)
+    want = np.zeros(x.shape, np.float32)
+    xn = np.asarray(x)
+    for n in range(2):
+        for c in range(3):
+            for oy in range(out):
+                for ox in range(out):
+                    win = xn[n, oy * s:oy * s + k, ox * s:ox * s + k, c]
+                    iy, ix = np.unravel_index(np.argmax(win), win.shape)  # argmax: first maximum
+                    want[n, oy * s + iy, ox * s + ix, c] += dy[n, oy, ox, c]
+    got = jax.vjp(lambda x: models.max_pool_ceil(x, k, s), x)[1](jnp.asarray(dy))[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # the average pool's gradient is the reduce_window sum's, divided by the counts
+    g_avg = jax.grad(lambda x: (models.avg_pool_ceil(x, k, s) * dy).sum())(x)
+    g_ref = jax.grad(lambda x: (lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
+                                / ref_count * dy).sum())(x)
+    np.testing.assert_allclose(g_avg, g_ref, rtol=1e-5, atol=1e-6)
