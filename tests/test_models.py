@@ -210,3 +210,21 @@ def test_pooling_matches_reduce_window_and_sends_gradient_to_the_first_maximum(s
     g_ref = jax.grad(lambda x: (lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
                                 / ref_count * dy).sum())(x)
     np.testing.assert_allclose(g_avg, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_gradient_matches_autodiff_of_its_formula():
+    rng = np.random.default_rng(0)
+    for shape in [(16, 4, 4, 6), (32, 5)]:
+        x = jnp.asarray(rng.normal(1.0, 2.0, size=shape).astype(np.float32))
+        scale, bias = jnp.asarray(rng.uniform(size=shape[-1]), jnp.float32), jnp.full(shape[-1], 0.3, jnp.float32)
+        dy = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
+        def plain(x, scale, bias):
+            axes = tuple(range(x.ndim - 1))
+            mean = x.mean(axes)
+            return (x - mean) * (scale * lax.rsqrt(jnp.square(x - mean).mean(axes) + 1e-3)) + bias
+
+        want = jax.vjp(plain, x, scale, bias)[1](dy)
+        got = jax.vjp(lambda *a: models.batch_normalize(*a, 1e-3)[0], x, scale, bias)[1](dy)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
