@@ -228,3 +228,26 @@ def test_batchnorm_gradient_matches_autodiff_of_its_formula():
         got = jax.vjp(lambda *a: models.batch_normalize(*a, 1e-3)[0], x, scale, bias)[1](dy)
         for g, w in zip(got, want):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 4, 6), (5, 3, 3, 7)])  # 48 rows: 16 chunks; 45 rows: gcd(45, 16) = 1
+def test_pointwise_conv_matches_lax_with_gradients(shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+    w = jnp.asarray(rng.normal(size=(1, 1, shape[-1], 5)).astype(np.float32))
+    dy = jnp.asarray(rng.normal(size=shape[:3] + (5,)).astype(np.float32))
+
+    def conv(x, w):
+        return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    y, vjp = jax.vjp(lambda x, w: models.pointwise_conv(x, w[0, 0]), x, w)
+    y_ref, vjp_ref = jax.vjp(conv, x, w)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(vjp(dy), vjp_ref(dy)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_nin_is_the_same_function_with_either_conv():
+    a, b = models.NIN(width=0.125, conv_impl="xla"), models.NIN(width=0.125, conv_impl="auto")
+    variables, img = init(a)
+    np.testing.assert_allclose(a.apply(variables, img), b.apply(variables, img), rtol=1e-4, atol=1e-4)
