@@ -65,8 +65,11 @@ class Checkpointer:
         """Starts an asynchronous save; returns once the arrays are copied off the device.
 
         A step already saved is not written again: a resumed run reproduces the same state there.
+        At most one save is in flight: a new one first waits for the previous to be on disk, so
+        when an epoch is logged after its save starts, the epoch before it is durable.
         """
         for manager, wanted in ((self.latest, True), (self.best, is_best)):
+            manager.wait_until_finished()
             manager.check_for_errors()  # a failed earlier save surfaces here, not silently
             if wanted and step not in manager.all_steps():
                 args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta))

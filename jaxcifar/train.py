@@ -453,13 +453,15 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         log.print(metrics.format_confusion(test_conf, data.CLASS_NAMES))
         is_best = all(record["test_accuracy"] > h["test_accuracy"] for h in history)
         history.append(record)
+        # Save before logging: the save waits for the previous one, so a logged epoch's predecessor is
+        # always on disk and a kill loses at most the last logged epoch and the one in progress.
+        if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
+            save(ckpt, config, dataset, state, zero_train_metrics(config.num_classes), epoch, history, is_best)
         log.epoch(record)
         reporter.submit(workdir, list(history), config.to_dict(), optimizer_state(config, epoch, step, lr),
                         summary, data.CLASS_NAMES)
         scalars.write(step, {k: record[k] for k in (
             "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "train_images_per_s")})
-        if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
-            save(ckpt, config, dataset, state, zero_train_metrics(config.num_classes), epoch, history, is_best)
         if stop():
             ckpt.wait()
             raise TrainingInterrupted(stop.signum, step)
