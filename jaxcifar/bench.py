@@ -102,7 +102,7 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     import optax
 
     from jaxcifar import config as config_lib
-    from jaxcifar import data, preprocess, train
+    from jaxcifar import data, models, preprocess, train
 
     c = config_lib.base_config()
     c.model, c.batch_size, c.dtype, c.conv_impl = model_name, batch, dtype, conv_impl
@@ -117,9 +117,6 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     x = jax.device_put(images[:batch])
     y = jax.device_put(labels[:batch])
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-
-    from jaxcifar import models
-
     jit = functools.partial(jax.jit, compiler_options=models.compiler_options())
     forward = jit(lambda v, x: model.apply(v, x, train=False))
 
@@ -167,14 +164,14 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
         bare_s.append(time.perf_counter() - t0)
     epoch_s, steps_s = min(loop_s), min(bare_s)
     overhead = max(epoch_s - steps_s, 0.0) / epoch_s
-    flops = train_flops(model) * batch
+    flops_per_image = train_flops(model)
     return {
         "seconds": out,
         "compile_seconds": {"forward": compile_fwd - out["forward"], "forward+backward": compile_fb - out["forward+backward"],
                             "train step": compile_step - out["train step"]},
         "images_per_s": batch / out["train step"],
-        "train_gflops_per_image": train_flops(model) / 1e9,
-        "achieved_gflops": flops / out["train step"] / 1e9,
+        "train_gflops_per_image": flops_per_image / 1e9,
+        "achieved_gflops": flops_per_image * batch / out["train step"] / 1e9,
         "epoch_loop": {"steps": trainer.steps_per_epoch, "seconds": epoch_s, "bare_steps_seconds": steps_s,
                        "fraction_outside_steps": overhead},
     }

@@ -72,6 +72,8 @@ pointwise_conv.defvjp(_pointwise_conv_fwd, _pointwise_conv_bwd)
 def conv_as_matmul(x, kernel, padding: int):
     """Stride-1 'same'-style convolution as one im2col matmul (NHWC, HWIO)."""
     kh, kw, cin, cout = kernel.shape
+    if kh == kw == 1 and padding == 0:
+        return pointwise_conv(x, kernel[0, 0])
     n, h, w, _ = x.shape
     xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     oh, ow = h + 2 * padding - kh + 1, w + 2 * padding - kw + 1
@@ -94,16 +96,12 @@ def compiler_options(backend: str | None = None) -> dict | None:
     return options
 
 
-def on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
-
-
-def use_matmul_conv(impl: str, spatial_pixels: int) -> bool:
+def use_matmul_conv(impl: str, spatial_pixels: int, kernel_size: int) -> bool:
     if impl == "matmul":
         return True
     if impl == "xla":
         return False
-    return on_cpu() and spatial_pixels <= AUTO_MATMUL_MAX_PIXELS
+    return jax.default_backend() == "cpu" and (spatial_pixels <= AUTO_MATMUL_MAX_PIXELS or kernel_size == 1)
 
 
 class Conv(nn.Module):
@@ -122,14 +120,16 @@ class Conv(nn.Module):
         kernel = self.param("kernel", nn.initializers.normal(self.kernel_std), (k, k, x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if k == 1 and self.padding == 0 and self.impl != "xla" and (self.impl == "matmul" or on_cpu()):
-            y = pointwise_conv(x, kernel[0, 0])
-        elif use_matmul_conv(self.impl, x.shape[1] * x.shape[2]):
+        if use_matmul_conv(self.impl, x.shape[1] * x.shape[2], k):
             y = conv_as_matmul(x, kernel, self.padding)
         else:
             pad = [(self.padding, self.padding)] * 2
             y = lax.conv_general_dilated(x, kernel, (1, 1), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y + bias.astype(self.dtype)
+
+
+def _normalize(x, mean, var, scale, bias, epsilon: float):
+    return (x - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -138,7 +138,7 @@ def batch_normalize(x, scale, bias, epsilon: float):
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axes)
     var = jnp.square(x - mean).mean(axes)
-    return (x - mean) * (scale * lax.rsqrt(var + epsilon)) + bias, mean, var
+    return _normalize(x, mean, var, scale, bias, epsilon), mean, var
 
 
 def _batch_normalize_fwd(x, scale, bias, epsilon):
@@ -179,8 +179,7 @@ class TorchBatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
         x32 = x.astype(jnp.float32)
         if not train:
-            y = (x32 - running_mean.value) * (scale * lax.rsqrt(running_var.value + self.epsilon)) + bias
-            return y.astype(x.dtype)
+            return _normalize(x32, running_mean.value, running_var.value, scale, bias, self.epsilon).astype(x.dtype)
         y, mean, var = batch_normalize(x32, scale, bias, self.epsilon)
         if not self.is_initializing():
             n = x.size // c

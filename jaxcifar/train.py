@@ -169,15 +169,14 @@ class Trainer:
         eval_batch = -(-config.eval_batch_size // len(devices)) * len(devices)  # padding rows are masked out
         indices, valid = data.eval_batches(len(dataset.test_labels), eval_batch)
         self.eval_indices, self.eval_valid = replicate(indices, batch_rows), replicate(valid, batch_rows)
+        options = models.compiler_options()
         self._train_step = jax.jit(
             functools.partial(train_step, model=self.model, tx=self.tx, flip=config.flip,
                               label_smoothing=config.label_smoothing, num_classes=config.num_classes,
                               batch_sharding=NamedSharding(self.mesh, P("data"))),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1),
-            compiler_options=models.compiler_options())
+            out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1), compiler_options=options)
         self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
-                                  out_shardings=(self.replicated, self.replicated),
-                                  compiler_options=models.compiler_options())
+                                  out_shardings=(self.replicated, self.replicated), compiler_options=options)
         self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3), out_shardings=batch_rows)
 
     def init_state(self) -> TrainState:

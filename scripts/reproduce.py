@@ -36,6 +36,12 @@ def run_config(name: str, seed: int, workdir: Path, extra: list[str]) -> float:
     return time.time() - t0
 
 
+def device_label(machine: dict) -> str:
+    """'1 x cpu (AMD EPYC, 2 cores)' from bench.machine_info()'s fields."""
+    cpu = f" ({machine['cpu']}, {machine['cpu_count']} cores)" if machine["platform"] == "cpu" else ""
+    return f"{machine['device_count']} x {machine['device']}{cpu}"
+
+
 def result_from_workdir(workdir: Path, config_name: str, seed: int, wall_time_s: float | None = None) -> dict:
     from jaxcifar import bench, checkpoint
 
@@ -56,8 +62,7 @@ def result_from_workdir(workdir: Path, config_name: str, seed: int, wall_time_s:
                                      "learning_rate", "epoch_time_s", "train_images_per_s")} for r in records],
         "wall_time_s": wall_time_s if wall_time_s is not None else sum(r["epoch_time_s"] for r in records),
         "train_images_per_s": statistics.median(r["train_images_per_s"] for r in records),
-        "device": f"{info['device_count']} x {info['device']}" + (f" ({info['cpu']}, {info['cpu_count']} cores)"
-                                                                   if info["platform"] == "cpu" else ""),
+        "device": device_label(info),
         "versions": {k: info[k] for k in ("python", "jax", "flax")}, "commit": info["commit"], "date": info["date"],
         "config": config,
     }
@@ -98,9 +103,7 @@ def bench_table(results_dir: Path) -> str:
              "images/s | loop overhead | device |", "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(results_dir.glob("bench-*.json")):
         b = json.loads(path.read_text())
-        m = b["machine"]
-        device = f"{m['device_count']} x {m['device']}" + (f" ({m['cpu']}, {m['cpu_count']} cores)"
-                                                            if m["platform"] == "cpu" else "")
+        device = device_label(b["machine"])
         for name, r in b["models"].items():
             jx, th = r["jax"]["seconds"], r.get("torch", {}).get("seconds", {})
 
