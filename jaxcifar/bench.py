@@ -96,7 +96,7 @@ def matmul_peak_gflops(dtype: str = "float32", size: int | None = None, runs: in
 
 
 def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", conv_impl: str = "auto",
-              epoch_steps: int = 8) -> dict:
+              epoch_steps: int = 8, steps_per_call: int | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -106,6 +106,7 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
 
     c = config_lib.base_config()
     c.model, c.batch_size, c.dtype, c.conv_impl = model_name, batch, dtype, conv_impl
+    c.steps_per_call = c.steps_per_call if steps_per_call is None else steps_per_call
     rng = np.random.default_rng(0)
     n = batch * max(epoch_steps, 1)
     images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
@@ -132,10 +133,10 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     order = trainer._epoch_order(state.rng, 1, n, batch)
     acc = trainer.place(train.zero_train_metrics(10))
     holder = {"state": state, "acc": acc}
+    per_call = c.steps_per_call
 
-    def step():
-        holder["state"], holder["acc"] = trainer._train_step(holder["state"], holder["acc"], trainer.train_images,
-                                                             trainer.train_labels, order)
+    def steps(count):
+        holder["state"], holder["acc"] = trainer.run_steps(holder["state"], holder["acc"], order, count)
         holder["acc"]["last_loss"].block_until_ready()
 
     out = {}
@@ -144,7 +145,10 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     compile_fb, out["forward+backward"] = _timed(
         lambda: jax.block_until_ready(fwd_bwd(state.params, state.batch_stats, x, y, key)), runs)
     out["backward"] = max(out["forward+backward"] - fwd_train, 0.0)
-    compile_step, out["train step"] = _timed(step, runs)
+    # "train step": one update as training runs it, `steps_per_call` of them per compiled call.
+    compile_call, call_s = _timed(lambda: steps(per_call), runs)
+    out["train step"] = call_s / per_call
+    compile_single, single_s = _timed(lambda: steps(1), runs) if per_call > 1 else (compile_call, call_s)
     # The training loop's own cost (epoch order, progress syncs, metric fetches): a short epoch through
     # `train_epoch` against the same steps called back to back, alternated so that the machine's drift
     # hits both alike; the fastest of each is compared.
@@ -158,8 +162,8 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
         fresh, acc = trainer.init_state(), trainer.place(train.zero_train_metrics(10))
         jax.block_until_ready((fresh, acc))
         t0 = time.perf_counter()
-        for _ in range(trainer.steps_per_epoch):
-            fresh, acc = trainer._train_step(fresh, acc, trainer.train_images, trainer.train_labels, order)
+        for count in train.call_plan(0, trainer.steps_per_epoch, per_call):
+            fresh, acc = trainer.run_steps(fresh, acc, order, count)
         jax.block_until_ready(acc)
         bare_s.append(time.perf_counter() - t0)
     epoch_s, steps_s = min(loop_s), min(bare_s)
@@ -168,7 +172,9 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     return {
         "seconds": out,
         "compile_seconds": {"forward": compile_fwd - out["forward"], "forward+backward": compile_fb - out["forward+backward"],
-                            "train step": compile_step - out["train step"]},
+                            "train step": compile_call - call_s},
+        "steps_per_call": per_call,
+        "train_step_one_per_call": {"seconds": single_s, "compile_seconds": compile_single - single_s},
         "images_per_s": batch / out["train step"],
         "train_gflops_per_image": flops_per_image / 1e9,
         "achieved_gflops": flops_per_image * batch / out["train step"] / 1e9,
@@ -302,6 +308,10 @@ def format_table(result: dict) -> str:
         lines.append(f"train step: {j['images_per_s']:.0f} images/s, {j['achieved_gflops']:.1f} GFLOP/s "
                      f"({j['train_gflops_per_image']:.2f} GFLOP/image) = {100 * j['fraction_of_matmul_peak']:.1f} % "
                      f"of the measured matmul peak; compile {j['compile_seconds']['train step']:.1f} s")
+        if j.get("steps_per_call", 1) > 1:
+            one = j["train_step_one_per_call"]["seconds"]
+            lines.append(f"train step: {j['steps_per_call']} per compiled call, as training runs them; "
+                         f"one per call: {one:.3f} s")
         loop = j["epoch_loop"]
         lines.append(f"training loop: {loop['steps']} steps in {loop['seconds']:.2f} s vs {loop['bare_steps_seconds']:.2f} s "
                      f"back to back: {100 * loop['fraction_outside_steps']:.1f} % of it outside the train step")
@@ -312,12 +322,13 @@ def format_table(result: dict) -> str:
 
 
 def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = False, dtype: str = "float32",
-        threads: int | None = None, conv_impl: str = "auto", epoch_steps: int = 8) -> dict:
+        threads: int | None = None, conv_impl: str = "auto", epoch_steps: int = 8,
+        steps_per_call: int | None = None) -> dict:
     threads = threads or os.cpu_count()
     result = {"batch": batch, "runs": runs, "dtype": dtype, "threads": threads, "machine": machine_info(),
               "matmul_peak_gflops": matmul_peak_gflops(dtype), "models": {}}
     for name in models:
-        entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl, epoch_steps)}
+        entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl, epoch_steps, steps_per_call)}
         entry["jax"]["fraction_of_matmul_peak"] = entry["jax"]["achieved_gflops"] / result["matmul_peak_gflops"]
         if compare_torch:
             entry["torch"] = bench_torch(name, batch, runs, threads)
@@ -338,13 +349,14 @@ def main(argv=None) -> int:
     p.add_argument("--compare-torch", action="store_true", help="also time PyTorch (pip install torch)")
     p.add_argument("--threads", type=int, help="PyTorch threads (default: all cores, as XLA uses)")
     p.add_argument("--epoch-steps", type=int, default=8, help="steps of the timed training-loop epoch")
+    p.add_argument("--steps-per-call", type=int, help="train steps per compiled call (default: the config's)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
-    if unknown or args.batch <= 0 or args.runs <= 0:
+    if unknown or min(args.batch, args.runs, 1 if args.steps_per_call is None else args.steps_per_call) <= 0:
         print(f"error: unknown model(s) {unknown} (choose from {MODELS})" if unknown else
-              "error: --batch and --runs must be positive", file=sys.stderr)
+              "error: --batch, --runs and --steps-per-call must be positive", file=sys.stderr)
         return 2
     if args.compare_torch:
         try:
@@ -353,7 +365,7 @@ def main(argv=None) -> int:
             print("error: --compare-torch needs PyTorch: pip install torch", file=sys.stderr)
             return 2
     result = run(models, args.batch, args.runs, args.compare_torch, args.dtype, args.threads, args.conv_impl,
-                 args.epoch_steps)
+                 args.epoch_steps, args.steps_per_call)
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

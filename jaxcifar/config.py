@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.preprocess = "yuv"  # provider.lua's; "rgb": per-channel standardization
 
     c.compile_cache_dir = ""  # JAX's persistent compilation cache; empty: $JAXCIFAR_COMPILE_CACHE, $JAXCIFAR_CACHE_DIR/xla or ~/.cache/jaxcifar/xla; "none" disables
+    c.steps_per_call = 4  # train steps per compiled call (XLA:CPU re-allocates a call's buffers each time)
     c.log_every_steps = 20  # progress bar and NaN check cadence (each one syncs with the device)
     c.checkpoint_every_epochs = 1
     c.keep_checkpoints = 3
@@ -68,7 +69,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.width > 0, f"width={c.width} must be positive")
     need(c.conv_impl in models.CONV_IMPLS, f"conv_impl={c.conv_impl!r}; choose one of {', '.join(models.CONV_IMPLS)}")
     need(c.dtype in DTYPES, f"dtype={c.dtype!r}; choose one of {', '.join(DTYPES)}")
-    for field in ("batch_size", "eval_batch_size", "num_epochs", "num_classes", "log_every_steps",
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "num_classes", "steps_per_call", "log_every_steps",
                   "checkpoint_every_epochs", "keep_checkpoints"):
         need(int(c[field]) == c[field] and c[field] > 0, f"{field}={c[field]} must be a positive integer")
     need(c.flip in FLIP_MODES, f"flip={c.flip!r}; choose one of {', '.join(FLIP_MODES)}")

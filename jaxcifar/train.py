@@ -124,6 +124,33 @@ def train_step(state: TrainState, acc: dict, images, labels, epoch_indices, *, m
     return state, acc
 
 
+def train_steps(state: TrainState, acc: dict, images, labels, epoch_indices, *, count: int, **step_kwargs):
+    """`count` consecutive `train_step`s traced into one program.
+
+    XLA:CPU allocates a program's temporaries afresh on every call and the kernel zero-fills
+    them page by page; one call per several steps pays that once for all of them. Unrolled,
+    because XLA:CPU runs a while loop's body without its fast convolution kernels.
+    """
+    for _ in range(count):
+        state, acc = train_step(state, acc, images, labels, epoch_indices, **step_kwargs)
+    return state, acc
+
+
+def call_plan(first: int, steps: int, steps_per_call: int) -> list[int]:
+    """How many steps each call runs from step `first` to the end of an epoch of `steps`.
+
+    Multi-step calls start at multiples of `steps_per_call` counted from the epoch's start, so a
+    run resumed at any step groups its updates exactly as an uninterrupted one does (a multi-step
+    program may round differently from single calls in the last bit).
+    """
+    plan, i = [], first
+    while i < steps:
+        k = steps_per_call if i % steps_per_call == 0 and i + steps_per_call <= steps else 1
+        plan.append(k)
+        i += k
+    return plan
+
+
 def eval_step(params, batch_stats, images, labels, indices, valid, *, model, num_classes: int):
     """Confusion counts and summed loss of one padded evaluation batch (padding weighted 0)."""
     logits = model.apply({"params": params, "batch_stats": batch_stats}, images[indices], train=False)
@@ -170,14 +197,27 @@ class Trainer:
         indices, valid = data.eval_batches(len(dataset.test_labels), eval_batch)
         self.eval_indices, self.eval_valid = replicate(indices, batch_rows), replicate(valid, batch_rows)
         options = models.compiler_options()
-        self._train_step = jax.jit(
-            functools.partial(train_step, model=self.model, tx=self.tx, flip=config.flip,
-                              label_smoothing=config.label_smoothing, num_classes=config.num_classes,
-                              batch_sharding=NamedSharding(self.mesh, P("data"))),
-            out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1), compiler_options=options)
+        self._train_calls = {}  # steps per call -> compiled program, built on first use
+        self._train_step_kwargs = dict(model=self.model, tx=self.tx, flip=config.flip,
+                                       label_smoothing=config.label_smoothing, num_classes=config.num_classes,
+                                       batch_sharding=NamedSharding(self.mesh, P("data")))
+        self._compiler_options = options
         self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
                                   out_shardings=(self.replicated, self.replicated), compiler_options=options)
         self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3), out_shardings=batch_rows)
+
+    def train_call(self, count: int):
+        """The compiled program of `count` train steps: (state, acc, images, labels, order) -> (state, acc)."""
+        if count not in self._train_calls:
+            self._train_calls[count] = jax.jit(
+                functools.partial(train_steps, count=count, **self._train_step_kwargs),
+                out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1),
+                compiler_options=self._compiler_options)
+        return self._train_calls[count]
+
+    def run_steps(self, state: TrainState, acc: dict, order, count: int):
+        """`count` updates in one call (within one epoch, whose batch order is `order`)."""
+        return self.train_call(count)(state, acc, self.train_images, self.train_labels, order)
 
     def init_state(self) -> TrainState:
         state = init_train_state(self.config, self.model, self.tx, self.train_images.shape[1:])
@@ -196,11 +236,11 @@ class Trainer:
         c = self.config
         order = self._epoch_order(state.rng, epoch, self.num_train, c.batch_size)
         acc = self.place(zero_train_metrics(c.num_classes)) if acc is None else acc
-        first = int(state.step) - (epoch - 1) * self.steps_per_epoch
-        for i in range(first, self.steps_per_epoch):
-            state, acc = self._train_step(state, acc, self.train_images, self.train_labels, order)
-            done = i + 1
-            if done % c.log_every_steps == 0 or done == self.steps_per_epoch:
+        done = int(state.step) - (epoch - 1) * self.steps_per_epoch
+        for count in call_plan(done, self.steps_per_epoch, c.steps_per_call):
+            state, acc = self.run_steps(state, acc, order, count)
+            before, done = done, done + count
+            if done // c.log_every_steps > before // c.log_every_steps or done == self.steps_per_epoch:
                 last = float(acc["last_loss"])  # syncs: keeps the bar honest and catches divergence early
                 if not math.isfinite(last):
                     raise TrainingDiverged(

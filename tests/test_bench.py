@@ -16,12 +16,14 @@ def test_flop_count_matches_the_layer_arithmetic():
 
 def test_bench_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--models", "nin", "--batch", "4", "--runs", "1", "--epoch-steps", "2", "--json", str(out)]) == 0
+    assert bench.main(["--models", "nin", "--batch", "4", "--runs", "1", "--epoch-steps", "2", "--steps-per-call", "2",
+                       "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     nin = result["models"]["nin"]["jax"]
     assert set(nin["seconds"]) == set(bench.PHASES) and all(v >= 0 for v in nin["seconds"].values())
     assert nin["images_per_s"] > 0 and 0 < nin["fraction_of_matmul_peak"]
     assert 0 <= nin["epoch_loop"]["fraction_outside_steps"] < 1
+    assert nin["steps_per_call"] == 2 and nin["train_step_one_per_call"]["seconds"] > 0
     assert result["machine"]["jax"] and result["matmul_peak_gflops"] > 0
     assert "train step" in capsys.readouterr().out
 

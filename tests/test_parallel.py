@@ -18,7 +18,7 @@ prepared = tuple(json.loads(sys.argv[1]))
 dataset = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
 out = {"devices": jax.device_count()}
 for name, devices in (("one", jax.devices()[:1]), ("all", jax.devices())):
-    c = tiny_config(prepared, batch_size=32, eval_batch_size=30)
+    c = tiny_config(prepared, batch_size=32, eval_batch_size=30, steps_per_call=1)  # a loss per step
     trainer = train.Trainer(c, dataset, devices=devices)
     state = trainer.init_state()
     losses = []

@@ -73,6 +73,44 @@ def test_step_randomness_depends_only_on_seed_and_step(prepared):
     assert not np.array_equal(jax.random.key_data(k1), jax.random.key_data(k3))
 
 
+def test_call_plan_groups_steps_by_their_place_in_the_epoch():
+    assert train.call_plan(0, 10, 4) == [4, 4, 1, 1]
+    assert train.call_plan(4, 10, 4) == [4, 1, 1]  # a resume at a call boundary continues the same grouping
+    assert train.call_plan(5, 10, 4) == [1, 1, 1, 1, 1]
+    assert train.call_plan(2, 12, 4) == [1, 1, 4, 4]
+    assert train.call_plan(0, 5, 1) == [1] * 5
+    assert train.call_plan(7, 7, 4) == []
+
+
+def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepared):
+    dataset = small_dataset(128)  # 8 steps of 16: calls of 3, 3, 1, 1
+
+    def run(steps_per_call, stop_after_first_call=False):
+        c = tiny_config(prepared, batch_size=16, width=0.25, steps_per_call=steps_per_call)
+        trainer = train.Trainer(c, dataset)
+        state, acc = trainer.init_state(), None
+        calls = []
+        if stop_after_first_call:
+            state, acc, finished = trainer.train_epoch(state, 1, should_stop=lambda: True)
+            assert not finished
+            calls.append(int(state.step))
+        state, acc, finished = trainer.train_epoch(state, 1, acc)
+        assert finished and int(state.step) == 8
+        return state, trainer.epoch_summary(acc), calls
+
+    single, (single_loss, single_conf), _ = run(1)
+    grouped, (grouped_loss, grouped_conf), _ = run(3)
+    for a, b in zip(jax.tree_util.tree_leaves(single.params), jax.tree_util.tree_leaves(grouped.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert abs(single_loss - grouped_loss) <= 1e-4 * abs(single_loss)
+    np.testing.assert_array_equal(single_conf, grouped_conf)
+    resumed, (resumed_loss, _), calls = run(3, stop_after_first_call=True)
+    assert calls == [3]  # the stop flag is honoured between calls
+    for a, b in zip(jax.tree_util.tree_leaves(grouped), jax.tree_util.tree_leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert resumed_loss == grouped_loss
+
+
 def test_divergence_stops_with_a_clear_message(prepared, tmp_path):
     c = tiny_config(prepared)
     c.optimizer.learning_rate = 1e30
