@@ -100,7 +100,7 @@ def results_table(results_dir: Path) -> str:
 def bench_table(results_dir: Path) -> str:
     """One row per model of every results/bench-*.json: seconds at its batch, JAX / PyTorch where both ran."""
     lines = ["| benchmark | model | forward | backward | forward+backward | train step | JAX / PyTorch (step) | "
-             "images/s | loop overhead | device |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "steps per call | images/s | loop overhead | device |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(results_dir.glob("bench-*.json")):
         b = json.loads(path.read_text())
         device = device_label(b["machine"])
@@ -114,7 +114,7 @@ def bench_table(results_dir: Path) -> str:
             loop = r["jax"].get("epoch_loop", {}).get("fraction_outside_steps")
             lines.append(f"| `{path.name}` ({b['dtype']}, batch {b['batch']}) | {name} | {cell('forward')} | "
                          f"{cell('backward')} | {cell('forward+backward')} | {cell('train step')} | {ratio} | "
-                         f"{r['jax']['images_per_s']:,.0f} | {'-' if loop is None else f'{100 * loop:.1f} %'} | {device} |")
+                         f"{r['jax'].get('steps_per_call', 1)} | {r['jax']['images_per_s']:,.0f} | {'-' if loop is None else f'{100 * loop:.1f} %'} | {device} |")
     return "\n".join(lines)
 
 
