@@ -128,8 +128,8 @@ def train_steps(state: TrainState, acc: dict, images, labels, epoch_indices, *, 
     """`count` consecutive `train_step`s traced into one program.
 
     XLA:CPU allocates a program's temporaries afresh on every call and the kernel zero-fills
-    them page by page; one call per several steps pays that once for all of them. Unrolled,
-    because XLA:CPU runs a while loop's body without its fast convolution kernels.
+    them page by page; one call per several steps pays that once for all of them. Unrolled:
+    the same steps in a `lax.fori_loop` ran some 50x slower on XLA:CPU (jax 0.10).
     """
     for _ in range(count):
         state, acc = train_step(state, acc, images, labels, epoch_indices, **step_kwargs)
