@@ -129,7 +129,8 @@ def train_steps(state: TrainState, acc: dict, images, labels, epoch_indices, *, 
 
     XLA:CPU allocates a program's temporaries afresh on every call and the kernel zero-fills
     them page by page; one call per several steps pays that once for all of them. Unrolled:
-    the same steps in a `lax.fori_loop` ran some 50x slower on XLA:CPU (jax 0.10).
+    inside a `lax.fori_loop` XLA:CPU (jax 0.10) leaves the convolution gradients to its naive
+    loop emitter instead of Eigen, and the steps ran some 25-50x slower.
     """
     for _ in range(count):
         state, acc = train_step(state, acc, images, labels, epoch_indices, **step_kwargs)
