@@ -98,7 +98,6 @@ def matmul_peak_gflops(dtype: str = "float32", size: int | None = None, runs: in
 def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", conv_impl: str = "auto",
               epoch_steps: int = 8, steps_per_call: int | None = None) -> dict:
     import jax
-    import jax.numpy as jnp
     import optax
 
     from jaxcifar import config as config_lib

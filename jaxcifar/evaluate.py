@@ -63,17 +63,13 @@ def _logits_fn(model):
     return jax.jit(functools.partial(model.apply, train=False), compiler_options=models.compiler_options())
 
 
-def _logits(model, variables, images):
-    return _logits_fn(model)(variables, images)
-
-
 def predict_logits(trained: TrainedModel, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     """Logits for preprocessed float32 images (N, 32, 32, 3), in fixed-size batches (one compile)."""
-    out = []
+    logits, out = _logits_fn(trained.model), []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(_logits(trained.model, trained.variables, padded))[: len(chunk)])
+        out.append(np.asarray(logits(trained.variables, padded))[: len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, trained.config.num_classes), np.float32)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -232,6 +232,12 @@ def _window_views(xr, window: int, stride: int, out_hw):
             yield (ai, bi, aj, bj), xr[:, ai:ai + oh, bi, aj:aj + ow, bj, :]
 
 
+def _reduce_windows(x, window: int, stride: int, fill: float, op):
+    """`op` folded over every window offset of x padded with `fill` (torch's ceil mode)."""
+    xr, out_hw = _phase_layout(x, window, stride, fill)
+    return functools.reduce(op, (v for _, v in _window_views(xr, window, stride, out_hw)))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def max_pool_ceil(x, window: int, stride: int):
     """torch `SpatialMaxPooling(k, k, s, s):ceil()`, no padding (NHWC).
@@ -240,8 +246,7 @@ def max_pool_ceil(x, window: int, stride: int):
     not split among ties as `jnp.max`'s would be; ties are common after a ReLU, and splitting
     them cost VGG's 32x32 pooling 7x the time.
     """
-    xr, out_hw = _phase_layout(x, window, stride, -jnp.inf)
-    return functools.reduce(jnp.maximum, (v for _, v in _window_views(xr, window, stride, out_hw)))
+    return _reduce_windows(x, window, stride, -jnp.inf, jnp.maximum)
 
 
 def _max_pool_fwd(x, window, stride):
@@ -272,10 +277,8 @@ max_pool_ceil.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 def avg_pool_ceil(x, window: int, stride: int):
     """torch `SpatialAveragePooling(k, k, s, s):ceil()`: windows past the edge average their in-image part."""
-    xr, out_hw = _phase_layout(x, window, stride, 0.0)
-    total = functools.reduce(jnp.add, (v for _, v in _window_views(xr, window, stride, out_hw)))
-    ones, _ = _phase_layout(jnp.ones((1, *x.shape[1:3], 1), x.dtype), window, stride, 0.0)
-    count = functools.reduce(jnp.add, (v for _, v in _window_views(ones, window, stride, out_hw)))
+    total = _reduce_windows(x, window, stride, 0.0, jnp.add)
+    count = _reduce_windows(jnp.ones((1, *x.shape[1:3], 1), x.dtype), window, stride, 0.0, jnp.add)
     return total / count
 
 

@@ -197,28 +197,24 @@ class Trainer:
         eval_batch = -(-config.eval_batch_size // len(devices)) * len(devices)  # padding rows are masked out
         indices, valid = data.eval_batches(len(dataset.test_labels), eval_batch)
         self.eval_indices, self.eval_valid = replicate(indices, batch_rows), replicate(valid, batch_rows)
-        options = models.compiler_options()
+        self._compiler_options = models.compiler_options()
         self._train_calls = {}  # steps per call -> compiled program, built on first use
         self._train_step_kwargs = dict(model=self.model, tx=self.tx, flip=config.flip,
                                        label_smoothing=config.label_smoothing, num_classes=config.num_classes,
                                        batch_sharding=NamedSharding(self.mesh, P("data")))
-        self._compiler_options = options
         self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
-                                  out_shardings=(self.replicated, self.replicated), compiler_options=options)
+                                  out_shardings=(self.replicated, self.replicated),
+                                  compiler_options=self._compiler_options)
         self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3), out_shardings=batch_rows)
 
-    def train_call(self, count: int):
-        """The compiled program of `count` train steps: (state, acc, images, labels, order) -> (state, acc)."""
+    def run_steps(self, state: TrainState, acc: dict, order, count: int):
+        """`count` updates in one compiled call (within one epoch, whose batch order is `order`)."""
         if count not in self._train_calls:
             self._train_calls[count] = jax.jit(
                 functools.partial(train_steps, count=count, **self._train_step_kwargs),
                 out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1),
                 compiler_options=self._compiler_options)
-        return self._train_calls[count]
-
-    def run_steps(self, state: TrainState, acc: dict, order, count: int):
-        """`count` updates in one call (within one epoch, whose batch order is `order`)."""
-        return self.train_call(count)(state, acc, self.train_images, self.train_labels, order)
+        return self._train_calls[count](state, acc, self.train_images, self.train_labels, order)
 
     def init_state(self) -> TrainState:
         state = init_train_state(self.config, self.model, self.tx, self.train_images.shape[1:])

@@ -1,4 +1,3 @@
-import gzip
 import os
 import shutil
 import tarfile
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcifar import data, fake_data
+from jaxcifar import data
 
 
 def test_good_archive_verifies(fake_archive):

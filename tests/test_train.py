@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcifar import config as config_lib
 from jaxcifar import data, metrics, preprocess, train
 
 REPO = Path(__file__).resolve().parents[1]
