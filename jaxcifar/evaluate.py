@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -73,8 +74,38 @@ def predict_logits(trained: TrainedModel, images: np.ndarray, batch_size: int = 
     return np.concatenate(out) if out else np.zeros((0, trained.config.num_classes), np.float32)
 
 
+def recompute_batch_stats(model, variables: dict, images: np.ndarray, num_batches: int, batch_size: int,
+                          seed: int = 0) -> dict:
+    """BatchNorm statistics re-estimated from `num_batches` training batches in train mode with dropout off.
+
+    Each layer gets the plain average of the batches' means and unbiased variances (PyTorch's
+    `momentum=None`), not a moving average; the images are a seeded random draw without flips.
+    Not the seed's protocol (train.lua evaluates with the running statistics of training).
+    """
+    if num_batches * batch_size > len(images):
+        raise ValueError(f"--recompute-bn-stats {num_batches} needs {num_batches * batch_size:,} images of batch "
+                         f"{batch_size}, the split has {len(images):,}; use at most {len(images) // batch_size}")
+    no_dropout = model.clone(dropout=False)
+    momentum = models.TorchBatchNorm.momentum
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+
+    @functools.partial(jax.jit, compiler_options=models.compiler_options())
+    def batch_stats_of(params, x):
+        # Starting from zeros, one update leaves momentum x (batch mean, unbiased variance).
+        _, updates = no_dropout.apply({"params": params, "batch_stats": zeros}, x, train=True, mutable=["batch_stats"])
+        return jax.tree_util.tree_map(lambda s: s / momentum, updates["batch_stats"])
+
+    order = np.random.default_rng(seed).permutation(len(images))[: num_batches * batch_size]
+    total = None
+    for rows in order.reshape(num_batches, batch_size):
+        stats = batch_stats_of(variables["params"], images[np.sort(rows)])
+        total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+    return {"params": variables["params"],
+            "batch_stats": jax.tree_util.tree_map(lambda s: s / num_batches, total)}
+
+
 def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = None,
-             cache_dir: str | None = None) -> dict:
+             cache_dir: str | None = None, recompute_bn_batches: int = 0) -> dict:
     cfg = trained.config
     dataset = data.load_preprocessed(data_dir or cfg.data.data_dir or None, cache_dir or cfg.data.cache_dir or None,
                                      cfg.data.preprocess, log=lambda m: print(m, file=sys.stderr))
@@ -83,12 +114,15 @@ def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = 
               "using the dataset's cache", file=sys.stderr)
     images = dataset.test_images if split == "test" else dataset.train_images
     labels = dataset.test_labels if split == "test" else dataset.train_labels
+    if recompute_bn_batches:
+        trained = trained._replace(variables=recompute_batch_stats(
+            trained.model, trained.variables, dataset.train_images, recompute_bn_batches, cfg.batch_size))
     logits = predict_logits(trained, images, cfg.eval_batch_size)
     confusion = np.zeros((cfg.num_classes,) * 2, np.int64)
     np.add.at(confusion, (labels, logits.argmax(-1)), 1)
     summary = metrics.summarize(confusion)
     return {"workdir": None, "step": trained.step, "epoch": trained.meta["epoch"], "split": split,
-            "images": int(len(labels)), "accuracy": summary["accuracy"],
+            "images": int(len(labels)), "recomputed_bn_batches": recompute_bn_batches, "accuracy": summary["accuracy"],
             "average_row_correct": summary["average_row_correct"],
             "average_rowucol_correct": summary["average_rowucol_correct"], "confusion": confusion.tolist()}
 
@@ -100,16 +134,24 @@ def main(argv=None) -> int:
     which.add_argument("--step", type=int, help="evaluate this saved step (default: the latest)")
     which.add_argument("--best", action="store_true", help="evaluate the best checkpoint by test accuracy")
     p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--recompute-bn-stats", type=int, default=0, metavar="N",
+                   help="re-estimate BatchNorm statistics from N training batches with dropout off before evaluating "
+                        "(a diagnostic, not the seed's protocol, which uses the running statistics of training)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--data-dir", help="tfds data dir (default: the run's, else $TFDS_DATA_DIR)")
     p.add_argument("--cache-dir", help="preprocessed cache dir (default: the run's)")
     args = p.parse_args(argv)
     try:
         trained = load_trained(args.workdir, args.step, args.best)
-        result = evaluate(trained, args.split, args.data_dir, args.cache_dir)
+        if args.recompute_bn_stats < 0:
+            raise ValueError(f"--recompute-bn-stats {args.recompute_bn_stats} must be >= 0")
+        result = evaluate(trained, args.split, args.data_dir, args.cache_dir, args.recompute_bn_stats)
         result["workdir"] = str(args.workdir)
         print(f"{args.workdir}: step {result['step']} (epoch {result['epoch']}), {args.split} split, "
               f"{result['images']:,} images")
+        if args.recompute_bn_stats:
+            print(f"BatchNorm statistics re-estimated from {args.recompute_bn_stats} training batches without "
+                  "dropout (not the seed's protocol: training's running statistics are replaced)")
         print(f"accuracy: {result['accuracy']:.2f} %")
         print(metrics.format_confusion(np.asarray(result["confusion"]), data.CLASS_NAMES))
         if args.json:

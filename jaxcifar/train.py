@@ -207,6 +207,10 @@ class Trainer:
                                   compiler_options=self._compiler_options)
         self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3), out_shardings=batch_rows)
 
+    def epoch_order(self, rng, epoch: int):
+        """The (steps, batch) example indices of `epoch` (1-based) for the run key `rng`, on the devices."""
+        return self._epoch_order(rng, epoch, self.num_train, self.config.batch_size)
+
     def run_steps(self, state: TrainState, acc: dict, order, count: int):
         """`count` updates in one compiled call (within one epoch, whose batch order is `order`)."""
         if count not in self._train_calls:
@@ -231,7 +235,7 @@ class Trainer:
         Returns (state, acc, finished); `finished` is False when `should_stop()` cut the epoch short.
         """
         c = self.config
-        order = self._epoch_order(state.rng, epoch, self.num_train, c.batch_size)
+        order = self.epoch_order(state.rng, epoch)
         acc = self.place(zero_train_metrics(c.num_classes)) if acc is None else acc
         done = int(state.step) - (epoch - 1) * self.steps_per_epoch
         for count in call_plan(done, self.steps_per_epoch, c.steps_per_call):

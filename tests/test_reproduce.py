@@ -29,6 +29,15 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     text = readme.read_text()
     mean = result["final_test_accuracy"] + 1.0
     assert f"| `tiny` | - | {mean:.2f} ± 1.41 % | 2 | 2 |" in text
+    assert "Complete runs: `tiny`. Partial runs (stopped early" in text and "have not been measured here" in text
+    partial = dict(result, config_name="vgg", epochs_completed=2, epochs_configured=300, partial=True)
+    reproduce.write_result(partial, results)
+    reproduce.update_readme(results, readme)
+    assert "| `vgg` | 92.45 % |" in readme.read_text() and "2 of 300 (partial)" in readme.read_text()
+    assert "`vgg` (2 of 300 epochs)" in readme.read_text() and "have not been measured here" in readme.read_text()
+    reproduce.write_result(dict(partial, epochs_completed=300, partial=False), results)
+    reproduce.update_readme(results, readme)
+    assert "have not been measured here" not in readme.read_text()  # a complete vgg run answers the claim
     assert "stale" not in text and text.startswith("intro") and text.endswith("outro\n")
 
 

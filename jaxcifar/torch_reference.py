@@ -1,0 +1,185 @@
+"""An independent PyTorch port of cifar.torch's recipe: the yardstick for jaxcifar's numerics.
+
+It shares with the JAX side only the preprocessed arrays and the config's hyper-parameters;
+everything random is its own (torch7 initialization drawn with torch's generator, the epoch's
+order from `randperm`, BatchFlip's half, dropout masks), and so is every kernel. Optional:
+`pip install torch`.
+
+Recipe, as train.lua and torch7 run it: VGG-BN-Drop or NIN (BatchNorm eps 1e-3 after
+convolutions, 1e-5 in the classifier, momentum 0.1, running variance unbiased), MSR-normal
+convolution weights, zero conv biases, `nn.Linear`'s U(+-1/sqrt(fan_in)) for weight and bias,
+BatchNorm weight U(0, 1); torch7 `optim.sgd` (weight decay on every parameter, the first
+gradient copied into the momentum buffer, dampening = momentum unless set), the rate at every
+step from jaxcifar.optim's schedule; label smoothing as the config says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as tnn
+
+from jaxcifar import models, optim
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, int(round(channels * width)))
+
+
+def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm: bool = True,
+                dropout: bool = True) -> tnn.Sequential:
+    """cifar.torch's models/vgg_bn_drop.lua or models/nin.lua (NCHW), torch7-initialized."""
+    def block(cin, cout, k, pad, std):
+        conv = tnn.Conv2d(cin, cout, k, 1, pad)
+        tnn.init.normal_(conv.weight, 0.0, std)
+        tnn.init.zeros_(conv.bias)
+        layers = [conv]
+        if batch_norm:
+            layers.append(_bn(tnn.BatchNorm2d(cout, eps=1e-3)))
+        return layers + [tnn.ReLU()]
+
+    layers, cin = [], 3
+    if name == "vgg_bn_drop":
+        for layer in models.VGG_LAYOUT:
+            if layer == "M":
+                layers.append(tnn.MaxPool2d(2, 2, ceil_mode=True))
+                continue
+            channels, rate = layer
+            cout = _scaled(channels, width)
+            layers += block(cin, cout, 3, 1, math.sqrt(2.0 / (9 * cout)))
+            if rate and dropout:
+                layers.append(tnn.Dropout(rate))
+            cin = cout
+        hidden = _scaled(512, width)
+        drop = (lambda: [tnn.Dropout(0.5)]) if dropout else (lambda: [])
+        layers += [tnn.Flatten(), *drop(), _linear(cin, hidden)]
+        if batch_norm:
+            layers.append(_bn(tnn.BatchNorm1d(hidden, eps=1e-5)))
+        layers += [tnn.ReLU(), *drop(), _linear(hidden, num_classes)]
+    elif name == "nin":
+        for layer in models.NIN_LAYOUT:
+            if layer in ("max", "avg"):
+                pool = tnn.MaxPool2d if layer == "max" else tnn.AvgPool2d
+                layers.append(pool(3, 2, ceil_mode=True))
+                if dropout:
+                    layers.append(tnn.Dropout(0.5))
+                continue
+            channels, k, pad = layer
+            cout = num_classes if channels is None else _scaled(channels, width)
+            layers += block(cin, cout, k, pad, 0.05)
+            cin = cout
+        layers += [tnn.AvgPool2d(8, 1, ceil_mode=True), tnn.Flatten()]
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(models.MODEL_NAMES)}")
+    return tnn.Sequential(*layers)
+
+
+def _bn(bn):
+    tnn.init.uniform_(bn.weight, 0.0, 1.0)
+    tnn.init.zeros_(bn.bias)
+    return bn
+
+
+def _linear(fan_in: int, out: int) -> tnn.Linear:
+    lin = tnn.Linear(fan_in, out)
+    bound = 1.0 / math.sqrt(fan_in)
+    tnn.init.uniform_(lin.weight, -bound, bound)
+    tnn.init.uniform_(lin.bias, -bound, bound)
+    return lin
+
+
+def learning_rates(config, steps_per_epoch: int) -> np.ndarray:
+    """The rate of every update of the run, from the same schedule function the JAX side uses."""
+    o = config.optimizer
+    fn = optim.learning_rate_fn(o.learning_rate, o.learning_rate_decay, schedule=o.schedule,
+                                epoch_step=o.epoch_step, steps_per_epoch=steps_per_epoch,
+                                total_steps=steps_per_epoch * config.num_epochs)
+    return np.asarray(fn(np.arange(steps_per_epoch * config.num_epochs)), np.float64)
+
+
+class Run:
+    """One training run of `config` in PyTorch on preprocessed NHWC float32 arrays."""
+
+    def __init__(self, config, train_images: np.ndarray, train_labels: np.ndarray, seed: int,
+                 flip: str | None = None):
+        torch.manual_seed(seed)
+        self.config = config
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.model = build_model(config.model, config.width, config.num_classes, config.batch_norm, config.dropout)
+        o = config.optimizer
+        damp = o.momentum if (o.dampening is None or o.dampening < 0) else o.dampening
+        # torch.optim.SGD is torch7's optim.sgd: decay added to the gradient, the first gradient copied.
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=o.momentum, dampening=damp,
+                                   weight_decay=o.weight_decay)
+        self.loss_fn = tnn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.images = torch.from_numpy(np.ascontiguousarray(train_images.transpose(0, 3, 1, 2)))
+        self.labels = torch.from_numpy(train_labels.astype(np.int64))
+        self.flip = flip or config.flip
+        self.steps_per_epoch = len(train_labels) // config.batch_size
+        self.lr = learning_rates(config, self.steps_per_epoch)
+        self.step = 0
+
+    def _flip_mask(self, batch: int) -> torch.Tensor:
+        if self.flip == "batchflip":  # train.lua's BatchFlip: randperm(bs):le(bs/2) ... exactly half
+            return torch.randperm(batch, generator=self.generator) < batch // 2
+        if self.flip == "independent":
+            return torch.rand(batch, generator=self.generator) < 0.5
+        return torch.zeros(batch, dtype=torch.bool)
+
+    def train_epoch(self) -> dict:
+        """One epoch in train mode; (mean loss, accuracy %) of the training forwards, as train.lua reports."""
+        self.model.train()
+        b = self.config.batch_size
+        order = torch.randperm(len(self.labels), generator=self.generator)[: self.steps_per_epoch * b]
+        loss_sum, correct = 0.0, 0
+        for idx in order.view(self.steps_per_epoch, b):
+            x, y = self.images[idx], self.labels[idx]
+            mask = self._flip_mask(b)
+            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+            for group in self.opt.param_groups:
+                group["lr"] = float(self.lr[self.step])
+            self.opt.zero_grad(set_to_none=True)
+            logits = self.model(x)
+            loss = self.loss_fn(logits, y)
+            loss.backward()
+            self.opt.step()
+            self.step += 1
+            loss_sum += loss.item()
+            correct += int((logits.argmax(1) == y).sum())
+        return {"loss": loss_sum / self.steps_per_epoch, "accuracy": 100.0 * correct / (self.steps_per_epoch * b)}
+
+    @torch.no_grad()
+    def accuracy(self, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
+        """Eval-mode (running BatchNorm statistics, no dropout) accuracy in %."""
+        self.model.eval()
+        correct = 0
+        for s in range(0, len(labels), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch].transpose(0, 3, 1, 2)))
+            correct += int((self.model(x).argmax(1).numpy() == labels[s:s + batch]).sum())
+        return 100.0 * correct / len(labels)
+
+    @torch.no_grad()
+    def recompute_bn_accuracy(self, images: np.ndarray, labels: np.ndarray, num_batches: int, seed: int = 0) -> float:
+        """Eval accuracy with BatchNorm statistics re-estimated from `num_batches` training batches, dropout off.
+
+        The model's own statistics are restored afterwards.
+        """
+        bns = [m for m in self.model.modules() if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
+        saved = [(m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in bns]
+        b = self.config.batch_size
+        idx = torch.randperm(len(self.labels), generator=torch.Generator().manual_seed(seed))[: num_batches * b]
+        self.model.eval()
+        for m in bns:  # cumulative average of the batches' statistics
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for chunk in idx.view(num_batches, b):
+            self.model(self.images[chunk])
+        acc = self.accuracy(images, labels)
+        for m, (mean, var, momentum) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.momentum = momentum
+        return acc

@@ -1,0 +1,203 @@
+"""One training run of a recipe on real CIFAR-10, in JAX (jaxcifar's trainer) or in the PyTorch port, with the
+per-epoch numbers that compare them: train-mode loss and accuracy, eval-mode accuracy on the test set and on
+training images, their gap, and (at chosen epochs) eval accuracy with BatchNorm statistics re-estimated
+without dropout.
+
+    python scripts/fidelity.py --side jax --seed 0 --out results/fidelity/jax-s0.json
+    python scripts/fidelity.py --side torch --seed 0 --out results/fidelity/torch-s0.json
+    python scripts/fidelity.py --side jax --seed 0 --set conv_impl=xla --out ...   # one change, for bisection
+    python scripts/fidelity.py --table results/fidelity/*.json
+
+Defaults: configs/vgg_fast.py at width 0.25 over 10 epochs (its one-cycle schedule stretched to 10), one
+thread. The JSON is rewritten after every epoch, so a cut-short run keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def load_config(path: str, width: float, epochs: int, seed: int, overrides: list[str]):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    c.width, c.num_epochs, c.seed = width, epochs, seed
+    for item in overrides:
+        key, _, value = item.partition("=")
+        target = c
+        *path_, last = key.split(".")
+        for p in path_:
+            target = target[p]
+        if last not in target:
+            raise SystemExit(f"error: --set {item}: the config has no field {key!r}")
+        target[last] = _parse_value(value)
+    return c
+
+
+def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, record):
+    import jax
+    import numpy as np
+
+    from jaxcifar import evaluate, train
+
+    trainer = train.Trainer(config, dataset)
+    state = trainer.init_state()
+    logits_fn = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False),
+                        compiler_options=trainer._compiler_options)
+
+    def accuracy(variables, images, labels, batch=500):
+        correct = 0
+        for s in range(0, len(labels), batch):
+            correct += int((np.asarray(logits_fn(variables, images[s:s + batch])).argmax(-1)
+                            == labels[s:s + batch]).sum())
+        return 100.0 * correct / len(labels)
+
+    for epoch in range(1, config.num_epochs + 1):
+        t0 = time.time()
+        state, acc, _ = trainer.train_epoch(state, epoch)
+        loss, conf = trainer.epoch_summary(acc)
+        train_time = time.time() - t0
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        row = {"epoch": epoch, "train_loss": loss, "train_accuracy": 100.0 * np.trace(conf) / conf.sum(),
+               "test_accuracy": accuracy(variables, dataset.test_images, dataset.test_labels),
+               "train_images_eval_accuracy": accuracy(variables, *train_eval), "train_time_s": train_time}
+        if epoch in recompute_at:
+            fresh = evaluate.recompute_batch_stats(trainer.model, variables, dataset.train_images, recompute_batches,
+                                                   config.batch_size)
+            row["test_accuracy_recomputed_bn"] = accuracy(fresh, dataset.test_images, dataset.test_labels)
+        record(row)
+
+
+def run_torch(config, dataset, train_eval, recompute_at, recompute_batches, record):
+    from jaxcifar import torch_reference
+
+    run = torch_reference.Run(config, dataset.train_images, dataset.train_labels, config.seed)
+    for epoch in range(1, config.num_epochs + 1):
+        t0 = time.time()
+        stats = run.train_epoch()
+        train_time = time.time() - t0
+        row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
+               "test_accuracy": run.accuracy(dataset.test_images, dataset.test_labels),
+               "train_images_eval_accuracy": run.accuracy(*train_eval), "train_time_s": train_time}
+        if epoch in recompute_at:
+            row["test_accuracy_recomputed_bn"] = run.recompute_bn_accuracy(
+                dataset.test_images, dataset.test_labels, recompute_batches)
+        record(row)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def table(paths: list[str]) -> str:
+    """A markdown table of the final epochs, a row per run, and mean per side and variant."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    lines = ["| side | variant | seed | epochs | train loss | train acc (train mode) | eval acc, train images | "
+             "test acc | gap train-mode - test | test acc, BN re-estimated |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in sorted(runs, key=lambda r: (r["side"], r["variant"], r["seed"])):
+        last = r["epochs"][-1]
+        gap = last["train_accuracy"] - last["test_accuracy"]
+        groups.setdefault((r["side"], r["variant"]), []).append((last, gap))
+        fresh = last.get("test_accuracy_recomputed_bn")
+        lines.append(f"| {r['side']} | {r['variant']} | {r['seed']} | {last['epoch']} | {last['train_loss']:.4f} | "
+                     f"{last['train_accuracy']:.2f} | {last['train_images_eval_accuracy']:.2f} | "
+                     f"{last['test_accuracy']:.2f} | {gap:+.2f} | {'' if fresh is None else f'{fresh:.2f}'} |")
+    for (side, variant), rows in groups.items():
+        def mean(key):
+            return statistics.mean(r[0][key] for r in rows)
+        lines.append(f"| **{side}** | **{variant}** | mean of {len(rows)} | | {mean('train_loss'):.4f} | "
+                     f"{mean('train_accuracy'):.2f} | {mean('train_images_eval_accuracy'):.2f} | "
+                     f"{mean('test_accuracy'):.2f} | {statistics.mean(g for _, g in rows):+.2f} | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--side", choices=("jax", "torch"))
+    p.add_argument("--config", default=str(REPO / "configs/vgg_fast.py"))
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (repeatable)")
+    p.add_argument("--variant", default="", help="label of this run's change (default: the --set items)")
+    p.add_argument("--train-eval-images", type=int, default=10_000, help="training images evaluated in eval mode")
+    p.add_argument("--recompute-bn-batches", type=int, default=100)
+    p.add_argument("--recompute-at", default="last", help="epochs with BN re-estimation: 'last', 'all' or 1,5,10")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--archive", help="cifar-10-binary.tar.gz, if tfds has not prepared cifar10 yet")
+    p.add_argument("--out")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print the comparison table of these results")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return 0
+    if not (args.side and args.out):
+        p.error("--side and --out are required to run")
+
+    if args.side == "jax" and args.threads == 1:  # must precede JAX's start
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    from jaxcifar import train
+
+    config = load_config(args.config, args.width, args.epochs, args.seed, args.set)
+    if args.side == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads)
+    dataset = train.load_dataset(config, log=lambda m: print(m, file=sys.stderr))
+    n = args.train_eval_images
+    train_eval = (dataset.train_images[:n], dataset.train_labels[:n])
+    recompute_at = (set(range(1, args.epochs + 1)) if args.recompute_at == "all" else {args.epochs}
+                    if args.recompute_at == "last" else {int(e) for e in args.recompute_at.split(",")})
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"side": args.side, "variant": args.variant or ",".join(args.set) or "recipe", "seed": args.seed,
+              "config_file": os.path.relpath(args.config, REPO), "overrides": args.set, "width": args.width,
+              "num_epochs": args.epochs, "threads": args.threads, "commit": _commit(),
+              "cpu": platform.processor() or platform.machine(), "train_eval_images": n,
+              "recompute_bn_batches": args.recompute_bn_batches, "config": config.to_dict(), "epochs": []}
+
+    def record(row):
+        result["epochs"].append(row)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, out)
+        extra = f" recomputed-BN test {row['test_accuracy_recomputed_bn']:.2f}" if "test_accuracy_recomputed_bn" in row else ""
+        print(f"[{args.side} s{args.seed} {result['variant']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
+              f"acc {row['train_accuracy']:.2f} | eval train-images {row['train_images_eval_accuracy']:.2f} "
+              f"test {row['test_accuracy']:.2f}{extra} ({row['train_time_s']:.0f} s)", flush=True)
+
+    (run_jax if args.side == "jax" else run_torch)(config, dataset, train_eval, recompute_at,
+                                                   args.recompute_bn_batches, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
