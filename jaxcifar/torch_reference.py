@@ -103,8 +103,11 @@ class Run:
     """One training run of `config` in PyTorch on preprocessed NHWC float32 arrays."""
 
     def __init__(self, config, train_images: np.ndarray, train_labels: np.ndarray, seed: int,
-                 flip: str | None = None):
+                 flip: str | None = None, stream=None):
+        """`stream`, for bisection: an object with `order(epoch)` -> (steps, batch) indices and `flips(step)` ->
+        (batch,) bools, replacing this port's own data order and BatchFlip draws (dropout stays its own)."""
         torch.manual_seed(seed)
+        self.stream = stream
         self.config = config
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.model = build_model(config.model, config.width, config.num_classes, config.batch_norm, config.dropout)
@@ -132,11 +135,15 @@ class Run:
         """One epoch in train mode; (mean loss, accuracy %) of the training forwards, as train.lua reports."""
         self.model.train()
         b = self.config.batch_size
-        order = torch.randperm(len(self.labels), generator=self.generator)[: self.steps_per_epoch * b]
+        if self.stream is None:
+            order = torch.randperm(len(self.labels), generator=self.generator)[: self.steps_per_epoch * b]
+            order = order.view(self.steps_per_epoch, b)
+        else:
+            order = torch.from_numpy(np.asarray(self.stream.order(self.step // self.steps_per_epoch + 1), np.int64))
         loss_sum, correct = 0.0, 0
-        for idx in order.view(self.steps_per_epoch, b):
+        for idx in order:
             x, y = self.images[idx], self.labels[idx]
-            mask = self._flip_mask(b)
+            mask = self._flip_mask(b) if self.stream is None else torch.from_numpy(np.asarray(self.stream.flips(self.step)))
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
             for group in self.opt.param_groups:
                 group["lr"] = float(self.lr[self.step])
@@ -149,6 +156,9 @@ class Run:
             loss_sum += loss.item()
             correct += int((logits.argmax(1) == y).sum())
         return {"loss": loss_sum / self.steps_per_epoch, "accuracy": 100.0 * correct / (self.steps_per_epoch * b)}
+
+    def load_flax(self, params: dict, batch_stats: dict) -> None:
+        load_flax(self.model, params, batch_stats)
 
     @torch.no_grad()
     def accuracy(self, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
@@ -183,3 +193,42 @@ class Run:
             m.running_var.copy_(var)
             m.momentum = momentum
         return acc
+
+
+
+@torch.no_grad()
+def load_flax(model: tnn.Sequential, params: dict, batch_stats: dict) -> None:
+    """Copies a jaxcifar model's variables (same architecture and width) into this one."""
+    layers = [m for m in model.modules()
+              if isinstance(m, (tnn.Conv2d, tnn.Linear, tnn.modules.batchnorm._BatchNorm))]
+    flax_layers = flax_layer_order(params, batch_stats)
+    if len(flax_layers) != len(layers):
+        raise ValueError(f"{len(flax_layers)} flax layers for {len(layers)} torch layers: not the same model")
+    for (p, st), layer in zip(flax_layers, layers):
+        if isinstance(layer, tnn.modules.batchnorm._BatchNorm):
+            layer.weight.copy_(torch.from_numpy(np.asarray(p["scale"])))
+            layer.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
+            layer.running_mean.copy_(torch.from_numpy(np.asarray(st["mean"])))
+            layer.running_var.copy_(torch.from_numpy(np.asarray(st["var"])))
+        else:
+            kernel = np.asarray(p["kernel"])  # HWIO -> OIHW; (in, out) -> (out, in)
+            w = kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
+            layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
+            layer.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
+
+
+def flax_layer_order(params: dict, batch_stats: dict) -> list[tuple[dict, dict]]:
+    """(params, batch_stats) of each weighted flax layer in forward order (jax sorts dict keys by name)."""
+    def index(name):
+        return int(name.rpartition("_")[2])
+
+    out = []
+    for block in sorted((k for k in params if k.startswith("ConvBNReLU_")), key=index):
+        out.append((params[block]["Conv_0"], {}))
+        if "TorchBatchNorm_0" in params[block]:
+            out.append((params[block]["TorchBatchNorm_0"], batch_stats[block]["TorchBatchNorm_0"]))
+    # the classifier: Dense_0, TorchBatchNorm_0, Dense_1 (a Dense precedes the BatchNorm of the same index)
+    head = sorted((k for k in params if not k.startswith("ConvBNReLU_")),
+                  key=lambda k: (index(k), not k.startswith("Dense_")))
+    out += [(params[k], batch_stats.get(k, {})) for k in head]
+    return out

@@ -92,7 +92,11 @@ def stream_key(rng, stream: int):
 
 def step_keys(state: TrainState):
     """(flip key, dropout key) of the update about to be applied: a function of (seed, step) only."""
-    return jax.random.split(jax.random.fold_in(stream_key(state.rng, STEP_STREAM), state.step))
+    return step_keys_at(state.rng, state.step)
+
+
+def step_keys_at(rng, step):
+    return jax.random.split(jax.random.fold_in(stream_key(rng, STEP_STREAM), step))
 
 
 def epoch_order(rng, epoch, num_examples: int, batch_size: int):

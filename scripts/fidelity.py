@@ -90,10 +90,45 @@ def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, record
         record(row)
 
 
-def run_torch(config, dataset, train_eval, recompute_at, recompute_batches, record):
+class JaxStream:
+    """jaxcifar's data order, flips and initialization for `config.seed`, for the PyTorch side to replay."""
+
+    def __init__(self, config, num_examples: int):
+        import jax
+
+        from jaxcifar import data, train
+
+        self.config, self.n = config, num_examples
+        self.rng = jax.random.key_data(jax.random.key(config.seed))
+        self._order = jax.jit(train.epoch_order, static_argnums=(2, 3))
+        self._flips = jax.jit(lambda rng, step: data.flip_mask(train.step_keys_at(rng, step)[0], config.batch_size,
+                                                               config.flip))
+
+    def order(self, epoch):
+        import numpy as np
+
+        return np.asarray(self._order(self.rng, epoch, self.n, self.config.batch_size))
+
+    def flips(self, step):
+        import numpy as np
+
+        return np.asarray(self._flips(self.rng, step))
+
+    def initial_variables(self):
+        from jaxcifar import train
+
+        model = train.build_model(self.config)
+        state = train.init_train_state(self.config, model, train.build_optimizer(self.config, 1), (32, 32, 3))
+        return state.params, state.batch_stats
+
+
+def run_torch(config, dataset, train_eval, recompute_at, recompute_batches, record, same_stream=False):
     from jaxcifar import torch_reference
 
-    run = torch_reference.Run(config, dataset.train_images, dataset.train_labels, config.seed)
+    stream = JaxStream(config, len(dataset.train_labels)) if same_stream else None
+    run = torch_reference.Run(config, dataset.train_images, dataset.train_labels, config.seed, stream=stream)
+    if stream is not None:
+        run.load_flax(*stream.initial_variables())
     for epoch in range(1, config.num_epochs + 1):
         t0 = time.time()
         stats = run.train_epoch()
@@ -150,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-eval-images", type=int, default=10_000, help="training images evaluated in eval mode")
     p.add_argument("--recompute-bn-batches", type=int, default=100)
     p.add_argument("--recompute-at", default="last", help="epochs with BN re-estimation: 'last', 'all' or 1,5,10")
+    p.add_argument("--same-stream", action="store_true",
+                   help="torch side: replay jaxcifar's initialization, data order and flips for this seed "
+                        "(dropout masks and kernels stay PyTorch's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--archive", help="cifar-10-binary.tar.gz, if tfds has not prepared cifar10 yet")
     p.add_argument("--out")
@@ -178,7 +216,8 @@ def main(argv=None) -> int:
                     if args.recompute_at == "last" else {int(e) for e in args.recompute_at.split(",")})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"side": args.side, "variant": args.variant or ",".join(args.set) or "recipe", "seed": args.seed,
+    variant = args.variant or ",".join(args.set + (["same-stream"] if args.same_stream else [])) or "recipe"
+    result = {"side": args.side, "variant": variant, "seed": args.seed,
               "config_file": os.path.relpath(args.config, REPO), "overrides": args.set, "width": args.width,
               "num_epochs": args.epochs, "threads": args.threads, "commit": _commit(),
               "cpu": platform.processor() or platform.machine(), "train_eval_images": n,
@@ -194,8 +233,10 @@ def main(argv=None) -> int:
               f"acc {row['train_accuracy']:.2f} | eval train-images {row['train_images_eval_accuracy']:.2f} "
               f"test {row['test_accuracy']:.2f}{extra} ({row['train_time_s']:.0f} s)", flush=True)
 
-    (run_jax if args.side == "jax" else run_torch)(config, dataset, train_eval, recompute_at,
-                                                   args.recompute_bn_batches, record)
+    if args.side == "jax":
+        run_jax(config, dataset, train_eval, recompute_at, args.recompute_bn_batches, record)
+    else:
+        run_torch(config, dataset, train_eval, recompute_at, args.recompute_bn_batches, record, args.same_stream)
     return 0
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 
 from test_train import REPO
 
@@ -47,19 +48,22 @@ def test_four_devices_follow_the_one_device_trajectory(prepared):
     assert out["devices"] == 4
     one, four = out["one"], out["all"]
     assert len(one["losses"]) == 12
-    for a, b in zip(one["losses"], four["losses"]):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (one["losses"], four["losses"])
+    # One device and four compute the same function (BatchNorm over the global batch), compiled differently.
+    # Measured (Xeon Sapphire Rapids, native ISA and --xla_cpu_max_isa=AVX2): the first 5 losses identical,
+    # then rounding grows to 2.1e-6 relative by step 12. BatchNorm over each device's quarter batch instead
+    # moves step 1's loss by ~4e-2, far outside 1e-5. Later steps may drift further on other CPUs (a near-tie
+    # in a max-pool window or a ReLU routes a gradient elsewhere): bounded at 1e-3.
+    rel = [abs(a - b) / max(1.0, abs(a)) for a, b in zip(one["losses"], four["losses"])]
+    assert max(rel[:3]) <= 1e-5 and max(rel) <= 1e-3, rel
     # XLA:CPU's (Eigen) convolution blocks its sums by the per-device batch, so the evaluation of this barely
-    # trained net (test loss ~8) agrees in its predictions and to ~1e-4 relative in its loss.
-    assert one["confusion"] == four["confusion"]
+    # trained net (test loss ~8) agrees to ~1e-4 relative in its loss; a near-tie may move one prediction.
+    assert np.abs(np.asarray(one["confusion"]) - np.asarray(four["confusion"])).sum() <= 2
     assert abs(one["test_loss"] - four["test_loss"]) <= 1e-3 * max(1.0, abs(one["test_loss"]))
     assert sum(map(sum, four["confusion"])) == 50
     assert "batch_size=30 is not divisible by the 4 devices" in out["error"]
 
 
 def test_bfloat16_trains_and_agrees_with_float32(prepared):
-    import numpy as np
-
     from jaxcifar import data, train
     from test_train import tiny_config
 
