@@ -186,47 +186,14 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
 # PyTorch (optional extra)
 
 
-def torch_model(name: str):
-    import torch.nn as tnn
-
-    if name == "vgg_bn_drop":
-        from jaxcifar.models import VGG_LAYOUT
-
-        layers, cin = [], 3
-        for layer in VGG_LAYOUT:
-            if layer == "M":
-                layers.append(tnn.MaxPool2d(2, 2, ceil_mode=True))
-                continue
-            cout, rate = layer
-            layers += [tnn.Conv2d(cin, cout, 3, 1, 1), tnn.BatchNorm2d(cout, eps=1e-3), tnn.ReLU(True)]
-            if rate:
-                layers.append(tnn.Dropout(rate))
-            cin = cout
-        layers += [tnn.Flatten(), tnn.Dropout(0.5), tnn.Linear(512, 512), tnn.BatchNorm1d(512), tnn.ReLU(True),
-                   tnn.Dropout(0.5), tnn.Linear(512, 10)]
-        return tnn.Sequential(*layers)
-    from jaxcifar.models import NIN_LAYOUT
-
-    layers, cin = [], 3
-    for layer in NIN_LAYOUT:
-        if layer in ("max", "avg"):
-            pool = tnn.MaxPool2d if layer == "max" else tnn.AvgPool2d
-            layers += [pool(3, 2, ceil_mode=True), tnn.Dropout(0.5)]
-            continue
-        cout, k, pad = layer
-        cout = cout or 10
-        layers += [tnn.Conv2d(cin, cout, k, 1, pad), tnn.BatchNorm2d(cout, eps=1e-3), tnn.ReLU(True)]
-        cin = cout
-    layers += [tnn.AvgPool2d(8, 1, ceil_mode=True), tnn.Flatten()]
-    return tnn.Sequential(*layers)
-
-
 def bench_torch(model_name: str, batch: int, runs: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = torch_model(model_name).to(memory_format=torch.channels_last)
+    from jaxcifar import torch_reference
+
+    model = torch_reference.build_model(model_name).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.9, weight_decay=5e-4)
     x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,))

@@ -38,7 +38,7 @@ def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm
         layers = [conv]
         if batch_norm:
             layers.append(_bn(tnn.BatchNorm2d(cout, eps=1e-3)))
-        return layers + [tnn.ReLU()]
+        return layers + [tnn.ReLU(inplace=True)]
 
     layers, cin = [], 3
     if name == "vgg_bn_drop":
@@ -57,7 +57,7 @@ def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm
         layers += [tnn.Flatten(), *drop(), _linear(cin, hidden)]
         if batch_norm:
             layers.append(_bn(tnn.BatchNorm1d(hidden, eps=1e-5)))
-        layers += [tnn.ReLU(), *drop(), _linear(hidden, num_classes)]
+        layers += [tnn.ReLU(inplace=True), *drop(), _linear(hidden, num_classes)]
     elif name == "nin":
         for layer in models.NIN_LAYOUT:
             if layer in ("max", "avg"):
@@ -139,11 +139,11 @@ class Run:
             order = torch.randperm(len(self.labels), generator=self.generator)[: self.steps_per_epoch * b]
             order = order.view(self.steps_per_epoch, b)
         else:
-            order = torch.from_numpy(np.asarray(self.stream.order(self.step // self.steps_per_epoch + 1), np.int64))
+            order = torch.tensor(np.asarray(self.stream.order(self.step // self.steps_per_epoch + 1), np.int64))
         loss_sum, correct = 0.0, 0
         for idx in order:
             x, y = self.images[idx], self.labels[idx]
-            mask = self._flip_mask(b) if self.stream is None else torch.from_numpy(np.asarray(self.stream.flips(self.step)))
+            mask = self._flip_mask(b) if self.stream is None else torch.tensor(np.asarray(self.stream.flips(self.step)))
             x = torch.where(mask[:, None, None, None], x.flip(3), x)
             for group in self.opt.param_groups:
                 group["lr"] = float(self.lr[self.step])
@@ -206,15 +206,15 @@ def load_flax(model: tnn.Sequential, params: dict, batch_stats: dict) -> None:
         raise ValueError(f"{len(flax_layers)} flax layers for {len(layers)} torch layers: not the same model")
     for (p, st), layer in zip(flax_layers, layers):
         if isinstance(layer, tnn.modules.batchnorm._BatchNorm):
-            layer.weight.copy_(torch.from_numpy(np.asarray(p["scale"])))
-            layer.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
-            layer.running_mean.copy_(torch.from_numpy(np.asarray(st["mean"])))
-            layer.running_var.copy_(torch.from_numpy(np.asarray(st["var"])))
+            layer.weight.copy_(torch.tensor(np.asarray(p["scale"])))
+            layer.bias.copy_(torch.tensor(np.asarray(p["bias"])))
+            layer.running_mean.copy_(torch.tensor(np.asarray(st["mean"])))
+            layer.running_var.copy_(torch.tensor(np.asarray(st["var"])))
         else:
             kernel = np.asarray(p["kernel"])  # HWIO -> OIHW; (in, out) -> (out, in)
             w = kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
             layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
-            layer.bias.copy_(torch.from_numpy(np.asarray(p["bias"])))
+            layer.bias.copy_(torch.tensor(np.asarray(p["bias"])))
 
 
 def flax_layer_order(params: dict, batch_stats: dict) -> list[tuple[dict, dict]]:

@@ -87,7 +87,62 @@ def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, record
             fresh = evaluate.recompute_batch_stats(trainer.model, variables, dataset.train_images, recompute_batches,
                                                    config.batch_size)
             row["test_accuracy_recomputed_bn"] = accuracy(fresh, dataset.test_images, dataset.test_labels)
+            by_var, by_inverse_std, spread = dropout_statistics(trainer.model, variables, dataset.train_images,
+                                                                recompute_batches, config.batch_size)
+            row["test_accuracy_dropout_bn_mean_var"] = accuracy(by_var, dataset.test_images, dataset.test_labels)
+            row["test_accuracy_dropout_bn_mean_inverse_std"] = accuracy(by_inverse_std, dataset.test_images,
+                                                                        dataset.test_labels)
+            row["max_inverse_std_vs_var_relative"] = spread
         record(row)
+
+
+def dropout_statistics(model, variables, images, num_batches: int, batch_size: int, seed: int = 0):
+    """BatchNorm statistics of `num_batches` training batches with dropout on, as training sees them, averaged two
+    ways: the variance (today's torch and jaxcifar) and, as torch7's 2015 BatchNormalization did, the inverse
+    standard deviation. Returns both variable sets and the largest relative difference in the implied std.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxcifar import models
+
+    momentum = models.TorchBatchNorm.momentum
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+
+    @jax.jit
+    def batch_stats_of(params, x, key):
+        _, updates = model.apply({"params": params, "batch_stats": zeros}, x, train=True, rngs={"dropout": key},
+                                 mutable=["batch_stats"])
+        return jax.tree_util.tree_map(lambda s: s / momentum, updates["batch_stats"])
+
+    order = np.random.default_rng(seed).permutation(len(images))[: num_batches * batch_size]
+    batches = [jax.tree_util.tree_map(np.asarray, batch_stats_of(variables["params"], images[np.sort(rows)],
+                                                                 jax.random.key(seed + 1000 + i)))
+               for i, rows in enumerate(order.reshape(num_batches, batch_size))]
+
+    def epsilon(path):  # the convolutions' BatchNorm has eps 1e-3, the classifier's 1e-5 (models.py)
+        return 1e-3 if "ConvBNReLU" in jax.tree_util.keystr(path) else 1e-5
+
+    def average(*leaves):
+        return np.mean(np.stack(leaves), 0)
+
+    mean_var = jax.tree_util.tree_map(average, *batches)
+    by_inverse_std, spread = {}, 0.0
+    flat, treedef = jax.tree_util.tree_flatten_with_path(mean_var)
+    leaves = []
+    for (path, leaf), per_batch in zip(flat, zip(*[jax.tree_util.tree_leaves(b) for b in batches])):
+        if jax.tree_util.keystr(path).endswith("['var']"):
+            eps = epsilon(path)
+            inverse_std = np.mean([1 / np.sqrt(v + eps) for v in per_batch], 0)
+            torch7_var = 1 / inverse_std ** 2 - eps
+            spread = max(spread, float(np.max(np.abs(np.sqrt(torch7_var + eps) / np.sqrt(leaf + eps) - 1))))
+            leaves.append(torch7_var)
+        else:
+            leaves.append(leaf)
+    by_inverse_std = jax.tree_util.tree_unflatten(treedef, leaves)
+    return ({"params": variables["params"], "batch_stats": mean_var},
+            {"params": variables["params"], "batch_stats": by_inverse_std}, spread)
 
 
 class JaxStream:
@@ -151,25 +206,43 @@ def _commit() -> str:
 
 
 def table(paths: list[str]) -> str:
-    """A markdown table of the final epochs, a row per run, and mean per side and variant."""
+    """A markdown table of each run's last epoch, then the mean of each (side, width, variant, epochs) group."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    lines = ["| side | variant | seed | epochs | train loss | train acc (train mode) | eval acc, train images | "
-             "test acc | gap train-mode - test | test acc, BN re-estimated |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| side | width | variant | seed | epochs | train loss | train acc (train mode) | eval acc, train images | "
+             "eval acc, test | gap (train mode - test) | test, BN re-estimated without dropout | "
+             "test, dropout-on BN stats: mean var / mean inverse std (torch7) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(row, key):
+        return f"{row[key]:.2f}" if key in row else ""
+
     groups: dict = {}
-    for r in sorted(runs, key=lambda r: (r["side"], r["variant"], r["seed"])):
+    for r in sorted(runs, key=lambda r: (r["width"], r["side"], r["variant"], r["seed"])):
         last = r["epochs"][-1]
-        gap = last["train_accuracy"] - last["test_accuracy"]
-        groups.setdefault((r["side"], r["variant"]), []).append((last, gap))
-        fresh = last.get("test_accuracy_recomputed_bn")
-        lines.append(f"| {r['side']} | {r['variant']} | {r['seed']} | {last['epoch']} | {last['train_loss']:.4f} | "
-                     f"{last['train_accuracy']:.2f} | {last['train_images_eval_accuracy']:.2f} | "
-                     f"{last['test_accuracy']:.2f} | {gap:+.2f} | {'' if fresh is None else f'{fresh:.2f}'} |")
-    for (side, variant), rows in groups.items():
-        def mean(key):
-            return statistics.mean(r[0][key] for r in rows)
-        lines.append(f"| **{side}** | **{variant}** | mean of {len(rows)} | | {mean('train_loss'):.4f} | "
-                     f"{mean('train_accuracy'):.2f} | {mean('train_images_eval_accuracy'):.2f} | "
-                     f"{mean('test_accuracy'):.2f} | {statistics.mean(g for _, g in rows):+.2f} | |")
+        epochs = f"{last['epoch']}" if last["epoch"] == r["num_epochs"] else f"{last['epoch']} of {r['num_epochs']}"
+        key = (r["side"], r["width"], r["variant"], epochs)
+        groups.setdefault(key, []).append(last)
+        torch7 = (f"{cell(last, 'test_accuracy_dropout_bn_mean_var')} / "
+                  f"{cell(last, 'test_accuracy_dropout_bn_mean_inverse_std')}"
+                  if "test_accuracy_dropout_bn_mean_var" in last else "")
+        lines.append(f"| {r['side']} | {r['width']:g} | {r['variant']} | {r['seed']} | {epochs} | "
+                     f"{last['train_loss']:.4f} | {last['train_accuracy']:.2f} | "
+                     f"{last['train_images_eval_accuracy']:.2f} | {last['test_accuracy']:.2f} | "
+                     f"{last['train_accuracy'] - last['test_accuracy']:+.2f} | "
+                     f"{cell(last, 'test_accuracy_recomputed_bn')} | {torch7} |")
+    for (side, width, variant, epochs), rows in groups.items():
+        if len(rows) < 2:
+            continue
+
+        def mean(k):
+            values = [r[k] for r in rows if k in r]
+            return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+
+        gap = statistics.mean(r["train_accuracy"] - r["test_accuracy"] for r in rows)
+        lines.append(f"| **{side}** | **{width:g}** | **{variant}** | mean ± std of {len(rows)} | {epochs} | "
+                     f"{statistics.mean(r['train_loss'] for r in rows):.4f} | {mean('train_accuracy')} | "
+                     f"{mean('train_images_eval_accuracy')} | {mean('test_accuracy')} | {gap:+.2f} | "
+                     f"{mean('test_accuracy_recomputed_bn')} | |")
     return "\n".join(lines)
 
 
@@ -228,7 +301,8 @@ def main(argv=None) -> int:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
-        extra = f" recomputed-BN test {row['test_accuracy_recomputed_bn']:.2f}" if "test_accuracy_recomputed_bn" in row else ""
+        extra = "".join(f" {k.replace('test_accuracy_', '')} {row[k]:.2f}" for k in row
+                        if k.startswith("test_accuracy_") or k.startswith("max_"))
         print(f"[{args.side} s{args.seed} {result['variant']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
               f"acc {row['train_accuracy']:.2f} | eval train-images {row['train_images_eval_accuracy']:.2f} "
               f"test {row['test_accuracy']:.2f}{extra} ({row['train_time_s']:.0f} s)", flush=True)

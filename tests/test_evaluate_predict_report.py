@@ -68,6 +68,45 @@ def test_evaluate_errors_are_one_line(trained_run, tmp_path, capsys):
         assert message in err and err.count("\n") == 0
 
 
+def test_recomputed_batch_norm_statistics_are_batch_averages_without_dropout():
+    import jax
+    from jax import lax
+
+    from jaxcifar import models
+
+    model = models.create_model("vgg_bn_drop", width=1 / 16)
+    images = np.random.default_rng(0).normal(size=(48, 32, 32, 3)).astype(np.float32)
+    variables = model.init({"params": jax.random.key(0)}, images[:1], train=False)
+    two = evaluate.recompute_batch_stats(model, variables, images, 2, 16, seed=3)
+    order = np.random.default_rng(3).permutation(48)[:32].reshape(2, 16)
+    conv = variables["params"]["ConvBNReLU_0"]["Conv_0"]
+    first_layer = []
+    for rows in order:
+        y = lax.conv_general_dilated(images[np.sort(rows)], conv["kernel"], (1, 1), [(1, 1), (1, 1)],
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv["bias"]
+        y = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
+        first_layer.append((y.mean(0), y.var(0, ddof=1)))
+    got = two["batch_stats"]["ConvBNReLU_0"]["TorchBatchNorm_0"]
+    np.testing.assert_allclose(got["mean"], np.mean([m for m, _ in first_layer], 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["var"], np.mean([v for _, v in first_layer], 0), rtol=1e-4)
+    # No random draw enters (dropout is off): the same images give the same statistics.
+    again = evaluate.recompute_batch_stats(model, variables, images, 2, 16, seed=3)
+    for a, b in zip(jax.tree_util.tree_leaves(two), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="use at most 3"):
+        evaluate.recompute_batch_stats(model, variables, images, 4, 16)
+
+
+def test_evaluate_with_recomputed_statistics_says_so(trained_run, prepared, capsys, tmp_path):
+    out_json = tmp_path / "eval.json"
+    assert evaluate.main(["--workdir", str(trained_run), "--recompute-bn-stats", "2", "--json", str(out_json),
+                          "--data-dir", prepared[0], "--cache-dir", prepared[1]]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["recomputed_bn_batches"] == 2 and sum(map(sum, result["confusion"])) == 50
+    assert "re-estimated from 2 training batches without dropout" in capsys.readouterr().out
+    assert evaluate.main(["--workdir", str(trained_run), "--recompute-bn-stats", "-1"]) == 2
+
+
 def test_evaluate_on_another_device_count(trained_run, prepared):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     r = subprocess.run([sys.executable, "-m", "jaxcifar.evaluate", "--workdir", str(trained_run), "--data-dir",
