@@ -74,31 +74,44 @@ def predict_logits(trained: TrainedModel, images: np.ndarray, batch_size: int = 
     return np.concatenate(out) if out else np.zeros((0, trained.config.num_classes), np.float32)
 
 
+def batch_statistics(model, variables: dict, images: np.ndarray, num_batches: int, batch_size: int, seed: int = 0,
+                     dropout_seed: int | None = None):
+    """Each of `num_batches` training batches' BatchNorm statistics (mean, unbiased variance per layer).
+
+    The batches are a seeded random draw without flips, passed in train mode with dropout off, or,
+    given `dropout_seed`, with dropout on as training sees them.
+    """
+    if num_batches * batch_size > len(images):
+        raise ValueError(f"--recompute-bn-stats {num_batches} needs {num_batches * batch_size:,} images of batch "
+                         f"{batch_size}, the split has {len(images):,}; use at most {len(images) // batch_size}")
+    net = model if dropout_seed is not None else model.clone(dropout=False)
+    momentum = models.TorchBatchNorm.momentum
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
+
+    @functools.partial(jax.jit, compiler_options=models.compiler_options())
+    def batch_stats_of(params, x, key):
+        # Starting from zeros, one update leaves momentum x (batch mean, unbiased variance).
+        rngs = {} if key is None else {"dropout": key}
+        _, updates = net.apply({"params": params, "batch_stats": zeros}, x, train=True, rngs=rngs,
+                               mutable=["batch_stats"])
+        return jax.tree_util.tree_map(lambda s: s / momentum, updates["batch_stats"])
+
+    order = np.random.default_rng(seed).permutation(len(images))[: num_batches * batch_size]
+    for i, rows in enumerate(order.reshape(num_batches, batch_size)):
+        key = None if dropout_seed is None else jax.random.key(dropout_seed + i)
+        yield batch_stats_of(variables["params"], images[np.sort(rows)], key)
+
+
 def recompute_batch_stats(model, variables: dict, images: np.ndarray, num_batches: int, batch_size: int,
                           seed: int = 0) -> dict:
     """BatchNorm statistics re-estimated from `num_batches` training batches in train mode with dropout off.
 
     Each layer gets the plain average of the batches' means and unbiased variances (PyTorch's
-    `momentum=None`), not a moving average; the images are a seeded random draw without flips.
-    Not the seed's protocol (train.lua evaluates with the running statistics of training).
+    `momentum=None`), not a moving average. Not the seed's protocol (train.lua evaluates with the
+    running statistics of training).
     """
-    if num_batches * batch_size > len(images):
-        raise ValueError(f"--recompute-bn-stats {num_batches} needs {num_batches * batch_size:,} images of batch "
-                         f"{batch_size}, the split has {len(images):,}; use at most {len(images) // batch_size}")
-    no_dropout = model.clone(dropout=False)
-    momentum = models.TorchBatchNorm.momentum
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
-
-    @functools.partial(jax.jit, compiler_options=models.compiler_options())
-    def batch_stats_of(params, x):
-        # Starting from zeros, one update leaves momentum x (batch mean, unbiased variance).
-        _, updates = no_dropout.apply({"params": params, "batch_stats": zeros}, x, train=True, mutable=["batch_stats"])
-        return jax.tree_util.tree_map(lambda s: s / momentum, updates["batch_stats"])
-
-    order = np.random.default_rng(seed).permutation(len(images))[: num_batches * batch_size]
     total = None
-    for rows in order.reshape(num_batches, batch_size):
-        stats = batch_stats_of(variables["params"], images[np.sort(rows)])
+    for stats in batch_statistics(model, variables, images, num_batches, batch_size, seed):
         total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
     return {"params": variables["params"],
             "batch_stats": jax.tree_util.tree_map(lambda s: s / num_batches, total)}

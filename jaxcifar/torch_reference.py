@@ -21,11 +21,7 @@ import numpy as np
 import torch
 import torch.nn as tnn
 
-from jaxcifar import models, optim
-
-
-def _scaled(channels: int, width: float) -> int:
-    return max(1, int(round(channels * width)))
+from jaxcifar import models
 
 
 def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm: bool = True,
@@ -47,12 +43,12 @@ def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm
                 layers.append(tnn.MaxPool2d(2, 2, ceil_mode=True))
                 continue
             channels, rate = layer
-            cout = _scaled(channels, width)
+            cout = models._scaled(channels, width)
             layers += block(cin, cout, 3, 1, math.sqrt(2.0 / (9 * cout)))
             if rate and dropout:
                 layers.append(tnn.Dropout(rate))
             cin = cout
-        hidden = _scaled(512, width)
+        hidden = models._scaled(512, width)
         drop = (lambda: [tnn.Dropout(0.5)]) if dropout else (lambda: [])
         layers += [tnn.Flatten(), *drop(), _linear(cin, hidden)]
         if batch_norm:
@@ -67,7 +63,7 @@ def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm
                     layers.append(tnn.Dropout(0.5))
                 continue
             channels, k, pad = layer
-            cout = num_classes if channels is None else _scaled(channels, width)
+            cout = num_classes if channels is None else models._scaled(channels, width)
             layers += block(cin, cout, k, pad, 0.05)
             cin = cout
         layers += [tnn.AvgPool2d(8, 1, ceil_mode=True), tnn.Flatten()]
@@ -91,19 +87,17 @@ def _linear(fan_in: int, out: int) -> tnn.Linear:
 
 
 def learning_rates(config, steps_per_epoch: int) -> np.ndarray:
-    """The rate of every update of the run, from the same schedule function the JAX side uses."""
-    o = config.optimizer
-    fn = optim.learning_rate_fn(o.learning_rate, o.learning_rate_decay, schedule=o.schedule,
-                                epoch_step=o.epoch_step, steps_per_epoch=steps_per_epoch,
-                                total_steps=steps_per_epoch * config.num_epochs)
-    return np.asarray(fn(np.arange(steps_per_epoch * config.num_epochs)), np.float64)
+    """The rate of every update of the run, from the schedule the JAX side uses."""
+    from jaxcifar import train
+
+    schedule = train.learning_rate_schedule(config, steps_per_epoch)
+    return np.asarray(schedule(np.arange(steps_per_epoch * config.num_epochs)), np.float64)
 
 
 class Run:
     """One training run of `config` in PyTorch on preprocessed NHWC float32 arrays."""
 
-    def __init__(self, config, train_images: np.ndarray, train_labels: np.ndarray, seed: int,
-                 flip: str | None = None, stream=None):
+    def __init__(self, config, train_images: np.ndarray, train_labels: np.ndarray, seed: int, stream=None):
         """`stream`, for bisection: an object with `order(epoch)` -> (steps, batch) indices and `flips(step)` ->
         (batch,) bools, replacing this port's own data order and BatchFlip draws (dropout stays its own)."""
         torch.manual_seed(seed)
@@ -119,7 +113,7 @@ class Run:
         self.loss_fn = tnn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.images = torch.from_numpy(np.ascontiguousarray(train_images.transpose(0, 3, 1, 2)))
         self.labels = torch.from_numpy(train_labels.astype(np.int64))
-        self.flip = flip or config.flip
+        self.flip = config.flip
         self.steps_per_epoch = len(train_labels) // config.batch_size
         self.lr = learning_rates(config, self.steps_per_epoch)
         self.step = 0

@@ -61,11 +61,16 @@ def _optimizer_kwargs(config, steps_per_epoch: int) -> dict:
         steps_per_epoch=steps_per_epoch, schedule=o.schedule, total_steps=steps_per_epoch * config.num_epochs)
 
 
-def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
+def learning_rate_schedule(config, steps_per_epoch: int):
+    """step -> the rate torch7_sgd applies at that update, for this config."""
     kw = _optimizer_kwargs(config, steps_per_epoch)
     for unused in ("momentum", "dampening", "weight_decay"):
         del kw[unused]
-    return float(optim.learning_rate_fn(**kw)(step))
+    return optim.learning_rate_fn(**kw)
+
+
+def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
+    return float(learning_rate_schedule(config, steps_per_epoch)(step))
 
 
 def init_train_state(config, model, tx, image_shape) -> TrainState:

@@ -102,24 +102,12 @@ def dropout_statistics(model, variables, images, num_batches: int, batch_size: i
     standard deviation. Returns both variable sets and the largest relative difference in the implied std.
     """
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from jaxcifar import models
+    from jaxcifar import evaluate
 
-    momentum = models.TorchBatchNorm.momentum
-    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
-
-    @jax.jit
-    def batch_stats_of(params, x, key):
-        _, updates = model.apply({"params": params, "batch_stats": zeros}, x, train=True, rngs={"dropout": key},
-                                 mutable=["batch_stats"])
-        return jax.tree_util.tree_map(lambda s: s / momentum, updates["batch_stats"])
-
-    order = np.random.default_rng(seed).permutation(len(images))[: num_batches * batch_size]
-    batches = [jax.tree_util.tree_map(np.asarray, batch_stats_of(variables["params"], images[np.sort(rows)],
-                                                                 jax.random.key(seed + 1000 + i)))
-               for i, rows in enumerate(order.reshape(num_batches, batch_size))]
+    batches = [jax.tree_util.tree_map(np.asarray, stats) for stats in evaluate.batch_statistics(
+        model, variables, images, num_batches, batch_size, seed, dropout_seed=seed + 1000)]
 
     def epsilon(path):  # the convolutions' BatchNorm has eps 1e-3, the classifier's 1e-5 (models.py)
         return 1e-3 if "ConvBNReLU" in jax.tree_util.keystr(path) else 1e-5
@@ -128,7 +116,7 @@ def dropout_statistics(model, variables, images, num_batches: int, batch_size: i
         return np.mean(np.stack(leaves), 0)
 
     mean_var = jax.tree_util.tree_map(average, *batches)
-    by_inverse_std, spread = {}, 0.0
+    spread = 0.0
     flat, treedef = jax.tree_util.tree_flatten_with_path(mean_var)
     leaves = []
     for (path, leaf), per_batch in zip(flat, zip(*[jax.tree_util.tree_leaves(b) for b in batches])):
