@@ -23,8 +23,21 @@ import orbax.checkpoint as ocp
 FIXED_FIELDS = ("model", "width", "batch_norm", "dropout", "num_classes", "batch_size", "data.preprocess")
 
 
+# Every state leaf has a leading replica axis (one entry per seed), recorded in the meta as "seeds".
+LAYOUT = "replicas-1"
+
+
 class CheckpointError(RuntimeError):
     pass
+
+
+def check_layout(meta: dict, where) -> None:
+    """Refuses a save whose arrays are not laid out as this version writes them."""
+    if meta.get("layout") != LAYOUT:
+        raise CheckpointError(
+            f"{where} holds checkpoints written by an older jaxcifar (arrays without the replica axis, layout "
+            f"{meta.get('layout', 'none')!r}, this version reads {LAYOUT!r}); train afresh in a new --workdir, "
+            "or evaluate them with the version that wrote them")
 
 
 def _manager(directory: Path, keep: int) -> ocp.CheckpointManager:

@@ -8,6 +8,51 @@ from jaxcifar import models, optim, preprocess
 
 FLIP_MODES = ("batchflip", "independent", "none")
 DTYPES = ("float32", "bfloat16")
+STEP_LOOPS = ("unroll", "scan")
+
+# How the train step is built on each backend: the one place where a backend changes the program.
+# Every alternative computes the same function (tests/test_models.py, tests/test_train.py); only speed differs.
+# cpu (Xeon Sapphire Rapids / EPYC Zen 4, 2 cores, jax 0.10; bench in results/bench-cpu.json):
+#   steps_per_call 4, unroll: XLA:CPU zero-fills a call's temporaries page by page on every call; 4 steps per
+#     call pay that once. Under lax.scan its convolution gradients leave Eigen for a naive loop: 25-50x slower.
+#   conv_impl small: XLA:CPU's convolution is ~40x slower than a matmul on 2x2 maps and for 1x1 kernels.
+#   pool_grad first_max: XLA's select-and-scatter gradient of a 2x2 pool was 7x slower on 32x32 maps.
+#   bn_grad closed_form: 3-6 % of a step (less memory traffic than autodiff's chain).
+#   dropout_bits 16: random bits are dropout's largest cost on CPU; 16-bit draws halve them.
+# gpu: PROVISIONAL, the CPU's choices except where the reason is XLA:CPU's alone; not yet measured on a GPU.
+#   `python -m jaxcifar.bench --step-variants` times every alternative there (scripts/gpu_run.sh runs it and
+#   trains with the fastest); replace these entries with what it measured.
+STEP_CHOICES = {
+    "cpu": {"steps_per_call": 4, "step_loop": "unroll", "conv_impl": "small", "pool_grad": "first_max",
+            "bn_grad": "closed_form", "dropout_bits": 16},
+    "gpu": {"steps_per_call": 4, "step_loop": "unroll", "conv_impl": "xla", "pool_grad": "first_max",
+            "bn_grad": "closed_form", "dropout_bits": 16},
+}
+STEP_FIELDS = tuple(STEP_CHOICES["cpu"])
+
+
+def step_choices(config, backend: str | None = None) -> dict:
+    """The config's step fields with 0 / "auto" replaced by `backend`'s (default: JAX's) entry of STEP_CHOICES."""
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    table = STEP_CHOICES["cpu" if backend == "cpu" else "gpu"]
+    return {k: table[k] if config[k] in (0, "auto") else config[k] for k in STEP_FIELDS}
+
+
+def seed_list(config) -> list[int]:
+    """The seeds of the runs trained together: `seeds` if set, else [`seed`]."""
+    text = str(config.get("seeds", "") or "").strip()
+    if not text:
+        return [int(config["seed"])]
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
+    except ValueError:
+        raise ValueError(f"bad config: seeds={text!r}; give comma-separated integers, e.g. --config.seeds=0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"bad config: seeds={text!r} must list at least one seed, each once")
+    return seeds
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -17,7 +62,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.width = 1.0  # channel multiplier (small values for fast tests)
     c.batch_norm = True
     c.dropout = True
-    c.conv_impl = "auto"  # "auto": convolutions on tiny maps as matmuls on CPU; "xla"; "matmul"
+    c.conv_impl = "auto"  # "xla", "matmul", "small" (matmuls on maps <= 2x2 and 1x1 kernels); "auto": STEP_CHOICES
     c.dtype = "float32"  # "bfloat16": convolutions and matmuls in bf16, parameters and BN statistics fp32
     c.num_classes = 10
 
@@ -25,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_batch_size = 500
     c.num_epochs = 300
     c.seed = 0
+    c.seeds = ""  # e.g. "0,1,2": that many independent runs trained at once in one program; empty: `seed` alone
     c.flip = "batchflip"  # train.lua's BatchFlip: exactly half of each batch mirrored
     c.label_smoothing = 0.0
 
@@ -45,7 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.preprocess = "yuv"  # provider.lua's; "rgb": per-channel standardization
 
     c.compile_cache_dir = ""  # JAX's persistent compilation cache; empty: $JAXCIFAR_COMPILE_CACHE, $JAXCIFAR_CACHE_DIR/xla or ~/.cache/jaxcifar/xla; "none" disables
-    c.steps_per_call = 4  # train steps per compiled call (XLA:CPU re-allocates a call's buffers each time)
+    # How the step is built; 0 / "auto" take the backend's entry of STEP_CHOICES.
+    c.steps_per_call = 0  # train steps per compiled call; more than an epoch's steps: one call per epoch
+    c.step_loop = "auto"  # "unroll": steps traced one after another; "scan": lax.scan over them
+    c.pool_grad = "auto"  # "first_max": custom VJP on phase-split views; "xla": autodiff of lax.reduce_window
+    c.bn_grad = "auto"  # "closed_form": custom VJP; "autodiff": through the mean and variance
+    c.dropout_bits = 0  # 16: two draws per 32-bit random word; 32: one
     c.log_every_steps = 20  # progress bar and NaN check cadence (each one syncs with the device)
     c.checkpoint_every_epochs = 1
     c.keep_checkpoints = 3
@@ -67,9 +118,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
     need(c.model in models.MODEL_NAMES, f"model={c.model!r}; choose one of {', '.join(models.MODEL_NAMES)}")
     need(c.width > 0, f"width={c.width} must be positive")
-    need(c.conv_impl in models.CONV_IMPLS, f"conv_impl={c.conv_impl!r}; choose one of {', '.join(models.CONV_IMPLS)}")
+    need(c.conv_impl in ("auto", *models.CONV_IMPLS),
+         f"conv_impl={c.conv_impl!r}; choose one of auto, {', '.join(models.CONV_IMPLS)}")
+    need(c.step_loop in ("auto", *STEP_LOOPS), f"step_loop={c.step_loop!r}; choose one of auto, {', '.join(STEP_LOOPS)}")
+    need(c.pool_grad in ("auto", *models.POOL_GRADS),
+         f"pool_grad={c.pool_grad!r}; choose one of auto, {', '.join(models.POOL_GRADS)}")
+    need(c.bn_grad in ("auto", *models.BN_GRADS), f"bn_grad={c.bn_grad!r}; choose one of auto, {', '.join(models.BN_GRADS)}")
+    need(c.dropout_bits in (0, 16, 32), f"dropout_bits={c.dropout_bits}; choose 16, 32 or 0 (the backend's)")
+    need(int(c.steps_per_call) == c.steps_per_call and c.steps_per_call >= 0,
+         f"steps_per_call={c.steps_per_call} must be a positive integer, or 0 for the backend's")
+    seed_list(c)
     need(c.dtype in DTYPES, f"dtype={c.dtype!r}; choose one of {', '.join(DTYPES)}")
-    for field in ("batch_size", "eval_batch_size", "num_epochs", "num_classes", "steps_per_call", "log_every_steps",
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "num_classes", "log_every_steps",
                   "checkpoint_every_epochs", "keep_checkpoints"):
         need(int(c[field]) == c[field] and c[field] > 0, f"{field}={c[field]} must be a positive integer")
     need(c.flip in FLIP_MODES, f"flip={c.flip!r}; choose one of {', '.join(FLIP_MODES)}")

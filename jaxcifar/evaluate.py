@@ -1,7 +1,8 @@
-"""Scripted evaluation of a saved run: `python -m jaxcifar.evaluate --workdir W [--step N | --best]`.
+"""Scripted evaluation of a saved run: `python -m jaxcifar.evaluate --workdir W [--step N | --best] [--seed S]`.
 
 Prints accuracy and the confusion matrix in the seed's layout (`--json PATH` writes them too);
-exits non-zero on any failure. Checkpoints restore onto whatever devices this machine has.
+a run of several seeds is evaluated seed by seed, then summarized as mean +- std.
+Exits non-zero on any failure. Checkpoints restore onto whatever devices this machine has.
 """
 
 from __future__ import annotations
@@ -23,15 +24,28 @@ from jaxcifar import checkpoint, data, metrics, models, preprocess, train
 
 class TrainedModel(NamedTuple):
     model: object
-    variables: dict  # {"params", "batch_stats"}
+    variables: dict  # {"params", "batch_stats"} of one seed's run
     config: ml_collections.ConfigDict
     stats: preprocess.NormalizationStats
     meta: dict
     step: int
+    seed: int
 
 
-def load_trained(workdir: str | Path, step: int | None = None, best: bool = False) -> TrainedModel:
-    """The model and variables of a checkpoint in `workdir` (latest by default)."""
+def load_trained(workdir: str | Path, step: int | None = None, best: bool = False,
+                 seed: int | None = None) -> TrainedModel:
+    """The model and variables of one seed's run in a checkpoint of `workdir` (latest; first seed by default)."""
+    runs = load_all_seeds(workdir, step, best)
+    if seed is None:
+        return runs[0]
+    for run in runs:
+        if run.seed == seed:
+            return run
+    raise ValueError(f"--seed {seed}: {workdir} holds the runs of seeds {', '.join(str(r.seed) for r in runs)}")
+
+
+def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = False) -> list[TrainedModel]:
+    """Every seed's run in a checkpoint of `workdir` (latest by default), in the order trained."""
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise checkpoint.CheckpointError(f"workdir {workdir} does not exist")
@@ -43,20 +57,26 @@ def load_trained(workdir: str | Path, step: int | None = None, best: bool = Fals
                 f"no {'best ' if best else ''}checkpoints in {workdir}; train first with "
                 f"`python -m jaxcifar.train --workdir {workdir} ...`")
         step = max(steps) if step is None else step
-        config = ml_collections.ConfigDict(ckpt.read_meta(step, best)["config"])
+        meta = ckpt.read_meta(step, best)
+        checkpoint.check_layout(meta, workdir)
+        config = ml_collections.ConfigDict(meta["config"])
         model = train.build_model(config)
-        template = train.init_train_state(config, model, train.build_optimizer(config, 1), (32, 32, 3))
-        tree_template = checkpoint.to_tree({"train_state": template,
-                                            "epoch_metrics": train.zero_train_metrics(config.num_classes)})
+        seeds = meta["seeds"]
+        # Shapes and dtypes only (nothing is initialized): orbax reads the arrays straight into them.
+        template = jax.eval_shape(lambda: checkpoint.to_tree({
+            "train_state": train.init_replicas(seeds, model, train.build_optimizer(config, 1), (32, 32, 3)),
+            "epoch_metrics": train.stack_replicas([train.zero_train_metrics(config.num_classes)] * len(seeds))}))
         try:
-            tree, meta, _ = ckpt.restore(tree_template, step=step, best=best)
+            tree, meta, _ = ckpt.restore(template, step=step, best=best)
         except checkpoint.CheckpointError as e:
             raise checkpoint.CheckpointError(f"{e} (does it match model {config.model!r} at width {config.width}?)") from None
     finally:
         ckpt.close()
-    state = checkpoint.from_tree(template, tree["train_state"])
-    return TrainedModel(model, {"params": state.params, "batch_stats": state.batch_stats}, config,
-                        preprocess.NormalizationStats.from_json(meta["stats"]), meta, step)
+    state = tree["train_state"]
+    stats = preprocess.NormalizationStats.from_json(meta["stats"])
+    return [TrainedModel(model, {"params": train.replica(state["params"], k),
+                                 "batch_stats": train.replica(state["batch_stats"], k)}, config, stats, meta, step, s)
+            for k, s in enumerate(seeds)]
 
 
 @functools.cache
@@ -134,10 +154,24 @@ def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = 
     confusion = np.zeros((cfg.num_classes,) * 2, np.int64)
     np.add.at(confusion, (labels, logits.argmax(-1)), 1)
     summary = metrics.summarize(confusion)
-    return {"workdir": None, "step": trained.step, "epoch": trained.meta["epoch"], "split": split,
+    return {"workdir": None, "step": trained.step, "epoch": trained.meta["epoch"], "seed": trained.seed, "split": split,
             "images": int(len(labels)), "recomputed_bn_batches": recompute_bn_batches, "accuracy": summary["accuracy"],
             "average_row_correct": summary["average_row_correct"],
             "average_rowucol_correct": summary["average_rowucol_correct"], "confusion": confusion.tolist()}
+
+
+def summarize_seeds(results: list[dict]) -> dict:
+    """One seed: its result. Several: the first's fields with the accuracies' mean, their std and each seed's result."""
+    if len(results) == 1:
+        return results[0]
+    acc = np.array([r["accuracy"] for r in results])
+    out = {k: v for k, v in results[0].items() if k not in ("seed", "confusion")}
+    out.update({"seeds": [r["seed"] for r in results], "accuracy": float(acc.mean()),
+                "accuracy_std": float(acc.std(ddof=1)),
+                "confusion": np.sum([r["confusion"] for r in results], axis=0).tolist(), "per_seed": results})
+    for k in ("average_row_correct", "average_rowucol_correct"):
+        out[k] = float(np.mean([r[k] for r in results]))
+    return out
 
 
 def main(argv=None) -> int:
@@ -146,6 +180,7 @@ def main(argv=None) -> int:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="evaluate this saved step (default: the latest)")
     which.add_argument("--best", action="store_true", help="evaluate the best checkpoint by test accuracy")
+    p.add_argument("--seed", type=int, help="evaluate only this seed's run (default: every seed the run trained)")
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--recompute-bn-stats", type=int, default=0, metavar="N",
                    help="re-estimate BatchNorm statistics from N training batches with dropout off before evaluating "
@@ -155,17 +190,27 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", help="preprocessed cache dir (default: the run's)")
     args = p.parse_args(argv)
     try:
-        trained = load_trained(args.workdir, args.step, args.best)
         if args.recompute_bn_stats < 0:
             raise ValueError(f"--recompute-bn-stats {args.recompute_bn_stats} must be >= 0")
-        result = evaluate(trained, args.split, args.data_dir, args.cache_dir, args.recompute_bn_stats)
+        runs = ([load_trained(args.workdir, args.step, args.best, args.seed)] if args.seed is not None
+                else load_all_seeds(args.workdir, args.step, args.best))
+        results = []
+        for trained in runs:
+            results.append(evaluate(trained, args.split, args.data_dir, args.cache_dir, args.recompute_bn_stats))
+            if len(runs) > 1:
+                print(f"seed {trained.seed}: accuracy {results[-1]['accuracy']:.2f} %")
+        result = summarize_seeds(results)
         result["workdir"] = str(args.workdir)
         print(f"{args.workdir}: step {result['step']} (epoch {result['epoch']}), {args.split} split, "
               f"{result['images']:,} images")
         if args.recompute_bn_stats:
             print(f"BatchNorm statistics re-estimated from {args.recompute_bn_stats} training batches without "
                   "dropout (not the seed's protocol: training's running statistics are replaced)")
-        print(f"accuracy: {result['accuracy']:.2f} %")
+        if len(runs) > 1:
+            print(f"accuracy: {result['accuracy']:.2f} ± {result['accuracy_std']:.2f} % (mean ± std of "
+                  f"{len(runs)} seeds); confusion summed over the seeds:")
+        else:
+            print(f"accuracy: {result['accuracy']:.2f} %")
         print(metrics.format_confusion(np.asarray(result["confusion"]), data.CLASS_NAMES))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))

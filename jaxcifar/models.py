@@ -23,7 +23,9 @@ import numpy as np
 from jax import lax
 
 MODEL_NAMES = ("vgg_bn_drop", "nin")
-CONV_IMPLS = ("auto", "xla", "matmul")
+CONV_IMPLS = ("xla", "matmul", "small")  # "small": matmuls on maps of <= AUTO_MATMUL_MAX_PIXELS and 1x1 kernels
+POOL_GRADS = ("first_max", "xla")
+BN_GRADS = ("closed_form", "autodiff")
 # XLA:CPU's convolution is ~40x slower than the same work as a matmul on 2x2 maps; from 4x4 up
 # its (Eigen) convolution wins.
 AUTO_MATMUL_MAX_PIXELS = 4
@@ -96,12 +98,22 @@ def compiler_options(backend: str | None = None) -> dict | None:
     return options
 
 
+def backend_choice(field: str, value):
+    """`value`, or for "auto" / 0 the current backend's entry of config.STEP_CHOICES."""
+    if value not in ("auto", 0, None):
+        return value
+    from jaxcifar import config  # config imports this module
+
+    return config.STEP_CHOICES["cpu" if jax.default_backend() == "cpu" else "gpu"][field]
+
+
 def use_matmul_conv(impl: str, spatial_pixels: int, kernel_size: int) -> bool:
+    impl = backend_choice("conv_impl", impl)
     if impl == "matmul":
         return True
     if impl == "xla":
         return False
-    return jax.default_backend() == "cpu" and (spatial_pixels <= AUTO_MATMUL_MAX_PIXELS or kernel_size == 1)
+    return spatial_pixels <= AUTO_MATMUL_MAX_PIXELS or kernel_size == 1
 
 
 class Conv(nn.Module):
@@ -132,13 +144,18 @@ def _normalize(x, mean, var, scale, bias, epsilon: float):
     return (x - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_normalize(x, scale, bias, epsilon: float):
+def batch_normalize_autodiff(x, scale, bias, epsilon: float):
     """Training-mode batch normalization over all axes but the last: (y, batch mean, biased variance)."""
     axes = tuple(range(x.ndim - 1))
     mean = x.mean(axes)
     var = jnp.square(x - mean).mean(axes)
     return _normalize(x, mean, var, scale, bias, epsilon), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_normalize(x, scale, bias, epsilon: float):
+    """`batch_normalize_autodiff` with its gradient in closed form."""
+    return batch_normalize_autodiff(x, scale, bias, epsilon)
 
 
 def _batch_normalize_fwd(x, scale, bias, epsilon):
@@ -169,6 +186,7 @@ class TorchBatchNorm(nn.Module):
 
     epsilon: float = 1e-5
     momentum: float = 0.1  # torch's: running = (1 - m) * running + m * batch
+    grad: str = "auto"  # one of BN_GRADS
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -180,7 +198,8 @@ class TorchBatchNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         if not train:
             return _normalize(x32, running_mean.value, running_var.value, scale, bias, self.epsilon).astype(x.dtype)
-        y, mean, var = batch_normalize(x32, scale, bias, self.epsilon)
+        normalize = batch_normalize if backend_choice("bn_grad", self.grad) == "closed_form" else batch_normalize_autodiff
+        y, mean, var = normalize(x32, scale, bias, self.epsilon)
         if not self.is_initializing():
             n = x.size // c
             m = self.momentum
@@ -192,20 +211,25 @@ class TorchBatchNorm(nn.Module):
 class Dropout(nn.Module):
     """Inverted dropout (torch's nn.Dropout v2: kept units scaled by 1 / (1 - rate) in training).
 
-    Two 16-bit draws per 32-bit threefry word halve the random-number work, the largest
-    cost of dropout on CPU; the rate is exact to 1/65536.
+    With `bits=16`, two draws per 32-bit threefry word halve the random-number work, the largest
+    cost of dropout on CPU; the rate is then exact to 1/65536 (with 32, to 2^-32).
     """
 
     rate: float
+    bits: int = 0  # 16 or 32; 0: the backend's
 
     @nn.compact
     def __call__(self, x, train: bool):
         if not train or self.rate == 0:
             return x
-        n = x.size
-        words = jax.random.bits(self.make_rng("dropout"), ((n + 1) // 2,), jnp.uint32)
-        draws = lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n].reshape(x.shape)
-        keep = draws >= jnp.uint16(round(self.rate * 65536))
+        key = self.make_rng("dropout")
+        if backend_choice("dropout_bits", self.bits) == 32:
+            keep = jax.random.bits(key, x.shape, jnp.uint32) >= jnp.uint32(round(self.rate * 2.0 ** 32))
+        else:
+            n = x.size
+            words = jax.random.bits(key, ((n + 1) // 2,), jnp.uint32)
+            draws = lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:n].reshape(x.shape)
+            keep = draws >= jnp.uint16(round(self.rate * 65536))
         return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
@@ -275,6 +299,19 @@ def _max_pool_bwd(window, stride, residuals, dy):
 max_pool_ceil.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+def max_pool_ceil_xla(x, window: int, stride: int):
+    """`max_pool_ceil` as one `lax.reduce_window`, differentiated by JAX (select-and-scatter)."""
+    pads = [(0, 0), *[(0, _ceil_pad(d, window, stride)) for d in x.shape[1:3]], (0, 0)]
+    return lax.reduce_window(x, jnp.asarray(-jnp.inf, x.dtype), lax.max, (1, window, window, 1),
+                             (1, stride, stride, 1), pads)
+
+
+def max_pool(x, window: int, stride: int, grad: str = "auto"):
+    """torch's ceil-mode max pooling, its gradient as `grad` (one of POOL_GRADS) chooses."""
+    pool = max_pool_ceil if backend_choice("pool_grad", grad) == "first_max" else max_pool_ceil_xla
+    return pool(x, window, stride)
+
+
 def avg_pool_ceil(x, window: int, stride: int):
     """torch `SpatialAveragePooling(k, k, s, s):ceil()`: windows past the edge average their in-image part."""
     total = _reduce_windows(x, window, stride, 0.0, jnp.add)
@@ -301,12 +338,13 @@ class ConvBNReLU(nn.Module):
     batch_norm: bool
     conv_impl: str
     dtype: Any
+    bn_grad: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool):
         x = Conv(self.features, self.kernel_size, self.padding, self.kernel_std, self.conv_impl, self.dtype)(x)
         if self.batch_norm:
-            x = TorchBatchNorm(epsilon=1e-3)(x, train)
+            x = TorchBatchNorm(epsilon=1e-3, grad=self.bn_grad)(x, train)
         return nn.relu(x)
 
 
@@ -327,22 +365,27 @@ class CifarNet(nn.Module):
     width: float = 1.0
     batch_norm: bool = True
     dropout: bool = True
-    conv_impl: str = "auto"
+    conv_impl: str = "auto"  # "auto" entries: the backend's (config.STEP_CHOICES)
     dtype: Any = jnp.float32
+    pool_grad: str = "auto"
+    bn_grad: str = "auto"
+    dropout_bits: int = 0
 
 
 class VGGBNDrop(CifarNet):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        drop = (lambda r: functools.partial(Dropout(r), train=train)) if self.dropout else (lambda r: lambda y: y)
+        drop = ((lambda r: functools.partial(Dropout(r, self.dropout_bits), train=train)) if self.dropout
+                else (lambda r: lambda y: y))
         for layer in VGG_LAYOUT:
             if layer == "M":
-                x = max_pool_ceil(x, 2, 2)
+                x = max_pool(x, 2, 2, self.pool_grad)
                 continue
             channels, rate = layer
             c = _scaled(channels, self.width)
-            x = ConvBNReLU(c, 3, 1, math.sqrt(2.0 / (9 * c)), self.batch_norm, self.conv_impl, self.dtype)(x, train)
+            x = ConvBNReLU(c, 3, 1, math.sqrt(2.0 / (9 * c)), self.batch_norm, self.conv_impl, self.dtype,
+                           self.bn_grad)(x, train)
             if rate:
                 x = drop(rate)(x)
         x = x.reshape(x.shape[0], -1)
@@ -350,7 +393,7 @@ class VGGBNDrop(CifarNet):
         x = drop(0.5)(x)
         x = self._linear(hidden, x)
         if self.batch_norm:
-            x = TorchBatchNorm(epsilon=1e-5)(x, train)
+            x = TorchBatchNorm(epsilon=1e-5, grad=self.bn_grad)(x, train)
         x = nn.relu(x)
         x = drop(0.5)(x)
         return self._linear(self.num_classes, x).astype(jnp.float32)
@@ -374,13 +417,13 @@ class NIN(CifarNet):
     def __call__(self, x, train: bool = False):
         for layer in NIN_LAYOUT:
             if layer in ("max", "avg"):
-                x = max_pool_ceil(x, 3, 2) if layer == "max" else avg_pool_ceil(x, 3, 2)
+                x = max_pool(x, 3, 2, self.pool_grad) if layer == "max" else avg_pool_ceil(x, 3, 2)
                 if self.dropout:
-                    x = Dropout(0.5)(x, train)
+                    x = Dropout(0.5, self.dropout_bits)(x, train)
                 continue
             channels, k, pad = layer
             c = self.num_classes if channels is None else _scaled(channels, self.width)
-            x = ConvBNReLU(c, k, pad, 0.05, self.batch_norm, self.conv_impl, self.dtype)(x, train)
+            x = ConvBNReLU(c, k, pad, 0.05, self.batch_norm, self.conv_impl, self.dtype, self.bn_grad)(x, train)
         x = avg_pool_ceil(x, 8, 1)
         return x.reshape(x.shape[0], -1).astype(jnp.float32)
 

@@ -69,11 +69,12 @@ def main(argv=None) -> int:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int)
     which.add_argument("--best", action="store_true")
+    p.add_argument("--seed", type=int, help="with a run of several seeds: use this seed's model (default: the first)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     try:
-        trained = evaluate.load_trained(args.workdir, args.step, args.best)
+        trained = evaluate.load_trained(args.workdir, args.step, args.best, args.seed)
     except (checkpoint.CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

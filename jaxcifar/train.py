@@ -44,9 +44,11 @@ class TrainState:
 
 
 def build_model(config) -> flax.linen.Module:
+    choices = config_lib.step_choices(config)
     return models.create_model(
         config.model, num_classes=config.num_classes, width=config.width, batch_norm=config.batch_norm,
-        dropout=config.dropout, conv_impl=config.conv_impl, dtype=jnp.dtype(config.dtype))
+        dropout=config.dropout, conv_impl=choices["conv_impl"], dtype=jnp.dtype(config.dtype),
+        pool_grad=choices["pool_grad"], bn_grad=choices["bn_grad"], dropout_bits=choices["dropout_bits"])
 
 
 def build_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -73,13 +75,44 @@ def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
     return float(learning_rate_schedule(config, steps_per_epoch)(step))
 
 
-def init_train_state(config, model, tx, image_shape) -> TrainState:
-    key = jax.random.key(config.seed)
+def init_train_state(seed: int, model, tx, image_shape) -> TrainState:
+    """The state of one run before its first update: a function of `seed` alone."""
+    key = jax.random.key(seed)
     variables = jax.jit(functools.partial(model.init, train=False))(
         {"params": stream_key(jax.random.key_data(key), INIT_STREAM)}, jnp.zeros((1, *image_shape), jnp.float32))
     params = variables["params"]
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
                       opt_state=tx.init(params), rng=jax.random.key_data(key))
+
+
+def init_replicas(seeds, model, tx, image_shape) -> TrainState:
+    """One state per seed, stacked along a leading replica axis (each exactly its single run's)."""
+    return stack_replicas([init_train_state(s, model, tx, image_shape) for s in seeds])
+
+
+def stack_replicas(trees: list):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def replica(tree, k: int):
+    """Replica `k`'s part of a tree with a leading replica axis."""
+    return jax.tree_util.tree_map(lambda x: x[k], tree)
+
+
+def over_replicas(fn, in_axes: tuple, replicas: int):
+    """`fn` mapped over the leading replica axis of the arguments whose in_axes entry is 0.
+
+    K > 1 replicas: `jax.vmap`, K independent runs in each kernel. One replica: `fn` itself on the
+    replica's slice, the very program of a run without replicas.
+    """
+    if replicas > 1:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def single(*args):
+        args = [replica(a, 0) if axis == 0 else a for a, axis in zip(args, in_axes)]
+        return jax.tree_util.tree_map(lambda x: x[None], fn(*args))
+
+    return single
 
 
 def zero_train_metrics(num_classes: int) -> dict:
@@ -133,16 +166,20 @@ def train_step(state: TrainState, acc: dict, images, labels, epoch_indices, *, m
     return state, acc
 
 
-def train_steps(state: TrainState, acc: dict, images, labels, epoch_indices, *, count: int, **step_kwargs):
-    """`count` consecutive `train_step`s traced into one program.
+def train_steps(state: TrainState, acc: dict, images, labels, epoch_indices, *, count: int, loop: str = "unroll",
+                **step_kwargs):
+    """`count` consecutive `train_step`s in one program: traced one after another, or as a `lax.scan`.
 
-    XLA:CPU allocates a program's temporaries afresh on every call and the kernel zero-fills
-    them page by page; one call per several steps pays that once for all of them. Unrolled:
-    inside a `lax.fori_loop` XLA:CPU (jax 0.10) leaves the convolution gradients to its naive
-    loop emitter instead of Eigen, and the steps ran some 25-50x slower.
+    Why several per call, and which loop, depends on the backend: config.STEP_CHOICES.
     """
+    step = functools.partial(train_step, images=images, labels=labels, epoch_indices=epoch_indices, **step_kwargs)
+    if loop == "scan" and count > 1:
+        def body(carry, _):
+            return step(*carry), None
+
+        return jax.lax.scan(body, (state, acc), length=count)[0]
     for _ in range(count):
-        state, acc = train_step(state, acc, images, labels, epoch_indices, **step_kwargs)
+        state, acc = step(state, acc)
     return state, acc
 
 
@@ -151,8 +188,10 @@ def call_plan(first: int, steps: int, steps_per_call: int) -> list[int]:
 
     Multi-step calls start at multiples of `steps_per_call` counted from the epoch's start, so a
     run resumed at any step groups its updates exactly as an uninterrupted one does (a multi-step
-    program may round differently from single calls in the last bit).
+    program may round differently from single calls in the last bit). More than an epoch's steps
+    per call: one call per epoch.
     """
+    steps_per_call = min(steps_per_call, steps)
     plan, i = [], first
     while i < steps:
         k = steps_per_call if i % steps_per_call == 0 and i + steps_per_call <= steps else 1
@@ -176,15 +215,19 @@ def replicate(x, sharding):
 
 
 class Trainer:
-    """The compiled steps and device-resident data of one run, data-parallel over `devices`.
+    """The compiled steps and device-resident data of K runs trained together, data-parallel over `devices`.
 
-    Parameters, optimizer state and the dataset are replicated; every batch is split along
-    the 'data' mesh axis. BatchNorm statistics are means over the global batch (XLA inserts
-    the all-reduce), so any device count computes the same function as one device.
+    Every state leaf carries a leading replica axis, one entry per seed of `config.seeds` (K = 1 by
+    default); replica k is the single run with seed k. Parameters, optimizer state and the dataset
+    are replicated over the devices; every replica's batch is split along the 'data' mesh axis.
+    BatchNorm statistics are means over the global batch (XLA inserts the all-reduce), so any device
+    count computes the same function as one device.
     """
 
     def __init__(self, config, dataset: data.Preprocessed, devices=None):
         self.config = config
+        self.seeds = config_lib.seed_list(config)
+        self.replicas = len(self.seeds)
         self.num_train = len(dataset.train_labels)
         self.steps_per_epoch = self.num_train // config.batch_size
         if self.steps_per_epoch < 1:
@@ -193,45 +236,56 @@ class Trainer:
         if config.batch_size % len(devices):
             raise ValueError(f"bad config: batch_size={config.batch_size} is not divisible by the {len(devices)} "
                              f"devices; use a multiple of {len(devices)}")
+        self.choices = config_lib.step_choices(config, devices[0].platform)
         self.mesh = Mesh(np.array(devices), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
-        batch_rows = NamedSharding(self.mesh, P(None, "data"))  # (steps, batch) index tables
+        batch_rows = NamedSharding(self.mesh, P(None, None, "data"))  # (replica, steps, batch) index tables
         self.model = build_model(config)
         self.tx = build_optimizer(config, self.steps_per_epoch)
-        # The whole preprocessed dataset lives on the devices; batches are gathered inside jit.
+        # The whole preprocessed dataset lives on the devices, once for all replicas; batches are gathered inside jit.
         self.train_images = replicate(dataset.train_images, self.replicated)
         self.train_labels = replicate(dataset.train_labels.astype(np.int32), self.replicated)
         self.test_images = replicate(dataset.test_images, self.replicated)
         self.test_labels = replicate(dataset.test_labels.astype(np.int32), self.replicated)
         eval_batch = -(-config.eval_batch_size // len(devices)) * len(devices)  # padding rows are masked out
         indices, valid = data.eval_batches(len(dataset.test_labels), eval_batch)
-        self.eval_indices, self.eval_valid = replicate(indices, batch_rows), replicate(valid, batch_rows)
-        self._compiler_options = models.compiler_options()
+        eval_rows = NamedSharding(self.mesh, P(None, "data"))
+        self.eval_indices, self.eval_valid = replicate(indices, eval_rows), replicate(valid, eval_rows)
+        self._compiler_options = models.compiler_options(devices[0].platform)
         self._train_calls = {}  # steps per call -> compiled program, built on first use
         self._train_step_kwargs = dict(model=self.model, tx=self.tx, flip=config.flip,
                                        label_smoothing=config.label_smoothing, num_classes=config.num_classes,
                                        batch_sharding=NamedSharding(self.mesh, P("data")))
-        self._eval_step = jax.jit(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
-                                  out_shardings=(self.replicated, self.replicated),
-                                  compiler_options=self._compiler_options)
-        self._epoch_order = jax.jit(epoch_order, static_argnums=(2, 3), out_shardings=batch_rows)
+        self._eval_step = jax.jit(
+            over_replicas(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
+                          (0, 0, None, None, None, None), self.replicas),
+            out_shardings=(self.replicated, self.replicated), compiler_options=self._compiler_options)
+        order = functools.partial(epoch_order, num_examples=self.num_train, batch_size=config.batch_size)
+        self._epoch_order = jax.jit(over_replicas(order, (0, None), self.replicas), out_shardings=batch_rows)
+
+    @property
+    def steps_per_call(self) -> int:
+        return self.choices["steps_per_call"]
 
     def epoch_order(self, rng, epoch: int):
-        """The (steps, batch) example indices of `epoch` (1-based) for the run key `rng`, on the devices."""
-        return self._epoch_order(rng, epoch, self.num_train, self.config.batch_size)
+        """Each replica's (steps, batch) example indices of `epoch` (1-based), for the run keys `rng` (K, 2)."""
+        return self._epoch_order(rng, epoch)
 
     def run_steps(self, state: TrainState, acc: dict, order, count: int):
-        """`count` updates in one compiled call (within one epoch, whose batch order is `order`)."""
+        """`count` updates of every replica in one compiled call (within one epoch, whose batch order is `order`)."""
         if count not in self._train_calls:
+            steps = functools.partial(train_steps, count=count, loop=self.choices["step_loop"], **self._train_step_kwargs)
             self._train_calls[count] = jax.jit(
-                functools.partial(train_steps, count=count, **self._train_step_kwargs),
+                over_replicas(steps, (0, 0, None, None, 0), self.replicas),
                 out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1),
                 compiler_options=self._compiler_options)
         return self._train_calls[count](state, acc, self.train_images, self.train_labels, order)
 
     def init_state(self) -> TrainState:
-        state = init_train_state(self.config, self.model, self.tx, self.train_images.shape[1:])
-        return self.place(state)
+        return self.place(init_replicas(self.seeds, self.model, self.tx, self.train_images.shape[1:]))
+
+    def zero_metrics(self) -> dict:
+        return self.place(stack_replicas([zero_train_metrics(self.config.num_classes)] * self.replicas))
 
     def place(self, tree):
         """Replicates a host or single-device pytree (a fresh or restored state) over the mesh."""
@@ -245,35 +299,36 @@ class Trainer:
         """
         c = self.config
         order = self.epoch_order(state.rng, epoch)
-        acc = self.place(zero_train_metrics(c.num_classes)) if acc is None else acc
-        done = int(state.step) - (epoch - 1) * self.steps_per_epoch
-        for count in call_plan(done, self.steps_per_epoch, c.steps_per_call):
+        acc = self.zero_metrics() if acc is None else acc
+        done = int(state.step[0]) - (epoch - 1) * self.steps_per_epoch
+        for count in call_plan(done, self.steps_per_epoch, self.steps_per_call):
             state, acc = self.run_steps(state, acc, order, count)
             before, done = done, done + count
             if done // c.log_every_steps > before // c.log_every_steps or done == self.steps_per_epoch:
-                last = float(acc["last_loss"])  # syncs: keeps the bar honest and catches divergence early
-                if not math.isfinite(last):
+                last = np.asarray(acc["last_loss"])  # syncs: keeps the bar honest and catches divergence early
+                if not np.all(np.isfinite(last)):
+                    bad = ", ".join(f"{v} (seed {s})" for s, v in zip(self.seeds, last.tolist()) if not math.isfinite(v))
                     raise TrainingDiverged(
-                        f"loss became {last} at epoch {epoch}, step {int(state.step)}: training stopped; "
+                        f"loss became {bad} at epoch {epoch}, step {int(state.step[0])}: training stopped; "
                         "lower optimizer.learning_rate or check the input data")
                 if progress is not None:
-                    progress(done, last)
+                    progress(done, float(last.mean()))
             if done < self.steps_per_epoch and should_stop():
                 return state, acc, False
         return state, acc, True
 
-    def epoch_summary(self, acc: dict) -> tuple[float, np.ndarray]:
-        """(mean training loss, training confusion) of a finished epoch."""
-        return float(acc["loss_sum"]) / self.steps_per_epoch, np.asarray(acc["confusion"])
+    def epoch_summary(self, acc: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Per replica: (mean training loss (K,), training confusion (K, C, C)) of a finished epoch."""
+        return np.asarray(acc["loss_sum"], np.float64) / self.steps_per_epoch, np.asarray(acc["confusion"])
 
-    def evaluate(self, params, batch_stats):
-        """Confusion matrix and mean loss over every test image, exactly once."""
-        confusion = jnp.zeros((self.config.num_classes,) * 2, jnp.int32)
-        loss = jnp.zeros([], jnp.float32)
+    def evaluate(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
+        """Per replica: (confusion (K, C, C), mean loss (K,)) over every test image, exactly once."""
+        confusion = jnp.zeros((self.replicas, *(self.config.num_classes,) * 2), jnp.int32)
+        loss = jnp.zeros([self.replicas], jnp.float32)
         for idx, ok in zip(self.eval_indices, self.eval_valid):
             conf, batch_loss = self._eval_step(params, batch_stats, self.test_images, self.test_labels, idx, ok)
             confusion, loss = confusion + conf, loss + batch_loss
-        return np.asarray(confusion), float(loss) / int(self.eval_valid.sum())
+        return np.asarray(confusion), np.asarray(loss, np.float64) / int(self.eval_valid.sum())
 
 
 # ---------------------------------------------------------------------------
@@ -284,9 +339,15 @@ class RunLog:
     CSV_FIELDS = ("epoch", "step", "learning_rate", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                   "test_average_row_correct", "test_average_rowucol_correct", "epoch_time_s", "train_images_per_s",
                   "eval_time_s")
+    PER_SEED_FIELDS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, seeds: list[int] | None = None):
         self.workdir = workdir
+        self.seeds = seeds or []
+        # With several seeds the means lead; then the std of test accuracy and each seed's own numbers.
+        self.csv_fields = self.CSV_FIELDS + (
+            ("test_accuracy_std", *(f"{k}_seed{s}" for s in self.seeds for k in self.PER_SEED_FIELDS))
+            if len(self.seeds) > 1 else ())
         workdir.mkdir(parents=True, exist_ok=True)
         self._text = open(workdir / "log.txt", "a", buffering=1)
 
@@ -295,7 +356,10 @@ class RunLog:
         self._text.write(msg + "\n")
 
     def epoch(self, record: dict) -> None:
-        with open(self.workdir / "metrics.csv", "a") as f:
+        csv = self.workdir / "metrics.csv"
+        with open(csv, "a") as f:
+            if f.tell() == 0:
+                f.write(",".join(self.csv_fields) + "\n")
             f.write(self._csv_row(record))
         with open(self.workdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -309,13 +373,13 @@ class RunLog:
                 with open(self.workdir / "metrics.discarded.jsonl", "a") as f:
                     f.write("".join(line + "\n" for line in old[len(history):]))
         for name, text in (("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history)),
-                           ("metrics.csv", ",".join(self.CSV_FIELDS) + "\n" + "".join(map(self._csv_row, history)))):
+                           ("metrics.csv", ",".join(self.csv_fields) + "\n" + "".join(map(self._csv_row, history)))):
             tmp = self.workdir / f".{name}.tmp"
             tmp.write_text(text)
             os.replace(tmp, self.workdir / name)
 
     def _csv_row(self, record: dict) -> str:
-        return ",".join(_csv_value(record[k]) for k in self.CSV_FIELDS) + "\n"
+        return ",".join(_csv_value(_csv_field(record, k)) for k in self.csv_fields) + "\n"
 
     def close(self) -> None:
         self._text.close()
@@ -323,6 +387,40 @@ class RunLog:
 
 def _csv_value(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _csv_field(record: dict, name: str):
+    if "_seed" in name and name not in record:  # e.g. test_accuracy_seed3
+        field, seed = name.rsplit("_seed", 1)
+        return record["per_seed"][field][record["seeds"].index(int(seed))]
+    return record[name]
+
+
+def epoch_record(*, epoch: int, step: int, lr: float, seeds: list[int], train_loss, train_conf, test_loss, test_conf,
+                 train_time: float, eval_time: float, images: int) -> dict:
+    """One epoch's log entry: means over the replicas (the only values when there is one) and each seed's own.
+
+    The confusion matrix is the replicas' sum, so its accuracy is the mean accuracy.
+    """
+    train_s = [metrics.summarize(c) for c in train_conf]
+    test_s = [metrics.summarize(c) for c in test_conf]
+    per_seed = {"train_loss": [float(v) for v in train_loss], "train_accuracy": [s["accuracy"] for s in train_s],
+                "test_loss": [float(v) for v in test_loss], "test_accuracy": [s["accuracy"] for s in test_s]}
+
+    def mean(values):
+        return float(np.mean(values))
+
+    return {
+        "epoch": epoch, "step": step, "learning_rate": lr, "train_loss": mean(per_seed["train_loss"]),
+        "train_accuracy": mean(per_seed["train_accuracy"]), "test_loss": mean(per_seed["test_loss"]),
+        "test_accuracy": mean(per_seed["test_accuracy"]),
+        "test_average_row_correct": mean([s["average_row_correct"] for s in test_s]),
+        "test_average_rowucol_correct": mean([s["average_rowucol_correct"] for s in test_s]),
+        "epoch_time_s": train_time + eval_time, "train_images_per_s": images * len(seeds) / train_time,
+        "eval_time_s": eval_time, "test_confusion": np.sum(test_conf, axis=0).tolist(),
+        "test_accuracy_std": float(np.std(per_seed["test_accuracy"], ddof=1)) if len(seeds) > 1 else 0.0,
+        "seeds": list(seeds), "per_seed": per_seed,
+    }
 
 
 def _progress_bar(epoch: int, total: int, start: int):
@@ -387,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     config_lib.validate(config)
     enable_compile_cache(config.compile_cache_dir)
     workdir = Path(workdir)
-    log = RunLog(workdir)
+    log = RunLog(workdir, config_lib.seed_list(config))
     ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
     reporter = report.BackgroundReporter()  # plotting overlaps the next epoch instead of delaying it
     try:
@@ -423,15 +521,19 @@ def optimizer_state(config, epoch: int, step: int, lr: float) -> dict:
 def save(ckpt: checkpoint.Checkpointer, config, dataset: data.Preprocessed, state: TrainState, acc: dict,
          epochs_done: int, history: list, is_best: bool = False) -> None:
     """Starts the asynchronous save of the run as it stands after `epochs_done` epochs (plus `acc`'s steps)."""
-    step = int(state.step)
+    step = int(state.step[0])
     meta = {"epoch": epochs_done, "step": step, "history": history, "stats": dataset.stats.to_json(),
-            "fingerprint": dataset.fingerprint, "config": config.to_dict()}
+            "fingerprint": dataset.fingerprint, "config": config.to_dict(), "seeds": config_lib.seed_list(config),
+            "layout": checkpoint.LAYOUT}
     ckpt.save(step, checkpoint.to_tree({"train_state": state, "epoch_metrics": acc}), meta, is_best=is_best)
 
 
 def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, stop: StopFlag,
            reporter: report.BackgroundReporter) -> TrainState:
-    log.print(f"jaxcifar: {config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s); workdir {workdir}")
+    seeds = config_lib.seed_list(config)
+    runs = f"seeds {','.join(map(str, seeds))} in one program" if len(seeds) > 1 else f"seed {seeds[0]}"
+    log.print(f"jaxcifar: {config.model}, {runs}, on {jax.device_count()} {jax.devices()[0].platform} device(s); "
+              f"workdir {workdir}")
     dataset = load_dataset(config, log.print)
     trainer = Trainer(config, dataset)
     state = trainer.init_state()
@@ -441,10 +543,13 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     # Resume order: (1) the newest readable checkpoint, (2) refuse one of another run,
     # (3) state, partial-epoch metrics and history from it, (4) logs rewritten from that history,
     # so epochs logged after the save are neither duplicated nor missing.
-    template = checkpoint.to_tree({"train_state": state, "epoch_metrics": zero_train_metrics(config.num_classes)})
+    template = checkpoint.to_tree({"train_state": state, "epoch_metrics": trainer.zero_metrics()})
 
     def refuse_other_runs(meta):
         differing = checkpoint.incompatible_fields(meta["config"], config)
+        checkpoint.check_layout(meta, workdir)
+        if meta["seeds"] != seeds:
+            differing.append(f"seeds: {meta['seeds']} -> {seeds}")
         if differing:
             raise checkpoint.CheckpointError(
                 f"{workdir} holds checkpoints of a different run ({'; '.join(differing)}); "
@@ -454,21 +559,23 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     if restored is not None:
         tree, meta, step = restored
         state = trainer.place(checkpoint.from_tree(state, tree["train_state"]))
-        acc = trainer.place(checkpoint.from_tree(zero_train_metrics(config.num_classes), tree["epoch_metrics"]))
+        acc = trainer.place(checkpoint.from_tree(trainer.zero_metrics(), tree["epoch_metrics"]))
         history = meta["history"]
         log.print(f"resumed from checkpoint at step {step} (epoch {meta['epoch']}, "
                   f"{len(history)} epochs done) in {workdir / 'checkpoints'}")
     log.rewrite(history)
-    log.print(f"{models.count_params(state.params):,} parameters; {trainer.steps_per_epoch} steps of "
-              f"{config.batch_size} per epoch; {config.num_epochs} epochs")
-    summary = report.model_summary(state.params, state.batch_stats)
+    one = replica(state, 0)
+    choices = ", ".join(f"{k} {v}" for k, v in trainer.choices.items())
+    log.print(f"{models.count_params(one.params):,} parameters per run; {trainer.steps_per_epoch} steps of "
+              f"{config.batch_size} per epoch; {config.num_epochs} epochs; step: {choices}")
+    summary = report.model_summary(one.params, one.batch_stats)
     scalars = report.ScalarWriter(workdir / "tensorboard")
 
-    start_epoch = int(state.step) // trainer.steps_per_epoch + 1
+    start_epoch = int(state.step[0]) // trainer.steps_per_epoch + 1
     for epoch in range(start_epoch, config.num_epochs + 1):
         lr = learning_rate_at(config, trainer.steps_per_epoch, (epoch - 1) * trainer.steps_per_epoch)
         log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]")
-        first = int(state.step) - (epoch - 1) * trainer.steps_per_epoch
+        first = int(state.step[0]) - (epoch - 1) * trainer.steps_per_epoch
         t0 = time.time()
         bar, progress = _progress_bar(epoch, trainer.steps_per_epoch, first)
         try:
@@ -478,43 +585,61 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         if not finished:  # stopped mid-epoch: keep the partial epoch's metrics too
             save(ckpt, config, dataset, state, acc, epoch - 1, history)
             ckpt.wait()
-            raise TrainingInterrupted(stop.signum, int(state.step))
+            raise TrainingInterrupted(stop.signum, int(state.step[0]))
         train_time = time.time() - t0
         train_loss, train_conf = trainer.epoch_summary(acc)
         acc = None
         t1 = time.time()
         test_conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
         eval_time = time.time() - t1
-        train_s, test_s = metrics.summarize(train_conf), metrics.summarize(test_conf)
-        step = int(state.step)
-        images = (trainer.steps_per_epoch - first) * config.batch_size
-        record = {
-            "epoch": epoch, "step": step, "learning_rate": lr, "train_loss": train_loss,
-            "train_accuracy": train_s["accuracy"], "test_loss": test_loss, "test_accuracy": test_s["accuracy"],
-            "test_average_row_correct": test_s["average_row_correct"],
-            "test_average_rowucol_correct": test_s["average_rowucol_correct"],
-            "epoch_time_s": train_time + eval_time, "train_images_per_s": images / train_time,
-            "eval_time_s": eval_time, "test_confusion": test_conf.tolist(),
-        }
-        log.print(f"Train loss: {train_loss:.4f}  Train accuracy: {train_s['accuracy']:.2f} %  "
-                  f"time: {train_time:.1f} s ({record['train_images_per_s']:.0f} images/s)")
-        log.print(f"Test accuracy: {test_s['accuracy']:.2f} %  (loss {test_loss:.4f}, {eval_time:.1f} s)")
-        log.print(metrics.format_confusion(test_conf, data.CLASS_NAMES))
+        step = int(state.step[0])
+        record = epoch_record(epoch=epoch, step=step, lr=lr, seeds=seeds, train_loss=train_loss,
+                              train_conf=train_conf, test_loss=test_loss, test_conf=test_conf, train_time=train_time,
+                              eval_time=eval_time, images=(trainer.steps_per_epoch - first) * config.batch_size)
+        log_epoch(log, record)
         is_best = all(record["test_accuracy"] > h["test_accuracy"] for h in history)
         history.append(record)
         # Save before logging: the save waits for the previous one, so a logged epoch's predecessor is
         # always on disk and a kill loses at most the last logged epoch and the one in progress.
         if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
-            save(ckpt, config, dataset, state, zero_train_metrics(config.num_classes), epoch, history, is_best)
+            save(ckpt, config, dataset, state, trainer.zero_metrics(), epoch, history, is_best)
         log.epoch(record)
         reporter.submit(workdir, list(history), config.to_dict(), optimizer_state(config, epoch, step, lr),
                         summary, data.CLASS_NAMES)
-        scalars.write(step, {k: record[k] for k in (
-            "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "train_images_per_s")})
+        scalars.write(step, scalar_summary(record))
         if stop():
             ckpt.wait()
             raise TrainingInterrupted(stop.signum, step)
     return state
+
+
+def log_epoch(log: RunLog, r: dict) -> None:
+    """The seed's per-epoch console lines (means over the seeds), then each seed's when there are several."""
+    seeds = r["seeds"]
+    over = f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    log.print(f"Train loss: {r['train_loss']:.4f}  Train accuracy: {r['train_accuracy']:.2f} %{over}  "
+              f"time: {r['epoch_time_s'] - r['eval_time_s']:.1f} s ({r['train_images_per_s']:.0f} images/s)")
+    spread = f" ± {r['test_accuracy_std']:.2f}" if len(seeds) > 1 else ""
+    log.print(f"Test accuracy: {r['test_accuracy']:.2f}{spread} %{over}  (loss {r['test_loss']:.4f}, "
+              f"{r['eval_time_s']:.1f} s)")
+    if len(seeds) > 1:
+        p = r["per_seed"]
+        for i, s in enumerate(seeds):
+            log.print(f"  seed {s}: train loss {p['train_loss'][i]:.4f}, train {p['train_accuracy'][i]:.2f} %, "
+                      f"test {p['test_accuracy'][i]:.2f} % (loss {p['test_loss'][i]:.4f})")
+        log.print(f"test confusion summed over the {len(seeds)} seeds:")
+    log.print(metrics.format_confusion(np.asarray(r["test_confusion"]), data.CLASS_NAMES))
+
+
+def scalar_summary(r: dict) -> dict:
+    """TensorBoard scalars: the means under their usual tags; with several seeds, the std and seed<k>/ tags."""
+    out = {k: r[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate",
+                             "train_images_per_s")}
+    if len(r["seeds"]) > 1:
+        out["test_accuracy_std"] = r["test_accuracy_std"]
+        for field, values in r["per_seed"].items():
+            out.update({f"seed{s}/{field}": v for s, v in zip(r["seeds"], values)})
+    return out
 
 
 def maybe_initialize_distributed() -> None:

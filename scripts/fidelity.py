@@ -77,9 +77,10 @@ def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, record
     for epoch in range(1, config.num_epochs + 1):
         t0 = time.time()
         state, acc, _ = trainer.train_epoch(state, epoch)
-        loss, conf = trainer.epoch_summary(acc)
+        (loss,), (conf,) = trainer.epoch_summary(acc)
         train_time = time.time() - t0
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        one = train.replica(state, 0)
+        variables = {"params": one.params, "batch_stats": one.batch_stats}
         row = {"epoch": epoch, "train_loss": loss, "train_accuracy": 100.0 * np.trace(conf) / conf.sum(),
                "test_accuracy": accuracy(variables, dataset.test_images, dataset.test_labels),
                "train_images_eval_accuracy": accuracy(variables, *train_eval), "train_time_s": train_time}
@@ -161,7 +162,7 @@ class JaxStream:
         from jaxcifar import train
 
         model = train.build_model(self.config)
-        state = train.init_train_state(self.config, model, train.build_optimizer(self.config, 1), (32, 32, 3))
+        state = train.init_train_state(self.config.seed, model, train.build_optimizer(self.config, 1), (32, 32, 3))
         return state.params, state.batch_stats
 
 

@@ -26,9 +26,9 @@ for name, devices in (("one", jax.devices()[:1]), ("all", jax.devices())):
         acc = None
         for _ in range(trainer.steps_per_epoch):
             state, acc, _ = trainer.train_epoch(state, epoch, acc, should_stop=lambda: True)
-            losses.append(float(acc["last_loss"]))
-    conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
-    out[name] = {"losses": losses, "confusion": conf.tolist(), "test_loss": test_loss,
+            losses.append(float(acc["last_loss"][0]))
+    (conf,), (test_loss,) = trainer.evaluate(state.params, state.batch_stats)
+    out[name] = {"losses": losses, "confusion": conf.tolist(), "test_loss": float(test_loss),
                  "sharding": str(trainer.train_images.sharding)}
 try:
     train.Trainer(tiny_config(prepared, batch_size=30), dataset)
@@ -77,7 +77,7 @@ def test_bfloat16_trains_and_agrees_with_float32(prepared):
         run = []
         for epoch in (1, 2, 3):
             state, acc, _ = trainer.train_epoch(state, epoch)
-            run.append(trainer.epoch_summary(acc)[0])
+            run.append(trainer.epoch_summary(acc)[0][0])
         import jax
         assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(state.params))
         assert all(v.dtype == np.float32 for v in jax.tree_util.tree_leaves(state.batch_stats))

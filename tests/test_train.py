@@ -52,7 +52,7 @@ def test_a_few_steps_overfit_a_tiny_batch(prepared):
     losses = []
     for epoch in range(1, 41):
         state, acc, finished = trainer.train_epoch(state, epoch)
-        loss, conf = trainer.epoch_summary(acc)
+        (loss,), (conf,) = trainer.epoch_summary(acc)
         assert finished
         losses.append(loss)
     assert losses[-1] < 0.1 * losses[0]
@@ -78,11 +78,11 @@ def test_a_steps_randomness_is_a_function_of_seed_and_step(prepared):
             trainers[key] = train.Trainer(tiny_config(prepared, batch_size=16, steps_per_call=1, **overrides), dataset)
         trainer = trainers[key]
         state = trainer.init_state()  # the same parameters and optimizer state every time
-        state = state.replace(step=trainer.place(np.int32(step)))
+        state = state.replace(step=trainer.place(np.full(1, step, np.int32)))
         if rng_seed is not None:
-            state = state.replace(rng=trainer.place(jax.random.key_data(jax.random.key(rng_seed))))
+            state = state.replace(rng=trainer.place(jax.random.key_data(jax.random.key(rng_seed))[None]))
         order = trainer.epoch_order(state.rng, 1)
-        state, _ = trainer.run_steps(state, trainer.place(train.zero_train_metrics(10)), order, 1)
+        state, _ = trainer.run_steps(state, trainer.zero_metrics(), order, 1)
         return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
 
     # No flips, no dropout: nothing random is left, and the step number changes nothing.
@@ -102,10 +102,10 @@ def test_an_epoch_runs_every_full_batch_once_and_drops_the_remainder(prepared):
     seen = set()
     for epoch in (1, 2, 3):
         state, acc, finished = trainer.train_epoch(state, epoch)
-        assert finished and int(state.step) == 6 * epoch
+        assert finished and int(state.step[0]) == 6 * epoch
         assert trainer.epoch_summary(acc)[1].sum() == 96  # every trained image counted once
         order = np.asarray(trainer.epoch_order(state.rng, epoch))
-        assert order.shape == (6, 16) and len(set(order.ravel().tolist())) == 96
+        assert order.shape == (1, 6, 16) and len(set(order.ravel().tolist())) == 96
         seen |= set(order.ravel().tolist())
     assert len(seen) > 96  # the dropped remainder changes from epoch to epoch
 
@@ -133,17 +133,17 @@ def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepa
         state = trainer.init_state()
         start = _flat(state.params)
         order = trainer.epoch_order(state.rng, 1)
-        acc = trainer.place(train.zero_train_metrics(10))
+        acc = trainer.zero_metrics()
         if stop_after_first_call:
             state, acc, finished = trainer.train_epoch(state, 1, acc, should_stop=lambda: True)
-            assert not finished and int(state.step) == 3  # the stop flag is honoured between calls
+            assert not finished and int(state.step[0]) == 3  # the stop flag is honoured between calls
             state, acc, finished = trainer.train_epoch(state, 1, acc)
             assert finished
             return start, None, state, trainer.epoch_summary(acc)
         after_calls = []
         for count in train.call_plan(0, trainer.steps_per_epoch, steps_per_call):
             state, acc = trainer.run_steps(state, acc, order, count)
-            after_calls.append((int(state.step), _flat(state.params), float(acc["loss_sum"])))
+            after_calls.append((int(state.step[0]), _flat(state.params), float(acc["loss_sum"][0])))
         return start, after_calls, state, trainer.epoch_summary(acc)
 
     start, single_calls, _, (_, single_conf) = run(1)
