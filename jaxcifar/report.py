@@ -42,8 +42,16 @@ def plot_curves(history: Sequence[dict]) -> bytes:
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     for ax in (ax_acc, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], ".-" if len(epochs) < 30 else "-", label="train (train mode)")
-    ax_acc.plot(epochs, [r["test_accuracy"] for r in history], ".-" if len(epochs) < 30 else "-", label="test")
+    seeds = history[-1].get("seeds", [None])
+    over = f", mean of {len(seeds)} seeds" if len(seeds) > 1 else ""
+    ax_acc.plot(epochs, [r["train_accuracy"] for r in history], ".-" if len(epochs) < 30 else "-",
+                label=f"train (train mode){over}")
+    test_line, = ax_acc.plot(epochs, [r["test_accuracy"] for r in history], ".-" if len(epochs) < 30 else "-",
+                             label=f"test{over}")
+    if len(seeds) > 1:  # each seed's test accuracy, faint, around the mean
+        for i in range(len(seeds)):
+            ax_acc.plot(epochs, [r["per_seed"]["test_accuracy"][i] for r in history], "-", lw=0.6, alpha=0.35,
+                        color=test_line.get_color())
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy, %")
     ax_acc.grid(alpha=0.3)
@@ -66,6 +74,19 @@ def _table(rows) -> str:
         f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>\n" for k, v in rows) + "</table>\n"
 
 
+def _seed_table(latest: dict) -> str:
+    """Each seed's numbers at the latest epoch, when the run trained several."""
+    seeds = latest.get("seeds", [])
+    if len(seeds) < 2:
+        return ""
+    p = latest["per_seed"]
+    rows = "".join(f"<tr><td>{s}</td><td>{p['train_loss'][i]:.4f}</td><td>{p['train_accuracy'][i]:.2f}</td>"
+                   f"<td>{p['test_loss'][i]:.4f}</td><td>{p['test_accuracy'][i]:.2f}</td></tr>\n"
+                   for i, s in enumerate(seeds))
+    return ("<h4>Seeds</h4>\n<table>\n<tr><th>seed</th><th>train loss</th><th>train accuracy, %</th><th>test loss</th>"
+            f"<th>test accuracy, %</th></tr>\n{rows}</table>\n")
+
+
 def _flatten_config(d: dict, prefix: str = ""):
     for k, v in sorted(d.items()):
         if isinstance(v, dict):
@@ -83,7 +104,9 @@ def render_html(*, workdir: str, history: Sequence[dict], config: dict, optimize
     timing = [("epoch time, s", f"{latest['epoch_time_s']:.1f}"),
               ("training images/s", f"{latest['train_images_per_s']:.0f}"),
               ("evaluation time, s", f"{latest['eval_time_s']:.1f}")]
-    accuracy = [("test accuracy, %", f"{latest['test_accuracy']:.2f}"),
+    seeds = latest.get("seeds", [None])
+    spread = f" ± {latest['test_accuracy_std']:.2f} (mean ± std of {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    accuracy = [("test accuracy, %", f"{latest['test_accuracy']:.2f}{spread}"),
                 ("best test accuracy, %", f"{max(r['test_accuracy'] for r in history):.2f}"),
                 ("train accuracy, %", f"{latest['train_accuracy']:.2f}"),
                 ("train loss", f"{latest['train_loss']:.4f}")]
@@ -107,7 +130,7 @@ pre {{ font-size: 12px; background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 {_table(sorted(optimizer_state.items()))}
 <h4>Speed</h4>
 {_table(timing)}
-<h4>Test confusion matrix</h4>
+{_seed_table(latest)}<h4>Test confusion matrix{" (summed over the seeds)" if len(seeds) > 1 else ""}</h4>
 <pre>{e(confusion)}</pre>
 <h4>Config</h4>
 {_table(_flatten_config(config))}

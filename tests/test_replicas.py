@@ -1,0 +1,173 @@
+"""Several seeds trained at once (`--config.seeds`): each replica is its seed's single run."""
+
+import json
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from jaxcifar import checkpoint, config as config_lib, data, evaluate, train
+from test_checkpoint import flat
+from test_train import tiny_config
+
+SEEDS = [0, 1, 2]
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
+
+
+@pytest.fixture(scope="module")
+def dataset(prepared):
+    return data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
+
+
+def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
+    multi = train.Trainer(tiny_config(prepared, seeds=",".join(map(str, SEEDS))), dataset)
+    single = train.Trainer(tiny_config(prepared), dataset)  # its programs, fed each seed's state in turn
+
+    def singles_from_scratch():
+        return [single.place(train.init_replicas([s], single.model, single.tx, (32, 32, 3))) for s in SEEDS]
+
+    singles = singles_from_scratch()
+    start = multi.init_state()
+    for k in range(len(SEEDS)):  # initialization is each seed's own, exactly
+        np.testing.assert_array_equal(_flat(train.replica(start.params, k)), _flat(singles[k].params))
+    starts = [_flat(s.params) for s in singles]
+
+    # One update: the same arithmetic with K replicas per kernel. Measured identical (Sapphire Rapids,
+    # native and AVX2); 1e-5 of the distance travelled allows another CPU's rounding and still fails
+    # when a replica draws another seed's order, flips or dropout (a different batch moves it by O(1)).
+    after_one, multi_acc = multi.run_steps(start, multi.zero_metrics(), multi.epoch_order(start.rng, 1), 1)
+    for k, s in enumerate(singles):
+        alone, acc = single.run_steps(s, single.zero_metrics(), single.epoch_order(s.rng, 1), 1)
+        got, want = _flat(train.replica(after_one.params, k)), _flat(alone.params)
+        assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want - starts[k]), SEEDS[k]
+        assert float(multi_acc["loss_sum"][k]) == pytest.approx(float(acc["loss_sum"][0]), rel=1e-5)
+
+    # Two epochs (calls of 4 steps): measured per-epoch losses identical and parameters 1e-7 of the distance
+    # travelled apart. Rounding may grow on other CPUs as in test_train's grouped-steps test (a near-tie in a
+    # max-pool window routes a gradient elsewhere; measured there up to 2.4e-7 of the loss): 1e-4 relative
+    # holds that, while one step on a wrong batch moves an epoch's mean loss of 6 steps by far more.
+    state = multi.init_state()
+    multi_losses = []
+    for epoch in (1, 2):
+        state, acc, _ = multi.train_epoch(state, epoch)
+        multi_losses.append(multi.epoch_summary(acc)[0])
+    multi_conf, _ = multi.evaluate(state.params, state.batch_stats)
+    for k, s in enumerate(singles_from_scratch()):  # (run_steps donated the states above)
+        losses = []
+        for epoch in (1, 2):
+            s, acc, _ = single.train_epoch(s, epoch)
+            losses.append(single.epoch_summary(acc)[0][0])
+        np.testing.assert_allclose([m[k] for m in multi_losses], losses, rtol=1e-4, err_msg=f"seed {SEEDS[k]}")
+        conf, _ = single.evaluate(s.params, s.batch_stats)
+        assert np.abs(multi_conf[k] - conf[0]).sum() <= 2  # a near-tie may move one test prediction
+    # The replicas are different runs, not copies.
+    assert len({round(float(m), 6) for m in multi_losses[-1]}) == len(SEEDS)
+
+
+@pytest.fixture(scope="module")
+def two_seed_runs(prepared, tmp_path_factory):
+    """(uninterrupted, stopped by SIGTERM in epoch 2 then resumed) workdirs of seeds 3,5 over 2 epochs."""
+    root = tmp_path_factory.mktemp("seeds")
+    config = tiny_config(prepared, num_epochs=2, seeds="3,5", log_every_steps=1)
+    train.train_and_evaluate(config, str(root / "straight"))
+
+    real_bar = train._progress_bar
+
+    def bar_that_stops_in_epoch_2(epoch, total, start):
+        bar, update = real_bar(epoch, total, start)
+
+        def signal_once(done, loss):
+            update(done, loss)
+            if epoch == 2 and done == 4:  # after the first call of 4 steps
+                os.kill(os.getpid(), signal.SIGTERM)  # handled by train's StopFlag between calls
+
+        return bar, signal_once
+
+    train._progress_bar = bar_that_stops_in_epoch_2
+    try:
+        with pytest.raises(train.TrainingInterrupted):
+            train.train_and_evaluate(config, str(root / "resumed"))
+    finally:
+        train._progress_bar = real_bar
+    saved_at = checkpoint.Checkpointer(root / "resumed").steps()
+    train.train_and_evaluate(config, str(root / "resumed"))
+    return root / "straight", root / "resumed", saved_at
+
+
+def test_several_seeds_resume_bit_identically(two_seed_runs):
+    straight, resumed, saved_at = two_seed_runs
+    assert max(saved_at) % 6 != 0  # the stop landed inside epoch 2 (6 steps per epoch)
+    a, b = checkpoint.read_saved(straight)[0]["train_state"], checkpoint.read_saved(resumed)[0]["train_state"]
+    fa, fb = flat(a), flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert fa[k].shape[0] == 2, k  # every leaf carries the replica axis
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+    timed = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in timed}
+             for line in (w / "metrics.jsonl").read_text().splitlines()] for w in (straight, resumed)]
+    assert rows[0] == rows[1] and [r["epoch"] for r in rows[0]] == [1, 2]
+
+
+def test_every_output_gives_each_seed_and_the_mean(two_seed_runs, prepared, tmp_path, capsys):
+    workdir = two_seed_runs[0]
+    history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    last = history[-1]
+    per_seed = last["per_seed"]["test_accuracy"]
+    assert last["seeds"] == [3, 5] and len(per_seed) == 2
+    assert last["test_accuracy"] == pytest.approx(np.mean(per_seed))
+    assert last["test_accuracy_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert sum(map(sum, last["test_confusion"])) == 2 * 50  # both seeds' test images
+
+    header, *rows = (workdir / "metrics.csv").read_text().splitlines()
+    fields = header.split(",")
+    assert {"test_accuracy_std", "test_accuracy_seed3", "test_accuracy_seed5", "train_loss_seed5"} <= set(fields)
+    assert float(rows[-1].split(",")[fields.index("test_accuracy_seed5")]) == pytest.approx(per_seed[1], abs=1e-4)
+
+    page = (workdir / "report.html").read_text()
+    assert "<h4>Seeds</h4>" in page and f"{per_seed[1]:.2f}" in page and "summed over the seeds" in page
+    log = (workdir / "log.txt").read_text()
+    assert "seeds 3,5 in one program" in log and "  seed 5: train loss" in log
+
+    (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
+    blob = events.read_bytes()
+    assert b"seed3/test_accuracy" in blob and b"seed5/train_loss" in blob and b"test_accuracy_std" in blob
+
+    # Scripted evaluation restores both replicas and reproduces each seed's logged accuracy.
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--workdir", str(workdir), "--json", str(out), "--data-dir", prepared[0],
+                          "--cache-dir", prepared[1]]) == 0
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [3, 5]
+    assert [r["accuracy"] for r in result["per_seed"]] == pytest.approx(per_seed)
+    assert result["accuracy"] == pytest.approx(last["test_accuracy"])
+    assert "mean ± std of 2 seeds" in capsys.readouterr().out
+    assert evaluate.main(["--workdir", str(workdir), "--seed", "5", "--json", str(out), "--data-dir", prepared[0],
+                          "--cache-dir", prepared[1]]) == 0
+    assert json.loads(out.read_text())["accuracy"] == pytest.approx(per_seed[1])
+    assert evaluate.main(["--workdir", str(workdir), "--seed", "4"]) == 2
+    assert "holds the runs of seeds 3, 5" in capsys.readouterr().err
+
+
+def test_resuming_with_other_seeds_is_refused(two_seed_runs, prepared, tmp_path):
+    import shutil
+
+    shutil.copytree(two_seed_runs[0], tmp_path / "w")
+    with pytest.raises(checkpoint.CheckpointError, match=r"seeds: \[3, 5\] -> \[3, 6\]"):
+        train.train_and_evaluate(tiny_config(prepared, num_epochs=3, seeds="3,6"), str(tmp_path / "w"))
+
+
+@pytest.mark.parametrize("seeds,message", [("0,0", "each once"), ("1,x", "comma-separated integers")])
+def test_bad_seed_lists_are_refused(seeds, message):
+    c = config_lib.base_config()
+    c.seeds = seeds
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(c)
+    c.seeds = " 4, 2 "
+    config_lib.validate(c)
+    assert config_lib.seed_list(c) == [4, 2]
