@@ -77,12 +77,20 @@ def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
 
 def init_train_state(seed: int, model, tx, image_shape) -> TrainState:
     """The state of one run before its first update: a function of `seed` alone."""
-    key = jax.random.key(seed)
-    variables = jax.jit(functools.partial(model.init, train=False))(
-        {"params": stream_key(jax.random.key_data(key), INIT_STREAM)}, jnp.zeros((1, *image_shape), jnp.float32))
-    params = variables["params"]
-    return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                      opt_state=tx.init(params), rng=jax.random.key_data(key))
+    return _compiled_init(model, tx, tuple(image_shape))(jax.random.key_data(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(model, tx, image_shape):
+    """One compiled initializer per (model, optimizer, shape), the key an argument: K seeds, one compile."""
+    def init(rng):
+        variables = model.init({"params": stream_key(rng, INIT_STREAM)}, jnp.zeros((1, *image_shape), jnp.float32),
+                               train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params), rng=rng)
+
+    return jax.jit(init)
 
 
 def init_replicas(seeds, model, tx, image_shape) -> TrainState:

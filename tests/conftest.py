@@ -25,6 +25,9 @@ def prepared(tmp_path_factory, fake_archive):
 def _shared_compile_cache(tmp_path_factory):
     # One persistent XLA cache for the whole session, subprocesses included: each program compiles once.
     os.environ["JAXCIFAR_COMPILE_CACHE"] = str(tmp_path_factory.mktemp("xla"))
+    from jaxcifar import train
+
+    train.enable_compile_cache("")  # tests that build a Trainer directly use it too
 
 
 @pytest.fixture(autouse=True)

@@ -71,9 +71,10 @@ def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
 
 @pytest.fixture(scope="module")
 def two_seed_runs(prepared, tmp_path_factory):
-    """(uninterrupted, stopped by SIGTERM in epoch 2 then resumed) workdirs of seeds 3,5 over 2 epochs."""
+    """(uninterrupted, stopped by SIGTERM in epoch 2 then resumed) workdirs of seeds 3,5,8 over 2 epochs."""
     root = tmp_path_factory.mktemp("seeds")
-    config = tiny_config(prepared, num_epochs=2, seeds="3,5", log_every_steps=1)
+    # Three seeds, as above: the same compiled programs (seeds are data, not part of the program).
+    config = tiny_config(prepared, num_epochs=2, seeds="3,5,8", log_every_steps=1)
     train.train_and_evaluate(config, str(root / "straight"))
 
     real_bar = train._progress_bar
@@ -106,7 +107,7 @@ def test_several_seeds_resume_bit_identically(two_seed_runs):
     fa, fb = flat(a), flat(b)
     assert fa.keys() == fb.keys()
     for k in fa:
-        assert fa[k].shape[0] == 2, k  # every leaf carries the replica axis
+        assert fa[k].shape[0] == 3, k  # every leaf carries the replica axis
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
     timed = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
     rows = [[{k: v for k, v in json.loads(line).items() if k not in timed}
@@ -119,10 +120,10 @@ def test_every_output_gives_each_seed_and_the_mean(two_seed_runs, prepared, tmp_
     history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     last = history[-1]
     per_seed = last["per_seed"]["test_accuracy"]
-    assert last["seeds"] == [3, 5] and len(per_seed) == 2
+    assert last["seeds"] == [3, 5, 8] and len(per_seed) == 3
     assert last["test_accuracy"] == pytest.approx(np.mean(per_seed))
     assert last["test_accuracy_std"] == pytest.approx(np.std(per_seed, ddof=1))
-    assert sum(map(sum, last["test_confusion"])) == 2 * 50  # both seeds' test images
+    assert sum(map(sum, last["test_confusion"])) == 3 * 50  # every seed's test images
 
     header, *rows = (workdir / "metrics.csv").read_text().splitlines()
     fields = header.split(",")
@@ -132,7 +133,7 @@ def test_every_output_gives_each_seed_and_the_mean(two_seed_runs, prepared, tmp_
     page = (workdir / "report.html").read_text()
     assert "<h4>Seeds</h4>" in page and f"{per_seed[1]:.2f}" in page and "summed over the seeds" in page
     log = (workdir / "log.txt").read_text()
-    assert "seeds 3,5 in one program" in log and "  seed 5: train loss" in log
+    assert "seeds 3,5,8 in one program" in log and "  seed 5: train loss" in log
 
     (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
     blob = events.read_bytes()
@@ -143,22 +144,22 @@ def test_every_output_gives_each_seed_and_the_mean(two_seed_runs, prepared, tmp_
     assert evaluate.main(["--workdir", str(workdir), "--json", str(out), "--data-dir", prepared[0],
                           "--cache-dir", prepared[1]]) == 0
     result = json.loads(out.read_text())
-    assert result["seeds"] == [3, 5]
+    assert result["seeds"] == [3, 5, 8]
     assert [r["accuracy"] for r in result["per_seed"]] == pytest.approx(per_seed)
     assert result["accuracy"] == pytest.approx(last["test_accuracy"])
-    assert "mean ± std of 2 seeds" in capsys.readouterr().out
+    assert "mean ± std of 3 seeds" in capsys.readouterr().out
     assert evaluate.main(["--workdir", str(workdir), "--seed", "5", "--json", str(out), "--data-dir", prepared[0],
                           "--cache-dir", prepared[1]]) == 0
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(per_seed[1])
     assert evaluate.main(["--workdir", str(workdir), "--seed", "4"]) == 2
-    assert "holds the runs of seeds 3, 5" in capsys.readouterr().err
+    assert "holds the runs of seeds 3, 5, 8" in capsys.readouterr().err
 
 
 def test_resuming_with_other_seeds_is_refused(two_seed_runs, prepared, tmp_path):
     import shutil
 
     shutil.copytree(two_seed_runs[0], tmp_path / "w")
-    with pytest.raises(checkpoint.CheckpointError, match=r"seeds: \[3, 5\] -> \[3, 6\]"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"seeds: \[3, 5, 8\] -> \[3, 6\]"):
         train.train_and_evaluate(tiny_config(prepared, num_epochs=3, seeds="3,6"), str(tmp_path / "w"))
 
 
