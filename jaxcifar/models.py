@@ -300,9 +300,12 @@ max_pool_ceil.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def max_pool_ceil_xla(x, window: int, stride: int):
-    """`max_pool_ceil` as one `lax.reduce_window`, differentiated by JAX (select-and-scatter)."""
+    """`max_pool_ceil` as one `lax.reduce_window`, differentiated by JAX (select-and-scatter).
+
+    The initial value is a NumPy constant: JAX recognizes a max-reduction, and can differentiate it, only then.
+    """
     pads = [(0, 0), *[(0, _ceil_pad(d, window, stride)) for d in x.shape[1:3]], (0, 0)]
-    return lax.reduce_window(x, jnp.asarray(-jnp.inf, x.dtype), lax.max, (1, window, window, 1),
+    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, (1, window, window, 1),
                              (1, stride, stride, 1), pads)
 
 

@@ -153,10 +153,11 @@ def test_models_are_differentiable_in_training_mode(name):
     assert all(np.all(np.isfinite(g)) for g in leaves) and any(np.abs(g).max() > 0 for g in leaves)
 
 
-def test_dropout_rate_and_scaling():
+@pytest.mark.parametrize("bits", [16, 32])
+def test_dropout_rate_and_scaling(bits):
     x = jnp.ones((64, 32, 32, 8))
     for rate in (0.3, 0.5):
-        y = models.Dropout(rate).apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
+        y = models.Dropout(rate, bits).apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
         kept = np.asarray(y) != 0
         assert abs(kept.mean() - (1 - rate)) < 0.005
         np.testing.assert_allclose(np.asarray(y)[kept], 1 / (1 - rate), rtol=1e-6)
@@ -205,6 +206,11 @@ def test_pooling_matches_reduce_window_and_sends_gradient_to_the_first_maximum(s
                     want[n, oy * s + iy, ox * s + ix, c] += dy[n, oy, ox, c]
     got = jax.vjp(lambda x: models.max_pool_ceil(x, k, s), x)[1](jnp.asarray(dy))[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    # The alternative (pool_grad="xla"): one reduce_window, differentiated by JAX. The same values, and
+    # XLA's select-and-scatter also keeps the first maximum of each window, ties included.
+    np.testing.assert_array_equal(models.max_pool_ceil_xla(x, k, s), ref_max)
+    got_xla = jax.vjp(lambda x: models.max_pool_ceil_xla(x, k, s), x)[1](jnp.asarray(dy))[0]
+    np.testing.assert_allclose(got_xla, want, rtol=1e-6, atol=1e-6)
     # the average pool's gradient is the reduce_window sum's, divided by the counts
     g_avg = jax.grad(lambda x: (models.avg_pool_ceil(x, k, s) * dy).sum())(x)
     g_ref = jax.grad(lambda x: (lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
@@ -226,8 +232,39 @@ def test_batchnorm_gradient_matches_autodiff_of_its_formula():
 
         want = jax.vjp(plain, x, scale, bias)[1](dy)
         got = jax.vjp(lambda *a: models.batch_normalize(*a, 1e-3)[0], x, scale, bias)[1](dy)
-        for g, w in zip(got, want):
+        alternative = jax.vjp(lambda *a: models.batch_normalize_autodiff(*a, 1e-3)[0], x, scale, bias)[1](dy)
+        for g, a, w in zip(got, alternative, want):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)  # bn_grad="autodiff" is the formula's own
+
+
+@pytest.mark.parametrize("name", ["vgg_bn_drop", "nin"])
+def test_every_step_choice_computes_the_same_function(name):
+    """Each backend's choices (config.STEP_CHOICES) give the training loss and gradient of the default build."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32))
+    y = jnp.arange(8) % 10
+    reference = dict(conv_impl="xla", pool_grad="first_max", bn_grad="closed_form", dropout_bits=16)
+    base = models.create_model(name, width=0.125, **reference)
+    variables = base.init({"params": jax.random.key(0)}, x, train=False)
+
+    def loss_and_grad(model):
+        def loss(params):
+            logits, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                    rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+            return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1).mean()
+
+        value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
+        return float(value), np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
+
+    want_loss, want_grad = loss_and_grad(base)
+    for field, value in (("conv_impl", "small"), ("conv_impl", "matmul"), ("pool_grad", "xla"),
+                         ("bn_grad", "autodiff")):
+        got_loss, got_grad = loss_and_grad(models.create_model(name, width=0.125, **{**reference, field: value}))
+        assert got_loss == pytest.approx(want_loss, rel=1e-5), (field, value)
+        assert np.linalg.norm(got_grad - want_grad) <= 1e-4 * np.linalg.norm(want_grad), (field, value)
+    # 32-bit dropout draws are other random numbers: the same function of its mask, with another mask.
+    other_loss, _ = loss_and_grad(models.create_model(name, width=0.125, **{**reference, "dropout_bits": 32}))
+    assert other_loss != want_loss and other_loss == pytest.approx(want_loss, rel=0.5)
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 4, 6), (5, 3, 3, 7)])  # 48 rows: 16 chunks; 45 rows: gcd(45, 16) = 1

@@ -117,6 +117,27 @@ def test_call_plan_groups_steps_by_their_place_in_the_epoch():
     assert train.call_plan(2, 12, 4) == [1, 1, 4, 4]
     assert train.call_plan(0, 5, 1) == [1] * 5
     assert train.call_plan(7, 7, 4) == []
+    assert train.call_plan(0, 5, 1000) == [5]  # more than an epoch: one call per epoch
+    assert train.call_plan(2, 5, 1000) == [1, 1, 1]
+
+
+def test_scanned_steps_train_like_unrolled_steps(prepared):
+    """step_loop="scan" (one lax.scan per call) is the unrolled program's function."""
+    dataset = small_dataset(48)  # 3 steps of 16: one call each way
+    runs = {}
+    for loop in ("unroll", "scan"):
+        trainer = train.Trainer(tiny_config(prepared, batch_size=16, steps_per_call=3, step_loop=loop), dataset)
+        state = trainer.init_state()
+        start = _flat(state.params)
+        state, acc, finished = trainer.train_epoch(state, 1)
+        assert finished and int(state.step[0]) == 3
+        runs[loop] = (_flat(state.params), float(acc["loss_sum"][0]))
+    (unrolled, loss_u), (scanned, loss_s) = runs["unroll"], runs["scan"]
+    # Measured (Sapphire Rapids, native and AVX2): losses identical, parameters 1.1e-6 of the distance
+    # travelled apart (the loop body is compiled apart from its neighbours). A skipped, repeated or
+    # reordered step moves them by O(1) of it.
+    assert abs(loss_s - loss_u) <= 1e-5 * abs(loss_u)
+    assert np.linalg.norm(scanned - unrolled) <= 1e-4 * np.linalg.norm(unrolled - start)
 
 
 def _flat(tree):
