@@ -95,24 +95,108 @@ def matmul_peak_gflops(dtype: str = "float32", size: int | None = None, runs: in
 # JAX
 
 
-def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", conv_impl: str = "auto",
-              epoch_steps: int = 8, steps_per_call: int | None = None) -> dict:
-    import jax
-    import optax
-
+def _bench_trainer(model_name: str, batch: int, dtype: str, epoch_steps: int, overrides: dict | None = None,
+                   replicas: int = 1):
+    """A Trainer of `replicas` seeds on random images: `epoch_steps` batches of `batch` per epoch."""
     from jaxcifar import config as config_lib
-    from jaxcifar import data, models, preprocess, train
+    from jaxcifar import data, preprocess, train
 
     c = config_lib.base_config()
-    c.model, c.batch_size, c.dtype, c.conv_impl = model_name, batch, dtype, conv_impl
-    c.steps_per_call = c.steps_per_call if steps_per_call is None else steps_per_call
+    c.model, c.batch_size, c.dtype = model_name, batch, dtype
+    for k, v in (overrides or {}).items():
+        c[k] = v
+    if replicas > 1:
+        c.seeds = ",".join(map(str, range(replicas)))
     rng = np.random.default_rng(0)
     n = batch * max(epoch_steps, 1)
     images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
     labels = (np.arange(n) % 10).astype(np.int32)
     stats = preprocess.NormalizationStats("yuv", (0.0, 0.0), (1.0, 1.0))
-    trainer = train.Trainer(c, data.Preprocessed(images, labels, images[:batch], labels[:batch], stats, "bench"))
-    state = trainer.init_state()
+    return train.Trainer(c, data.Preprocessed(images, labels, images[:batch], labels[:batch], stats, "bench")), images, labels
+
+
+def time_training(trainer, runs: int) -> dict:
+    """Seconds per update of every replica, as training runs them (the trainer's steps per call), and compile time."""
+    import jax
+
+    state, acc = trainer.init_state(), trainer.zero_metrics()
+    order = trainer.epoch_order(state.rng, 1)
+    count = min(trainer.steps_per_call, trainer.steps_per_epoch)
+    holder = {"state": state, "acc": acc}
+
+    def steps():
+        holder["state"], holder["acc"] = trainer.run_steps(holder["state"], holder["acc"], order, count)
+        jax.block_until_ready(holder["acc"])
+
+    first, call_s = _timed(steps, runs)
+    step_s = call_s / count
+    return {"steps_per_call": count, "step_loop": trainer.choices["step_loop"], "replicas": trainer.replicas,
+            "seconds_per_step": step_s, "compile_seconds": first - call_s,
+            "images_per_s": trainer.replicas * trainer.config.batch_size / step_s}
+
+
+# Each alternative of config.STEP_CHOICES, timed against the backend's defaults by `--step-variants`.
+STEP_VARIANTS = {
+    "defaults": {},
+    "1 step per call": {"steps_per_call": 1, "step_loop": "unroll"},
+    "4 unrolled steps per call": {"steps_per_call": 4, "step_loop": "unroll"},
+    "whole epoch, lax.scan": {"steps_per_call": 1_000_000, "step_loop": "scan"},
+    "conv_impl=xla": {"conv_impl": "xla"},
+    "conv_impl=small": {"conv_impl": "small"},
+    "pool_grad=xla": {"pool_grad": "xla"},
+    "bn_grad=autodiff": {"bn_grad": "autodiff"},
+    "dropout_bits=32": {"dropout_bits": 32},
+}
+
+
+def bench_variants(model_name: str, batch: int, runs: int, dtype: str, epoch_steps: int) -> dict:
+    """Train-step time of every STEP_VARIANTS entry; `fastest` names the quickest settings for each field."""
+    out = {}
+    for name, overrides in STEP_VARIANTS.items():
+        trainer, _, _ = _bench_trainer(model_name, batch, dtype, epoch_steps, overrides)
+        out[name] = {"overrides": overrides, **time_training(trainer, runs)}
+    return {"variants": out, "fastest": fastest_overrides(out)}
+
+
+MARGIN = 0.97  # an alternative replaces a default only when at least 3 % faster: timing noise never flips a choice
+
+
+def fastest_overrides(variants: dict) -> dict:
+    """The config overrides of the faster alternative per field (the loop as one choice), against the defaults."""
+    base = variants["defaults"]["seconds_per_step"]
+    loops = [v for v in variants.values() if "step_loop" in v["overrides"]]
+    best = {}
+    loop = min(loops, key=lambda v: v["seconds_per_step"], default=None)
+    if loop is not None and loop["seconds_per_step"] < MARGIN * base:
+        best.update(loop["overrides"])
+    for v in variants.values():
+        o = v["overrides"]
+        if len(o) == 1 and "step_loop" not in o and v["seconds_per_step"] < MARGIN * base:
+            field = next(iter(o))
+            rival = [w for w in variants.values() if field in w["overrides"] and w is not v]
+            if all(v["seconds_per_step"] <= w["seconds_per_step"] for w in rival):
+                best.update(o)
+    return best
+
+
+def bench_replicas(model_name: str, batch: int, runs: int, dtype: str, epoch_steps: int, counts) -> dict:
+    """Images/s summed over K seeds trained at once, batch `batch` each, for each K in `counts`."""
+    return {str(k): time_training(_bench_trainer(model_name, batch, dtype, epoch_steps, replicas=k)[0], runs)
+            for k in counts}
+
+
+def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", conv_impl: str = "auto",
+              epoch_steps: int = 8, steps_per_call: int | None = None) -> dict:
+    import jax
+    import optax
+
+    from jaxcifar import models, train
+
+    overrides = {"conv_impl": conv_impl}
+    if steps_per_call is not None:
+        overrides["steps_per_call"] = steps_per_call
+    trainer, images, labels = _bench_trainer(model_name, batch, dtype, epoch_steps, overrides)
+    state = train.replica(trainer.init_state(), 0)
     model = trainer.model
     x = jax.device_put(images[:batch])
     y = jax.device_put(labels[:batch])
@@ -129,10 +213,10 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     fwd_bwd = jit(lambda p, b, x, y, k: jax.value_and_grad(
         lambda p: loss_fn(p, b, x, y, k), has_aux=True)(p))
     key = jax.random.key(1)
-    order = trainer.epoch_order(state.rng, 1)
-    acc = trainer.place(train.zero_train_metrics(10))
-    holder = {"state": state, "acc": acc}
-    per_call = c.steps_per_call
+    full = trainer.init_state()
+    order = trainer.epoch_order(full.rng, 1)
+    holder = {"state": full, "acc": trainer.zero_metrics()}
+    per_call = min(trainer.steps_per_call, trainer.steps_per_epoch)
 
     def steps(count):
         holder["state"], holder["acc"] = trainer.run_steps(holder["state"], holder["acc"], order, count)
@@ -158,7 +242,7 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
         t0 = time.perf_counter()
         trainer.train_epoch(fresh, 1, progress=lambda done, loss: None)
         loop_s.append(time.perf_counter() - t0)
-        fresh, acc = trainer.init_state(), trainer.place(train.zero_train_metrics(10))
+        fresh, acc = trainer.init_state(), trainer.zero_metrics()
         jax.block_until_ready((fresh, acc))
         t0 = time.perf_counter()
         for count in train.call_plan(0, trainer.steps_per_epoch, per_call):
@@ -186,39 +270,70 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
 # PyTorch (optional extra)
 
 
-def bench_torch(model_name: str, batch: int, runs: int, threads: int) -> dict:
+def torch_device(jax_platform: str) -> str:
+    """PyTorch runs where JAX runs: CUDA when JAX is on a GPU, else the CPU."""
+    import torch
+
+    if jax_platform == "gpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("JAX runs on a GPU but this PyTorch has no CUDA; install a CUDA build of torch "
+                               "or drop --compare-torch")
+        return "cuda"
+    return "cpu"
+
+
+def bench_torch(model_name: str, batch: int, runs: int, threads: int, device: str = "cpu",
+                dtype: str = "float32") -> dict:
+    """PyTorch's eager step on `device`; on CUDA with cudnn.benchmark, each timed call ending in a synchronize."""
+    import contextlib
+
     import torch
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     from jaxcifar import torch_reference
 
-    model = torch_reference.build_model(model_name).to(memory_format=torch.channels_last)
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as XLA's default precision
+    model = torch_reference.build_model(model_name).to(device=device, memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.9, weight_decay=5e-4)
-    x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), device=device)
     loss_fn = torch.nn.CrossEntropyLoss()
+    # bf16 as jaxcifar does it: convolutions and matmuls in bf16, parameters and BatchNorm in fp32.
+    autocast = ((lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if dtype == "bfloat16"
+                else contextlib.nullcontext)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def forward():
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             model(x)
+        sync()
 
     def forward_train():
         model.train()
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             loss_fn(model(x), y)
+        sync()
 
     def fwd_bwd():
         model.train()
         model.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        with autocast():
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        sync()
 
     def step():
         model.train()
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        with autocast():
+            loss = loss_fn(model(x), y)
+        loss.backward()
         opt.step()
+        sync()
 
     out = {}
     _, out["forward"] = _timed(forward, runs)
@@ -226,7 +341,8 @@ def bench_torch(model_name: str, batch: int, runs: int, threads: int) -> dict:
     _, out["forward+backward"] = _timed(fwd_bwd, runs)
     out["backward"] = max(out["forward+backward"] - fwd_train, 0.0)
     _, out["train step"] = _timed(step, runs)
-    return {"seconds": out, "images_per_s": batch / out["train step"], "version": torch.__version__}
+    return {"seconds": out, "images_per_s": batch / out["train step"], "version": torch.__version__,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype}
 
 
 # ---------------------------------------------------------------------------
@@ -281,6 +397,15 @@ def format_table(result: dict) -> str:
         loop = j["epoch_loop"]
         lines.append(f"training loop: {loop['steps']} steps in {loop['seconds']:.2f} s vs {loop['bare_steps_seconds']:.2f} s "
                      f"back to back: {100 * loop['fraction_outside_steps']:.1f} % of it outside the train step")
+        for k, rep in r.get("replicas", {}).items():
+            lines.append(f"{k} seeds at once: {rep['seconds_per_step']:.4f} s per step, "
+                         f"{rep['images_per_s']:,.0f} images/s summed")
+        variants = r.get("step_variants")
+        if variants:
+            for vname, v in variants["variants"].items():
+                lines.append(f"step variant {vname:<28} {v['seconds_per_step']:.4f} s per step "
+                             f"(compile {v['compile_seconds']:.1f} s)")
+            lines.append(f"fastest overrides: {variants['fastest'] or 'the defaults'}")
         lines.append("")
     lines.append(f"matmul peak ({result['dtype']}): {result['matmul_peak_gflops']:.0f} GFLOP/s on "
                  f"{result['machine']['device']} ({result['machine']['cpu']}, {result['machine']['cpu_count']} cores)")
@@ -289,15 +414,21 @@ def format_table(result: dict) -> str:
 
 def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = False, dtype: str = "float32",
         threads: int | None = None, conv_impl: str = "auto", epoch_steps: int = 8,
-        steps_per_call: int | None = None) -> dict:
+        steps_per_call: int | None = None, replicas=(), step_variants: bool = False) -> dict:
+    import jax
+
     threads = threads or os.cpu_count()
     result = {"batch": batch, "runs": runs, "dtype": dtype, "threads": threads, "machine": machine_info(),
               "matmul_peak_gflops": matmul_peak_gflops(dtype), "models": {}}
     for name in models:
         entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl, epoch_steps, steps_per_call)}
         entry["jax"]["fraction_of_matmul_peak"] = entry["jax"]["achieved_gflops"] / result["matmul_peak_gflops"]
+        if replicas:
+            entry["replicas"] = bench_replicas(name, batch, runs, dtype, epoch_steps, replicas)
+        if step_variants:
+            entry["step_variants"] = bench_variants(name, batch, runs, dtype, epoch_steps)
         if compare_torch:
-            entry["torch"] = bench_torch(name, batch, runs, threads)
+            entry["torch"] = bench_torch(name, batch, runs, threads, torch_device(jax.default_backend()), dtype)
             entry["jax_over_torch"] = {p: entry["jax"]["seconds"][p] / entry["torch"]["seconds"][p] for p in PHASES
                                        if entry["torch"]["seconds"][p] > 0}
             result["torch_version"] = entry["torch"]["version"]
@@ -316,6 +447,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="PyTorch threads (default: all cores, as XLA uses)")
     p.add_argument("--epoch-steps", type=int, default=8, help="steps of the timed training-loop epoch")
     p.add_argument("--steps-per-call", type=int, help="train steps per compiled call (default: the config's)")
+    p.add_argument("--replicas", default="", help="comma-separated seed counts K trained at once, e.g. 1,4,8: "
+                   "images/s summed over the K runs (batch --batch each)")
+    p.add_argument("--step-variants", action="store_true",
+                   help="time every alternative of the step (config.STEP_CHOICES) and name the fastest")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -330,8 +465,15 @@ def main(argv=None) -> int:
         except ImportError:
             print("error: --compare-torch needs PyTorch: pip install torch", file=sys.stderr)
             return 2
+    try:
+        replicas = [int(k) for k in args.replicas.split(",") if k.strip()]
+    except ValueError:
+        replicas = [0]
+    if any(k <= 0 for k in replicas):
+        print(f"error: --replicas {args.replicas!r}: give positive integers, e.g. 1,4,8", file=sys.stderr)
+        return 2
     result = run(models, args.batch, args.runs, args.compare_torch, args.dtype, args.threads, args.conv_impl,
-                 args.epoch_steps, args.steps_per_call)
+                 args.epoch_steps, args.steps_per_call, replicas, args.step_variants)
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

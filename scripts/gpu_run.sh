@@ -1,24 +1,45 @@
 #!/usr/bin/env bash
-# Run jaxcifar on a bare GPU machine that already has JAX (CUDA), flax, optax, orbax, numpy and pillow.
+# The one command a GPU slot runs: benchmark, then train as many seeds and configs as fit in BUDGET_S.
 #
-#   scripts/gpu_run.sh WHEELS_DIR DATA OUT_DIR [CONFIGS] [SEEDS]
+#   scripts/gpu_run.sh WHEELS_DIR DATA OUT_DIR [BUDGET_S]
 #
-# WHEELS_DIR  wheels of the remaining dependencies (tensorflow-datasets, array-record, ml-collections, ...);
-#             installed without network
-# DATA        cifar-10-binary.tar.gz, or a folder of its split parts (part-aa, part-ab, ... + SHA256SUMS)
-# OUT_DIR     receives bench.json, results/*.json, the run logs and reports
-# CONFIGS     comma-separated names of configs/*.py (default: vgg_fast)
-# SEEDS       comma-separated seeds (default: 0,1,2)
-# BENCH=0     skips the benchmark
+# WHEELS_DIR  wheels of what the GPU image lacks (scripts/make_gpu_wheels.sh); installed without network
+# DATA        cifar-10-binary.tar.gz, or a folder of its split parts (part-aa, ... + SHA256SUMS)
+# OUT_DIR     receives only what comes back from the slot, at most 8 small files: gpu_run.log,
+#             bench-gpu-float32.json, bench-gpu-bfloat16.json and one results JSON per finished run
+# BUDGET_S    seconds this call may take in all (default 540: one call of at most 9 minutes)
+#
+# Plan for one H100 in 540 s (each stage is estimated from the throughput the benchmark just measured and
+# skipped, with a note in the log, when it would not end before the budget does; a run cut short by the
+# budget is stopped cleanly and written as a partial result):
+#   setup      ~90 s   wheels; parts joined and checked; tfds prepared and preprocessed under $WORK, not OUT_DIR
+#   benchmark  ~150 s  VGG and NIN at batch 128: fp32 (TF32) and bf16, JAX against PyTorch CUDA in the same
+#                      call; images/s summed over K = 1, 4, 8 seeds; every alternative of the step
+#                      (config.STEP_CHOICES), whose fastest settings the training runs below then use
+#   vgg_fast   8 seeds in one program, 40 epochs: 16 M images, ~160 s at the goal of 100,000 images/s
+#   then, while they fit, 3 seeds each in one program: vgg (300 epochs, 45 M images), vgg_fast in bf16,
+#   nin (300), and the ablations vgg_noflip, vgg_nobn, vgg_nodrop, nin_noflip.
+#
+# Rehearsal on a CPU (the same stages, seconds long):
+#   STAGES="tiny:0,1:float32" BENCH_ARGS="--models nin --batch 8 --runs 1 --epoch-steps 2 --replicas 1,2" \
+#     scripts/gpu_run.sh WHEELS DATA OUT 600
 set -euo pipefail
-wheels=${1:?usage: gpu_run.sh WHEELS_DIR DATA OUT_DIR [CONFIGS] [SEEDS]}
+start=$(date +%s)
+wheels=${1:?usage: gpu_run.sh WHEELS_DIR DATA OUT_DIR [BUDGET_S]}
 data=${2:?DATA: archive or parts folder}
 out=${3:?OUT_DIR}
-configs=${4:-vgg_fast}
-seeds=${5:-0,1,2}
+budget=${4:-540}
 repo=$(cd "$(dirname "$0")/.." && pwd)
-mkdir -p "$out"
 py=${PYTHON:-python3}
+work=${WORK:-${TMPDIR:-/tmp}/jaxcifar-gpu}  # data, caches and run folders: never under OUT_DIR
+stages=${STAGES:-"vgg_fast:0,1,2,3,4,5,6,7:float32 vgg:0,1,2:float32 vgg_fast:0,1,2:bfloat16 nin:0,1,2:float32
+ vgg_noflip:0,1,2:float32 vgg_nobn:0,1,2:float32 vgg_nodrop:0,1,2:float32 nin_noflip:0,1,2:float32"}
+bench_args=${BENCH_ARGS:-"--replicas 1,4,8 --compare-torch"}
+mkdir -p "$out" "$work"
+exec > >(tee -a "$out/gpu_run.log") 2>&1
+export TQDM_DISABLE=1  # progress bars would fill the log that comes back
+left() { echo $(( budget - ($(date +%s) - start) )); }
+echo "== gpu_run.sh $(date -u +%FT%TZ), budget ${budget} s, work dir $work"
 
 echo "== installing dependencies from $wheels (no network)"
 $py -m pip install -q --no-index --find-links "$wheels" tensorflow-datasets array-record ml-collections \
@@ -29,26 +50,86 @@ $py -m pip install -q --no-index --no-deps --no-build-isolation -e "$repo" 2>/de
 if [ -d "$data" ]; then
   echo "== joining $data/part-* and checking SHA256SUMS"
   (cd "$data" && sha256sum -c --ignore-missing SHA256SUMS)
-  cat "$data"/part-* > "$out/cifar-10-binary.tar.gz"
+  cat "$data"/part-* > "$work/cifar-10-binary.tar.gz"
   want=$(grep 'cifar-10-binary.tar.gz' "$data/SHA256SUMS" | cut -d' ' -f1)
-  got=$(sha256sum "$out/cifar-10-binary.tar.gz" | cut -d' ' -f1)
+  got=$(sha256sum "$work/cifar-10-binary.tar.gz" | cut -d' ' -f1)
   [ "$want" = "$got" ] || { echo "error: joined archive sha256 $got != $want" >&2; exit 1; }
-  archive="$out/cifar-10-binary.tar.gz"
+  archive="$work/cifar-10-binary.tar.gz"
 else
   archive="$data"
 fi
-
-export TFDS_DATA_DIR="$out/tfds" JAXCIFAR_CACHE_DIR="$out/cache"
+export TFDS_DATA_DIR="$work/tfds" JAXCIFAR_CACHE_DIR="$work/cache"
+md5=${MD5_FILE:+--md5-file $MD5_FILE}
 cd "$repo"
 echo "== preparing CIFAR-10"
-$py -m jaxcifar.data prepare --archive "$archive" --preprocess
-$py -c 'import jax; print("devices:", jax.devices())'
-if [ "${BENCH:-1}" != 0 ]; then
-  echo "== benchmark"
-  $py -m jaxcifar.bench --json "$out/bench-fp32.json" | tee "$out/bench-fp32.txt"
-  $py -m jaxcifar.bench --dtype bfloat16 --batch 512 --json "$out/bench-bf16-b512.json" | tee "$out/bench-bf16.txt"
-fi
-echo "== training $configs x seeds $seeds"
-$py scripts/reproduce.py --configs "$configs" --seeds "$seeds" --results "$out/results" --runs-dir "$out/runs" \
-  --archive "$archive" --no-readme
-echo "== done: results in $out/results"
+# shellcheck disable=SC2086
+$py -m jaxcifar.data prepare --archive "$archive" --preprocess $md5
+$py -c 'import jax, jaxlib; print("devices:", jax.devices(), "jax", jax.__version__, "jaxlib", jaxlib.__version__)'
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
+echo "setup done after $(( $(date +%s) - start )) s"
+
+echo "== benchmark"
+platform=$($py -c 'import jax; print("gpu" if jax.default_backend() == "gpu" else "cpu")')
+bench32="$out/bench-$platform-float32.json" bench16="$out/bench-$platform-bfloat16.json"
+# shellcheck disable=SC2086
+timeout --signal=TERM "$(left)" $py -m jaxcifar.bench $bench_args --step-variants --json "$bench32" \
+  || echo "benchmark (fp32) failed or ran out of time; training uses the defaults"
+# shellcheck disable=SC2086
+timeout --signal=TERM "$(( $(left) / 4 ))" $py -m jaxcifar.bench $bench_args --models vgg_bn_drop \
+  --dtype bfloat16 --json "$bench16" || echo "benchmark (bf16) failed or ran out of time"
+
+# The fastest step settings the benchmark found for VGG, as --config flags.
+overrides=$($py - "$bench32" <<'EOF' || true
+import json, sys
+try:
+    models = json.load(open(sys.argv[1]))["models"]
+except (OSError, ValueError, KeyError):
+    sys.exit(0)
+entry = models.get("vgg_bn_drop") or next(iter(models.values()))
+print(" ".join(f"--config.{k}={v}" for k, v in entry.get("step_variants", {}).get("fastest", {}).items()))
+EOF
+)
+echo "step settings from the benchmark: ${overrides:-the backend's defaults}"
+
+# Seconds a stage needs: its images at the measured images/s of that many seeds at once, plus compilation.
+estimate() {  # config seeds dtype
+  $py - "$1" "$2" "$3" "$bench32" "$bench16" <<'EOF'
+import json, runpy, sys
+name, seeds, dtype, b32, b16 = sys.argv[1:]
+k = len(seeds.split(","))
+config = runpy.run_path(f"configs/{name}.py")["get_config"]()
+try:
+    entry = json.load(open(b16 if dtype == "bfloat16" else b32))["models"][config.model]
+except (OSError, ValueError, KeyError):
+    print(10 ** 9); sys.exit(0)
+by_k = {int(n): r["images_per_s"] for n, r in entry.get("replicas", {}).items()} or {1: entry["jax"]["images_per_s"]}
+known = sorted(by_k)
+ips = by_k[max([n for n in known if n <= k] or known[:1])]  # summed images/s of at most k seeds: conservative
+images = k * config.num_epochs * (50_000 + 10_000 / 3)  # training, plus evaluation at ~3x the speed
+print(int(images / ips * 1.1 + 60))
+EOF
+}
+
+for stage in $stages; do
+  IFS=: read -r name seeds dtype <<<"$stage"
+  need=$(estimate "$name" "$seeds" "$dtype")
+  if [ "$need" -gt "$(left)" ]; then
+    echo "== skipping $name ($dtype, seeds $seeds): needs ~${need} s, $(left) s left"
+    continue
+  fi
+  echo "== $name ($dtype, seeds $seeds in one program): ~${need} s estimated, $(left) s left"
+  runs="$work/runs" tag="$name"
+  [ "$dtype" = float32 ] || tag="$name-$dtype"
+  workdir="$runs/$tag-s${seeds//,/-}"
+  # shellcheck disable=SC2086
+  if ! timeout --signal=TERM --kill-after=30 "$(( $(left) - 15 ))" $py -m jaxcifar.train \
+      --config "configs/$name.py" --workdir "$workdir" --config.seeds="$seeds" --config.dtype="$dtype" \
+      --config.data.archive="$archive" $overrides; then
+    echo "$name stopped early (budget or failure): its finished epochs are written as a partial result"
+  fi
+  if [ -s "$workdir/metrics.jsonl" ]; then
+    $py scripts/reproduce.py --from-workdir "$workdir" --config-name "$tag" --results "$out" --no-readme
+  fi
+done
+echo "== done after $(( $(date +%s) - start )) s; files in $out:"
+ls -l "$out"

@@ -1,12 +1,14 @@
 """Run configs x seeds, keep one JSON per run under results/, and rebuild the README's results and benchmark tables.
 
-    python scripts/reproduce.py --configs vgg_fast,vgg --seeds 0,1,2 [--archive PATH] [--results results]
-    python scripts/reproduce.py --from-workdir runs/vgg_fast-s0 --config-name vgg_fast --seed 0
+    python scripts/reproduce.py --configs vgg_fast,vgg --seeds 0,1,2 [--together] [--archive PATH] [--results results]
+    python scripts/reproduce.py --from-workdir runs/vgg_fast-s0 --config-name vgg_fast
     python scripts/reproduce.py --table-only
 
-Each result holds the final-epoch accuracy (never the best epoch), the per-epoch curve, wall time,
-images/s, device, versions, commit and the full config. The README table is regenerated from
-those files alone (mean +- std over seeds), so every number in it comes from a run.
+Each result holds the final-epoch accuracy of every seed the run trained (never the best epoch),
+the per-epoch curve, wall time, images/s, device, versions, commit and the full config. With
+--together the seeds of a config train at once in one program (--config.seeds) and share one
+result file. The README table is regenerated from those files alone (mean +- std over all seeds),
+so every number in it comes from a run.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ SEED_CLAIMS = {"vgg": 92.45, "vgg_noflip": 91.3, "nin": 91.9, "nin_noflip": 90.4
                "vgg_nodrop": 91.4, "vgg_fast": 92.45}
 
 
-def run_config(name: str, seed: int, workdir: Path, extra: list[str]) -> float:
+def run_config(name: str, seeds: list[int], workdir: Path, extra: list[str]) -> float:
+    seed_flag = f"--config.seed={seeds[0]}" if len(seeds) == 1 else f"--config.seeds={','.join(map(str, seeds))}"
     cmd = [sys.executable, "-m", "jaxcifar.train", "--config", str(REPO / "configs" / f"{name}.py"),
-           "--workdir", str(workdir), f"--config.seed={seed}", *extra]
+           "--workdir", str(workdir), seed_flag, *extra]
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -42,7 +45,7 @@ def device_label(machine: dict) -> str:
     return f"{machine['device_count']} x {machine['device']}{cpu}"
 
 
-def result_from_workdir(workdir: Path, config_name: str, seed: int, wall_time_s: float | None = None) -> dict:
+def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | None = None) -> dict:
     from jaxcifar import bench, checkpoint
 
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -51,13 +54,15 @@ def result_from_workdir(workdir: Path, config_name: str, seed: int, wall_time_s:
     _, meta, _ = checkpoint.read_saved(workdir)
     config = meta["config"]
     final = records[-1]
+    seeds = final.get("seeds") or meta.get("seeds") or [config["seed"]]
+    per_seed = final.get("per_seed", {"test_accuracy": [final["test_accuracy"]]})
     info = bench.machine_info()
     return {
-        "config_name": config_name, "seed": seed, "workdir": str(workdir),
+        "config_name": config_name, "seed": seeds[0], "seeds": seeds, "workdir": str(workdir),
         "epochs_completed": final["epoch"], "epochs_configured": config["num_epochs"],
         "partial": final["epoch"] < config["num_epochs"],
-        "final_test_accuracy": final["test_accuracy"], "final_train_accuracy": final["train_accuracy"],
-        "final_train_loss": final["train_loss"],
+        "final_test_accuracy": final["test_accuracy"], "final_test_accuracies": per_seed["test_accuracy"],
+        "final_train_accuracy": final["train_accuracy"], "final_train_loss": final["train_loss"],
         "curve": [{k: r[k] for k in ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                                      "learning_rate", "epoch_time_s", "train_images_per_s")} for r in records],
         "wall_time_s": wall_time_s if wall_time_s is not None else sum(r["epoch_time_s"] for r in records),
@@ -71,7 +76,9 @@ def result_from_workdir(workdir: Path, config_name: str, seed: int, wall_time_s:
 def write_result(result: dict, results_dir: Path) -> Path:
     results_dir.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if "cpu" in result["device"].lower() else "gpu"
-    path = results_dir / f"{result['config_name']}-seed{result['seed']}-{tag}.json"
+    seeds = result.get("seeds", [result["seed"]])
+    which = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{'-'.join(map(str, seeds))}"
+    path = results_dir / f"{result['config_name']}-{which}-{tag}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     return path
 
@@ -86,13 +93,14 @@ def results_table(results_dir: Path) -> str:
     lines = ["| config | seed's claim | final test accuracy (mean ± std) | seeds | epochs | wall time | images/s | device |",
              "|---|---|---|---|---|---|---|---|"]
     for (name, device, done, planned), runs in sorted(rows.items()):
-        accs = [r["final_test_accuracy"] for r in runs]
+        # Every seed counts once, whether it trained alone or with others in one program.
+        accs = [a for r in runs for a in r.get("final_test_accuracies", [r["final_test_accuracy"]])]
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         epochs = f"{done}" if done == planned else f"{done} of {planned} (partial)"
         wall = statistics.mean(r["wall_time_s"] for r in runs)
         ips = statistics.mean(r["train_images_per_s"] for r in runs)
         claim = f"{SEED_CLAIMS[name]:.2f} %" if name in SEED_CLAIMS else "-"
-        lines.append(f"| `{name}` | {claim} | {statistics.mean(accs):.2f} ± {std:.2f} % | {len(runs)} | {epochs} | "
+        lines.append(f"| `{name}` | {claim} | {statistics.mean(accs):.2f} ± {std:.2f} % | {len(accs)} | {epochs} | "
                      f"{wall / 60:.1f} min | {ips:,.0f} | {device} |")
     return "\n".join(lines) + "\n\n" + results_status(rows)
 
@@ -159,13 +167,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", default="vgg_fast", help="comma-separated names of configs/*.py")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
+    p.add_argument("--together", action="store_true",
+                   help="train a config's seeds at once in one program (--config.seeds), one result file")
     p.add_argument("--results", default=str(REPO / "results"))
     p.add_argument("--runs-dir", default=str(REPO / "runs"))
     p.add_argument("--archive", help="cifar-10-binary.tar.gz for offline preparation")
     p.add_argument("--num-epochs", type=int, help="override every config's num_epochs (smoke runs)")
     p.add_argument("--from-workdir", help="write the result of an existing workdir instead of training")
     p.add_argument("--config-name", help="with --from-workdir: the config's name")
-    p.add_argument("--seed", type=int, default=0, help="with --from-workdir: the run's seed")
     p.add_argument("--table-only", action="store_true", help="only rebuild the README table")
     p.add_argument("--no-readme", action="store_true", help="do not touch README.md")
     args = p.parse_args(argv)
@@ -173,7 +182,7 @@ def main(argv=None) -> int:
     if args.from_workdir:
         if not args.config_name:
             p.error("--from-workdir needs --config-name")
-        print(write_result(result_from_workdir(Path(args.from_workdir), args.config_name, args.seed), results_dir))
+        print(write_result(result_from_workdir(Path(args.from_workdir), args.config_name), results_dir))
     elif not args.table_only:
         extra = [f"--config.data.archive={args.archive}"] if args.archive else []
         if args.num_epochs:
@@ -181,10 +190,12 @@ def main(argv=None) -> int:
         for name in [c for c in args.configs.split(",") if c]:
             if not (REPO / "configs" / f"{name}.py").exists():
                 p.error(f"no config configs/{name}.py")
-            for seed in [int(s) for s in args.seeds.split(",") if s]:
-                workdir = Path(args.runs_dir) / f"{name}-s{seed}"
-                wall = run_config(name, seed, workdir, extra)
-                print(write_result(result_from_workdir(workdir, name, seed, wall), results_dir), flush=True)
+            seeds = [int(s) for s in args.seeds.split(",") if s]
+            for group in [seeds] if args.together else [[s] for s in seeds]:
+                workdir = Path(args.runs_dir) / f"{name}-s{'-'.join(map(str, group))}"
+                wall = run_config(name, group, workdir, extra)
+                # Written as soon as the run ends: a session cut short keeps every finished run.
+                print(write_result(result_from_workdir(workdir, name, wall), results_dir), flush=True)
     if not args.no_readme:
         update_readme(results_dir)
     return 0

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 
 from jaxcifar import bench, models
 
@@ -16,7 +17,7 @@ def test_flop_count_matches_the_layer_arithmetic():
 def test_bench_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--models", "nin", "--batch", "4", "--runs", "1", "--epoch-steps", "2", "--steps-per-call", "2",
-                       "--json", str(out)]) == 0
+                       "--replicas", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     nin = result["models"]["nin"]["jax"]
     assert set(nin["seconds"]) == set(bench.PHASES) and all(v >= 0 for v in nin["seconds"].values())
@@ -24,7 +25,33 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert 0 <= nin["epoch_loop"]["fraction_outside_steps"] < 1
     assert nin["steps_per_call"] == 2 and nin["train_step_one_per_call"]["seconds"] > 0
     assert result["machine"]["jax"] and result["matmul_peak_gflops"] > 0
-    assert "train step" in capsys.readouterr().out
+    two = result["models"]["nin"]["replicas"]["2"]
+    assert two["replicas"] == 2 and two["images_per_s"] == pytest.approx(2 * 4 / two["seconds_per_step"])
+    printed = capsys.readouterr().out
+    assert "train step" in printed and "2 seeds at once" in printed
+
+
+def test_fastest_step_settings_need_a_clear_win():
+    def v(overrides, seconds):
+        return {"overrides": overrides, "seconds_per_step": seconds}
+
+    variants = {"defaults": v({}, 1.0), "1 step per call": v({"steps_per_call": 1, "step_loop": "unroll"}, 1.2),
+                "whole epoch, lax.scan": v({"steps_per_call": 10 ** 6, "step_loop": "scan"}, 0.8),
+                "conv_impl=xla": v({"conv_impl": "xla"}, 0.5), "conv_impl=small": v({"conv_impl": "small"}, 0.6),
+                "pool_grad=xla": v({"pool_grad": "xla"}, 0.99),  # within noise: the default stays
+                "bn_grad=autodiff": v({"bn_grad": "autodiff"}, 1.5)}
+    assert bench.fastest_overrides(variants) == {"steps_per_call": 10 ** 6, "step_loop": "scan", "conv_impl": "xla"}
+    assert bench.fastest_overrides({"defaults": v({}, 1.0), "x": v({"bn_grad": "autodiff"}, 1.0)}) == {}
+
+
+def test_pytorch_runs_where_jax_runs():
+    torch = pytest.importorskip("torch")
+    assert bench.torch_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert bench.torch_device("gpu") == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            bench.torch_device("gpu")
 
 
 def test_bench_rejects_unknown_models(capsys):

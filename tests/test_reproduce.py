@@ -14,14 +14,16 @@ spec.loader.exec_module(reproduce)
 def test_results_and_table_come_from_run_files(prepared, tmp_path):
     workdir = tmp_path / "run"
     train.train_and_evaluate(tiny_config(prepared, num_epochs=2), str(workdir))
-    result = reproduce.result_from_workdir(workdir, "tiny", 0)
+    result = reproduce.result_from_workdir(workdir, "tiny")
     history = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert result["final_test_accuracy"] == history[-1]["test_accuracy"]  # the final epoch, not the best
     assert [c["epoch"] for c in result["curve"]] == [1, 2] and not result["partial"]
     assert result["config"]["width"] == pytest.approx(1 / 16) and "cpu" in result["device"].lower()
     results = tmp_path / "results"
     reproduce.write_result(result, results)
-    other = dict(result, seed=1, final_test_accuracy=result["final_test_accuracy"] + 2.0)
+    assert result["seeds"] == [0] and result["final_test_accuracies"] == [result["final_test_accuracy"]]
+    other = dict(result, seed=1, seeds=[1], final_test_accuracy=result["final_test_accuracy"] + 2.0,
+                 final_test_accuracies=[result["final_test_accuracy"] + 2.0])
     reproduce.write_result(other, results)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{reproduce.TABLE_START}\nstale\n{reproduce.TABLE_END}\noutro\n")
@@ -39,6 +41,13 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     reproduce.update_readme(results, readme)
     assert "have not been measured here" not in readme.read_text()  # a complete vgg run answers the claim
     assert "stale" not in text and text.startswith("intro") and text.endswith("outro\n")
+    # Seeds trained together in one program share a file; each counts once in the row.
+    acc = result["final_test_accuracy"]
+    together = dict(result, config_name="vgg_fast", seeds=[0, 1, 2], final_test_accuracy=acc + 1.0,
+                    final_test_accuracies=[acc, acc + 1.0, acc + 2.0])
+    assert reproduce.write_result(together, results).name == "vgg_fast-seeds0-1-2-cpu.json"
+    reproduce.update_readme(results, readme)
+    assert f"| `vgg_fast` | 92.45 % | {acc + 1.0:.2f} ± 1.00 % | 3 | 2 |" in readme.read_text()
 
 
 def test_benchmark_table_comes_from_bench_files(tmp_path):
