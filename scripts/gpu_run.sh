@@ -79,40 +79,12 @@ timeout --signal=TERM "$(( $(left) / 4 ))" $py -m jaxcifar.bench $bench_args --m
   --dtype bfloat16 --json "$bench16" || echo "benchmark (bf16) failed or ran out of time"
 
 # The fastest step settings the benchmark found for VGG, as --config flags.
-overrides=$($py - "$bench32" <<'EOF' || true
-import json, sys
-try:
-    models = json.load(open(sys.argv[1]))["models"]
-except (OSError, ValueError, KeyError):
-    sys.exit(0)
-entry = models.get("vgg_bn_drop") or next(iter(models.values()))
-print(" ".join(f"--config.{k}={v}" for k, v in entry.get("step_variants", {}).get("fastest", {}).items()))
-EOF
-)
-echo "step settings from the benchmark: ${overrides:-the backend's defaults}"
-
-# Seconds a stage needs: its images at the measured images/s of that many seeds at once, plus compilation.
-estimate() {  # config seeds dtype
-  $py - "$1" "$2" "$3" "$bench32" "$bench16" <<'EOF'
-import json, runpy, sys
-name, seeds, dtype, b32, b16 = sys.argv[1:]
-k = len(seeds.split(","))
-config = runpy.run_path(f"configs/{name}.py")["get_config"]()
-try:
-    entry = json.load(open(b16 if dtype == "bfloat16" else b32))["models"][config.model]
-except (OSError, ValueError, KeyError):
-    print(10 ** 9); sys.exit(0)
-by_k = {int(n): r["images_per_s"] for n, r in entry.get("replicas", {}).items()} or {1: entry["jax"]["images_per_s"]}
-known = sorted(by_k)
-ips = by_k[max([n for n in known if n <= k] or known[:1])]  # summed images/s of at most k seeds: conservative
-images = k * config.num_epochs * (50_000 + 10_000 / 3)  # training, plus evaluation at ~3x the speed
-print(int(images / ips * 1.1 + 60))
-EOF
-}
+overrides=$($py scripts/gpu_plan.py overrides "$bench32" || true)
+echo "step settings from the benchmark: ${overrides:-the defaults of config.STEP_CHOICES}"
 
 for stage in $stages; do
   IFS=: read -r name seeds dtype <<<"$stage"
-  need=$(estimate "$name" "$seeds" "$dtype")
+  need=$($py scripts/gpu_plan.py estimate "$name" "$seeds" "$dtype" "$bench32" "$bench16")
   if [ "$need" -gt "$(left)" ]; then
     echo "== skipping $name ($dtype, seeds $seeds): needs ~${need} s, $(left) s left"
     continue

@@ -1,0 +1,29 @@
+"""scripts/gpu_plan.py: the budget arithmetic and step settings gpu_run.sh takes from the benchmark."""
+
+import importlib.util
+import json
+
+from test_train import REPO
+
+spec = importlib.util.spec_from_file_location("gpu_plan", REPO / "scripts/gpu_plan.py")
+gpu_plan = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_plan)
+
+
+def test_estimates_come_from_the_measured_throughput_of_that_many_seeds(tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"models": {"vgg_bn_drop": {
+        "jax": {"images_per_s": 20_000.0},
+        "replicas": {"1": {"images_per_s": 20_000.0}, "4": {"images_per_s": 60_000.0},
+                     "8": {"images_per_s": 100_000.0}},
+        "step_variants": {"fastest": {"steps_per_call": 1000000, "step_loop": "scan"}}}}}))
+    per_epoch = 50_000 + 10_000 / 3
+    # 8 seeds x 40 epochs at the 8-seed rate; 3 seeds at the rate of the largest K not above 3 (1 seed).
+    assert gpu_plan.estimate("vgg_fast", "0,1,2,3,4,5,6,7", "float32", str(bench), "") == int(
+        8 * 40 * per_epoch / 100_000 * 1.1 + 60)
+    assert gpu_plan.estimate("vgg", "0,1,2", "float32", str(bench), "") == int(3 * 300 * per_epoch / 20_000 * 1.1 + 60)
+    # Nothing measured for that model or dtype: the stage never looks affordable.
+    assert gpu_plan.estimate("nin", "0", "float32", str(bench), "") == 10 ** 9
+    assert gpu_plan.estimate("vgg_fast", "0", "bfloat16", str(bench), str(tmp_path / "absent.json")) == 10 ** 9
+    assert gpu_plan.overrides(str(bench)) == "--config.steps_per_call=1000000 --config.step_loop=scan"
+    assert gpu_plan.overrides(str(tmp_path / "absent.json")) == ""
