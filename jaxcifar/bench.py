@@ -149,10 +149,12 @@ STEP_VARIANTS = {
 }
 
 
-def bench_variants(model_name: str, batch: int, runs: int, dtype: str, epoch_steps: int) -> dict:
-    """Train-step time of every STEP_VARIANTS entry; `fastest` names the quickest settings for each field."""
+def bench_variants(model_name: str, batch: int, runs: int, dtype: str, epoch_steps: int, names=None) -> dict:
+    """Train-step time of the STEP_VARIANTS entries `names` (default all); `fastest` names the quickest settings."""
     out = {}
     for name, overrides in STEP_VARIANTS.items():
+        if names and name not in names and name != "defaults":
+            continue
         trainer, _, _ = _bench_trainer(model_name, batch, dtype, epoch_steps, overrides)
         out[name] = {"overrides": overrides, **time_training(trainer, runs)}
     return {"variants": out, "fastest": fastest_overrides(out)}
@@ -414,7 +416,7 @@ def format_table(result: dict) -> str:
 
 def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = False, dtype: str = "float32",
         threads: int | None = None, conv_impl: str = "auto", epoch_steps: int = 8,
-        steps_per_call: int | None = None, replicas=(), step_variants: bool = False) -> dict:
+        steps_per_call: int | None = None, replicas=(), step_variants=False) -> dict:
     import jax
 
     threads = threads or os.cpu_count()
@@ -426,7 +428,8 @@ def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = Fa
         if replicas:
             entry["replicas"] = bench_replicas(name, batch, runs, dtype, epoch_steps, replicas)
         if step_variants:
-            entry["step_variants"] = bench_variants(name, batch, runs, dtype, epoch_steps)
+            names = None if step_variants is True else step_variants
+            entry["step_variants"] = bench_variants(name, batch, runs, dtype, epoch_steps, names)
         if compare_torch:
             entry["torch"] = bench_torch(name, batch, runs, threads, torch_device(jax.default_backend()), dtype)
             entry["jax_over_torch"] = {p: entry["jax"]["seconds"][p] / entry["torch"]["seconds"][p] for p in PHASES
@@ -449,8 +452,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps-per-call", type=int, help="train steps per compiled call (default: the config's)")
     p.add_argument("--replicas", default="", help="comma-separated seed counts K trained at once, e.g. 1,4,8: "
                    "images/s summed over the K runs (batch --batch each)")
-    p.add_argument("--step-variants", action="store_true",
-                   help="time every alternative of the step (config.STEP_CHOICES) and name the fastest")
+    p.add_argument("--step-variants", nargs="?", const="all", default="",
+                   help="time every alternative of the step (config.STEP_CHOICES), or those named (comma-separated "
+                        f"from: {', '.join(STEP_VARIANTS)}), against the defaults, and name the fastest")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -472,8 +476,14 @@ def main(argv=None) -> int:
     if any(k <= 0 for k in replicas):
         print(f"error: --replicas {args.replicas!r}: give positive integers, e.g. 1,4,8", file=sys.stderr)
         return 2
+    variants = [] if not args.step_variants else True if args.step_variants == "all" else \
+        [v.strip() for v in args.step_variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in STEP_VARIANTS] if isinstance(variants, list) else []
+    if unknown:
+        print(f"error: --step-variants: unknown {unknown}; choose from {', '.join(STEP_VARIANTS)}", file=sys.stderr)
+        return 2
     result = run(models, args.batch, args.runs, args.compare_torch, args.dtype, args.threads, args.conv_impl,
-                 args.epoch_steps, args.steps_per_call, replicas, args.step_variants)
+                 args.epoch_steps, args.steps_per_call, replicas, variants)
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
