@@ -1,7 +1,6 @@
 """Several seeds trained at once (`--config.seeds`): each replica is its seed's single run."""
 
 import json
-import os
 import signal
 
 import jax
@@ -77,24 +76,30 @@ def two_seed_runs(prepared, tmp_path_factory):
     config = tiny_config(prepared, num_epochs=2, seeds="3,5,8", log_every_steps=1)
     train.train_and_evaluate(config, str(root / "straight"))
 
-    real_bar = train._progress_bar
+    real_bar, real_flag = train._progress_bar, train.StopFlag
+    flags = []
+
+    class RecordedStopFlag(real_flag):  # as SIGTERM would set it, without a signal (xdist workers may not own one)
+        def __enter__(self):
+            flags.append(self)
+            return super().__enter__()
 
     def bar_that_stops_in_epoch_2(epoch, total, start):
         bar, update = real_bar(epoch, total, start)
 
-        def signal_once(done, loss):
+        def stop_once(done, loss):
             update(done, loss)
             if epoch == 2 and done == 4:  # after the first call of 4 steps
-                os.kill(os.getpid(), signal.SIGTERM)  # handled by train's StopFlag between calls
+                flags[-1].signum = signal.SIGTERM
 
-        return bar, signal_once
+        return bar, stop_once
 
-    train._progress_bar = bar_that_stops_in_epoch_2
+    train._progress_bar, train.StopFlag = bar_that_stops_in_epoch_2, RecordedStopFlag
     try:
-        with pytest.raises(train.TrainingInterrupted):
+        with pytest.raises(train.TrainingInterrupted, match="stopped by SIGTERM"):
             train.train_and_evaluate(config, str(root / "resumed"))
     finally:
-        train._progress_bar = real_bar
+        train._progress_bar, train.StopFlag = real_bar, real_flag
     saved_at = checkpoint.Checkpointer(root / "resumed").steps()
     train.train_and_evaluate(config, str(root / "resumed"))
     return root / "straight", root / "resumed", saved_at
