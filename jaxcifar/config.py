@@ -16,7 +16,9 @@ STEP_LOOPS = ("unroll", "scan")
 #   steps_per_call 4, unroll: XLA:CPU zero-fills a call's temporaries page by page on every call; 4 steps per
 #     call pay that once. Under lax.scan its convolution gradients leave Eigen for a naive loop: 25-50x slower.
 #   conv_impl small: XLA:CPU's convolution is ~40x slower than a matmul on 2x2 maps and for 1x1 kernels.
-#   pool_grad first_max: XLA's select-and-scatter gradient of a 2x2 pool was 7x slower on 32x32 maps.
+#   pool_grad first_max: torch's tie rule on unit-stride views; a gradient splitting ties (jnp.max) cost VGG's
+#     32x32 pooling 7x the time. `bench --step-variants` (VGG, batch 8, one run each, Sapphire Rapids):
+#     default 0.157 s/step, pool_grad=xla 0.166, bn_grad=autodiff 0.196, conv_impl=xla 0.595, whole-epoch scan 3.7.
 #   bn_grad closed_form: 3-6 % of a step (less memory traffic than autodiff's chain).
 #   dropout_bits 16: random bits are dropout's largest cost on CPU; 16-bit draws halve them.
 # gpu: PROVISIONAL, the CPU's choices except where the reason is XLA:CPU's alone; not yet measured on a GPU.
