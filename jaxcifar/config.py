@@ -39,8 +39,13 @@ def step_choices(config, backend: str | None = None) -> dict:
         import jax
 
         backend = jax.default_backend()
-    table = STEP_CHOICES["cpu" if backend == "cpu" else "gpu"]
+    table = STEP_CHOICES[backend_row(backend)]
     return {k: table[k] if config[k] in (0, "auto") else config[k] for k in STEP_FIELDS}
+
+
+def backend_row(backend: str) -> str:
+    """The STEP_CHOICES row of a JAX backend name ("cpu", "gpu", "cuda", "rocm", ...)."""
+    return "cpu" if backend == "cpu" else "gpu"
 
 
 def seed_list(config) -> list[int]:

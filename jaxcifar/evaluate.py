@@ -65,7 +65,7 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
         # Shapes and dtypes only (nothing is initialized): orbax reads the arrays straight into them.
         template = jax.eval_shape(lambda: checkpoint.to_tree({
             "train_state": train.init_replicas(seeds, model, train.build_optimizer(config, 1), (32, 32, 3)),
-            "epoch_metrics": train.stack_replicas([train.zero_train_metrics(config.num_classes)] * len(seeds))}))
+            "epoch_metrics": train.zero_replica_metrics(config.num_classes, len(seeds))}))
         try:
             tree, meta, _ = ckpt.restore(template, step=step, best=best)
         except checkpoint.CheckpointError as e:

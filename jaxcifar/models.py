@@ -104,7 +104,7 @@ def backend_choice(field: str, value):
         return value
     from jaxcifar import config  # config imports this module
 
-    return config.STEP_CHOICES["cpu" if jax.default_backend() == "cpu" else "gpu"][field]
+    return config.STEP_CHOICES[config.backend_row(jax.default_backend())][field]
 
 
 def use_matmul_conv(impl: str, spatial_pixels: int, kernel_size: int) -> bool:

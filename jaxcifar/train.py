@@ -43,8 +43,9 @@ class TrainState:
     rng: jax.Array  # raw key data of the run's base key (uint32), so checkpoints hold plain arrays
 
 
-def build_model(config) -> flax.linen.Module:
-    choices = config_lib.step_choices(config)
+def build_model(config, choices: dict | None = None) -> flax.linen.Module:
+    """The config's network, built with `choices` (default: config_lib.step_choices for JAX's backend)."""
+    choices = choices or config_lib.step_choices(config)
     return models.create_model(
         config.model, num_classes=config.num_classes, width=config.width, batch_norm=config.batch_norm,
         dropout=config.dropout, conv_impl=choices["conv_impl"], dtype=jnp.dtype(config.dtype),
@@ -100,6 +101,10 @@ def init_replicas(seeds, model, tx, image_shape) -> TrainState:
 
 def stack_replicas(trees: list):
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def zero_replica_metrics(num_classes: int, replicas: int) -> dict:
+    return stack_replicas([zero_train_metrics(num_classes)] * replicas)
 
 
 def replica(tree, k: int):
@@ -248,7 +253,7 @@ class Trainer:
         self.mesh = Mesh(np.array(devices), ("data",))
         self.replicated = NamedSharding(self.mesh, P())
         batch_rows = NamedSharding(self.mesh, P(None, None, "data"))  # (replica, steps, batch) index tables
-        self.model = build_model(config)
+        self.model = build_model(config, self.choices)
         self.tx = build_optimizer(config, self.steps_per_epoch)
         # The whole preprocessed dataset lives on the devices, once for all replicas; batches are gathered inside jit.
         self.train_images = replicate(dataset.train_images, self.replicated)
@@ -293,7 +298,7 @@ class Trainer:
         return self.place(init_replicas(self.seeds, self.model, self.tx, self.train_images.shape[1:]))
 
     def zero_metrics(self) -> dict:
-        return self.place(stack_replicas([zero_train_metrics(self.config.num_classes)] * self.replicas))
+        return self.place(zero_replica_metrics(self.config.num_classes, self.replicas))
 
     def place(self, tree):
         """Replicates a host or single-device pytree (a fresh or restored state) over the mesh."""
@@ -364,10 +369,7 @@ class RunLog:
         self._text.write(msg + "\n")
 
     def epoch(self, record: dict) -> None:
-        csv = self.workdir / "metrics.csv"
-        with open(csv, "a") as f:
-            if f.tell() == 0:
-                f.write(",".join(self.csv_fields) + "\n")
+        with open(self.workdir / "metrics.csv", "a") as f:  # rewrite() wrote its header at the start
             f.write(self._csv_row(record))
         with open(self.workdir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
