@@ -5,6 +5,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxcifar import models, optim, preprocess
+from jaxcifar.errors import ConfigError
 
 FLIP_MODES = ("batchflip", "independent", "none")
 DTYPES = ("float32", "bfloat16")
@@ -56,9 +57,9 @@ def seed_list(config) -> list[int]:
     try:
         seeds = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
     except ValueError:
-        raise ValueError(f"bad config: seeds={text!r}; give comma-separated integers, e.g. --config.seeds=0,1,2") from None
+        raise ConfigError(f"bad config: seeds={text!r}; give comma-separated integers, e.g. --config.seeds=0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"bad config: seeds={text!r} must list at least one seed, each once")
+        raise ConfigError(f"bad config: seeds={text!r} must list at least one seed, each once")
     return seeds
 
 
@@ -118,10 +119,10 @@ def nin_config() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the field and the fix for a config that cannot train."""
+    """Raises ConfigError naming the field and the fix for a config that cannot train."""
     def need(cond, msg):
         if not cond:
-            raise ValueError(f"bad config: {msg}")
+            raise ConfigError(f"bad config: {msg}")
 
     need(c.model in models.MODEL_NAMES, f"model={c.model!r}; choose one of {', '.join(models.MODEL_NAMES)}")
     need(c.width > 0, f"width={c.width} must be positive")

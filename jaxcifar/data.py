@@ -28,6 +28,7 @@ from typing import Iterable, Mapping, NamedTuple
 import numpy as np
 
 from jaxcifar import preprocess
+from jaxcifar.errors import DataError, JaxcifarError
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -46,10 +47,11 @@ RECORD_BYTES = 1 + 32 * 32 * 3
 DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)
 DOWNLOAD_PROBE_TIMEOUT_S = 5.0
 CACHE_FORMAT_VERSION = 1
+OFFICIAL_SIZES = {"train": 50_000, "test": 10_000}
+# Written beside tfds's files when jaxcifar prepares them: the MD5s of the batch files they came from.
+SOURCE_FILE = "jaxcifar_source.json"
 
-
-class DataError(RuntimeError):
-    """A problem with the dataset the user can fix; the message says how."""
+__all__ = ["DataError", "CLASS_NAMES", "OFFICIAL_MD5", "prepare", "load_preprocessed", "read_archive", "read_md5_file"]
 
 
 # ---------------------------------------------------------------------------
@@ -63,10 +65,17 @@ def read_md5_file(path: str | os.PathLike) -> dict[str, str]:
         text = Path(path).read_text()
     except OSError as e:
         raise DataError(f"cannot read MD5 file {path}: {e.strerror}") from None
-    for line in text.splitlines():
-        if line.strip():
-            digest, name = line.split(maxsplit=1)
-            sums[Path(name.strip().lstrip("*")).name] = digest.lower()
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split(maxsplit=1)
+        digest = fields[0].lower()
+        if len(fields) != 2 or len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+            raise DataError(f"{path}, line {number}: {line.strip()[:80]!r} is not '<32 hex digits>  <file name>' "
+                            "(the format `md5sum` writes); fix or remove that line")
+        sums[Path(fields[1].strip().lstrip("*")).name] = digest
+    if not sums:
+        raise DataError(f"MD5 file {path} lists no files; it needs a line per batch file, as `md5sum` writes them")
     return sums
 
 
@@ -163,6 +172,7 @@ def _builder_class():
             members = self._archive_members
             if members is None:  # online: tfds downloads and checks the official archive
                 members = read_archive(dl_manager.download_and_extract(self._cifar_info.url), self._md5s)
+            self.source_md5s = _md5s_of(members)
             names = members.get("batches.meta.txt", b"").decode().split()
             self.info.features["label"].names = names if len(names) == 10 else list(CLASS_NAMES)
             return {
@@ -213,14 +223,23 @@ def _can_download() -> bool:
         pool.shutdown(wait=False)
 
 
-def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mapping[str, str] = OFFICIAL_MD5):
-    """Makes sure tfds's `cifar10` is prepared in `data_dir`; returns the builder."""
+def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mapping[str, str] | None = OFFICIAL_MD5):
+    """Makes sure tfds's `cifar10` is prepared in `data_dir` and is the dataset `md5s` describe; returns the builder.
+
+    A given `archive` is always read and verified, prepared or not, and must be the one the
+    prepared files came from. `md5s=None` accepts whatever is prepared (readers of a finished run).
+    """
     b = builder(data_dir)
+    members = read_archive(archive, md5s or OFFICIAL_MD5) if archive else None
     if b.is_prepared():
+        source = prepared_source(b)
+        if members is not None and source is not None and source["md5"] != _md5s_of(members):
+            raise DataError(f"{b.data_dir} already holds a dataset prepared from another archive than {archive}; "
+                            "give another --data-dir (--config.data.data_dir), or delete that folder to prepare this one")
+        check_prepared(b, md5s)
         return b
-    if archive:
-        members = read_archive(archive, md5s)
-        b = builder(data_dir, archive_members=members, md5s=md5s)
+    if members is not None:
+        b = builder(data_dir, archive_members=members, md5s=md5s or OFFICIAL_MD5)
     elif not _can_download():
         raise DataError(
             f"CIFAR-10 is not prepared in {b.data_dir} and {DOWNLOAD_HOST[0]} cannot be reached: supply the archive with "
@@ -229,7 +248,66 @@ def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mappi
         )
     # tfds writes to a temporary folder and renames it when complete: no partial dataset survives a failure.
     b.download_and_prepare(file_format="array_record")
+    source = {"md5": b.source_md5s, "official": b.source_md5s == _official_subset()}
+    (Path(b.data_dir) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
     return b
+
+
+def _md5s_of(members: Mapping[str, bytes]) -> dict[str, str]:
+    return {f: hashlib.md5(members[f]).hexdigest() for f in TRAIN_FILES + TEST_FILES}
+
+
+def _official_subset() -> dict[str, str]:
+    return {f: OFFICIAL_MD5[f] for f in TRAIN_FILES + TEST_FILES}
+
+
+def prepared_source(b) -> dict | None:
+    """The record of the archive a prepared dataset came from; None when tfds (or an old jaxcifar) prepared it."""
+    path = Path(b.data_dir) / SOURCE_FILE
+    if not path.exists():
+        return None
+    try:
+        source = json.loads(path.read_text())
+        if not isinstance(source.get("md5"), dict):
+            raise ValueError("no md5 table")
+        return source
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{path} is damaged ({e}); delete {b.data_dir} and prepare the dataset again") from None
+
+
+def split_sizes(b) -> dict[str, int]:
+    return {split: int(b.info.splits[split].num_examples) for split in ("train", "test")}
+
+
+def check_prepared(b, md5s: Mapping[str, str] | None = OFFICIAL_MD5) -> None:
+    """Raises DataError when the prepared dataset is not the one `md5s` describe (None: any)."""
+    if md5s is None:
+        return
+    source, sizes = prepared_source(b), split_sizes(b)
+    want = {f: md5s.get(f) for f in TRAIN_FILES + TEST_FILES}
+    official = want == _official_subset()
+    if source is None:  # prepared by tfds itself: its sizes are all there is to check
+        if official and sizes != OFFICIAL_SIZES:
+            raise DataError(f"{b.data_dir} holds a cifar10 of {sizes['train']:,} train / {sizes['test']:,} test images, "
+                            "not CIFAR-10's 50,000 / 10,000; delete it and prepare the official archive, or give "
+                            "another --data-dir (--config.data.data_dir)")
+        return
+    if source["md5"] != want:
+        what = "the official CIFAR-10 archive" if official else "the archive the given MD5 list describes"
+        raise DataError(
+            f"{b.data_dir} holds a dataset prepared from another archive than {what} ({describe(b)}); give another "
+            "--data-dir (--config.data.data_dir), or delete that folder and prepare the right archive there")
+
+
+def describe(b) -> str:
+    """The prepared dataset in words: official CIFAR-10, or a set from another archive, with its sizes."""
+    source, sizes = prepared_source(b), split_sizes(b)
+    counts = f"{sizes['train']:,} train / {sizes['test']:,} test images"
+    if source is None:
+        return f"cifar10 prepared by tfds, {counts}"
+    if source.get("official"):
+        return f"official CIFAR-10, {counts}"
+    return f"NOT the official CIFAR-10: a set prepared from another archive (MD5 list given), {counts}"
 
 
 def load_uint8(data_dir: str | None = None) -> dict[str, np.ndarray]:
@@ -336,13 +414,17 @@ def load_preprocessed(
     cache_dir: str | None = None,
     method: str = "yuv",
     archive: str | None = None,
-    md5s: Mapping[str, str] = OFFICIAL_MD5,
+    md5s: Mapping[str, str] | None = OFFICIAL_MD5,
     log=print,
 ) -> Preprocessed:
-    """Prepared dataset -> preprocessed float32 arrays, computed once and cached."""
+    """Prepared dataset -> preprocessed float32 arrays, computed once and cached.
+
+    `md5s`: the batch files the dataset must come from (None: whatever is prepared).
+    """
     if method not in preprocess.NORMALIZERS:
         raise DataError(f"unknown preprocessing {method!r}; choose one of {sorted(preprocess.NORMALIZERS)}")
     b = prepare(data_dir, archive, md5s)
+    log(f"dataset: {describe(b)} in {b.data_dir}")
     fingerprint = dataset_fingerprint(b)
     folder = Path(cache_dir or default_cache_dir()) / _cache_key(fingerprint, method)
     cached = _load_cache(folder, fingerprint)
@@ -435,11 +517,11 @@ def main(argv=None) -> int:
         md5s = read_md5_file(args.md5_file) if args.md5_file else OFFICIAL_MD5
         t0 = time.time()
         b = prepare(args.data_dir, args.archive, md5s)
-        print(f"cifar10 {b.version} ready in {b.data_dir} ({time.time() - t0:.1f} s)")
+        print(f"cifar10 {b.version} ready in {b.data_dir} ({time.time() - t0:.1f} s): {describe(b)}")
         _print_summary(args.data_dir)
         if args.preprocess:
             load_preprocessed(args.data_dir, args.cache_dir, md5s=md5s)
-    except DataError as e:
+    except JaxcifarError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxcifar import checkpoint, data, metrics, models, preprocess, train
+from jaxcifar import checkpoint, data, errors, metrics, models, preprocess, train
+from jaxcifar.errors import ConfigError
 
 
 class TrainedModel(NamedTuple):
@@ -41,15 +42,19 @@ def load_trained(workdir: str | Path, step: int | None = None, best: bool = Fals
     for run in runs:
         if run.seed == seed:
             return run
-    raise ValueError(f"--seed {seed}: {workdir} holds the runs of seeds {', '.join(str(r.seed) for r in runs)}")
+    raise ConfigError(f"--seed {seed}: {workdir} holds the runs of seeds {', '.join(str(r.seed) for r in runs)}")
 
 
 def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = False) -> list[TrainedModel]:
-    """Every seed's run in a checkpoint of `workdir` (latest by default), in the order trained."""
+    """Every seed's run in a checkpoint of `workdir` (latest by default), in the order trained.
+
+    Reads only (nothing is written into `workdir`), so it works while the run trains; a damaged
+    checkpoint is refused, not fallen back from: name another with `step`.
+    """
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise checkpoint.CheckpointError(f"workdir {workdir} does not exist")
-    ckpt = checkpoint.Checkpointer(workdir)
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.steps(best)
         if not steps:
@@ -68,8 +73,11 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
             "epoch_metrics": train.zero_replica_metrics(config.num_classes, len(seeds))}))
         try:
             tree, meta, _ = ckpt.restore(template, step=step, best=best)
-        except checkpoint.CheckpointError as e:
-            raise checkpoint.CheckpointError(f"{e} (does it match model {config.model!r} at width {config.width}?)") from None
+        except checkpoint.CheckpointDamaged as e:
+            others = [s for s in steps if s != step]
+            raise checkpoint.CheckpointDamaged(
+                f"{e}; not using it: " + (f"pass --step with one of {others}" if others else "no other checkpoint")
+                + " (a resumed training run sets it aside and falls back by itself)") from None
     finally:
         ckpt.close()
     state = tree["train_state"]
@@ -102,7 +110,7 @@ def batch_statistics(model, variables: dict, images: np.ndarray, num_batches: in
     given `dropout_seed`, with dropout on as training sees them.
     """
     if num_batches * batch_size > len(images):
-        raise ValueError(f"--recompute-bn-stats {num_batches} needs {num_batches * batch_size:,} images of batch "
+        raise ConfigError(f"--recompute-bn-stats {num_batches} needs {num_batches * batch_size:,} images of batch "
                          f"{batch_size}, the split has {len(images):,}; use at most {len(images) // batch_size}")
     net = model if dropout_seed is not None else model.clone(dropout=False)
     momentum = models.TorchBatchNorm.momentum
@@ -141,7 +149,7 @@ def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = 
              cache_dir: str | None = None, recompute_bn_batches: int = 0) -> dict:
     cfg = trained.config
     dataset = data.load_preprocessed(data_dir or cfg.data.data_dir or None, cache_dir or cfg.data.cache_dir or None,
-                                     cfg.data.preprocess, log=lambda m: print(m, file=sys.stderr))
+                                     cfg.data.preprocess, md5s=None, log=lambda m: print(m, file=sys.stderr))
     if dataset.stats != trained.stats:
         print("warning: the dataset's normalization statistics differ from the checkpoint's; "
               "using the dataset's cache", file=sys.stderr)
@@ -174,6 +182,13 @@ def summarize_seeds(results: list[dict]) -> dict:
     return out
 
 
+def quiet_libraries() -> None:
+    """Only errors from orbax and tfds: a reading tool reports its own problems, and orbax narrates read-only use."""
+    from absl import logging
+
+    logging.set_verbosity(logging.ERROR)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxcifar.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
@@ -189,9 +204,10 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", help="tfds data dir (default: the run's, else $TFDS_DATA_DIR)")
     p.add_argument("--cache-dir", help="preprocessed cache dir (default: the run's)")
     args = p.parse_args(argv)
+    quiet_libraries()
     try:
         if args.recompute_bn_stats < 0:
-            raise ValueError(f"--recompute-bn-stats {args.recompute_bn_stats} must be >= 0")
+            raise ConfigError(f"--recompute-bn-stats {args.recompute_bn_stats} must be >= 0")
         runs = ([load_trained(args.workdir, args.step, args.best, args.seed)] if args.seed is not None
                 else load_all_seeds(args.workdir, args.step, args.best))
         results = []
@@ -213,8 +229,11 @@ def main(argv=None) -> int:
             print(f"accuracy: {result['accuracy']:.2f} %")
         print(metrics.format_confusion(np.asarray(result["confusion"]), data.CLASS_NAMES))
         if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=1))
-    except (checkpoint.CheckpointError, data.DataError, ValueError, OSError) as e:
+            try:
+                Path(args.json).write_text(json.dumps(result, indent=1))
+            except OSError as e:
+                raise ConfigError(f"--json {args.json}: cannot write it ({e.strerror or e})") from None
+    except errors.JaxcifarError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

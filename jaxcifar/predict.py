@@ -4,8 +4,9 @@
 
 Each image is read with Pillow, converted to RGB, resized to 32x32 (bilinear, like
 torch's image.scale), preprocessed with the statistics stored in the checkpoint, and the
-10 class probabilities are printed. A file that cannot be read is reported and skipped;
-the exit code is 1 if any file failed, 2 if the model could not be loaded.
+10 class probabilities are printed. The images are read before the model is loaded; a file that
+cannot be read (missing, not an image, a decompression bomb) is reported and the others are still
+classified. Exit code 1 if any file failed, 2 if the model could not be loaded.
 """
 
 from __future__ import annotations
@@ -16,15 +17,21 @@ import sys
 
 import numpy as np
 
-from jaxcifar import checkpoint, data, evaluate, preprocess
+from jaxcifar import data, errors, evaluate, preprocess
 
 
 def load_image(path: str) -> np.ndarray:
     """uint8 (32, 32, 3) RGB; raises ValueError with the reason for anything Pillow cannot decode."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            # Pillow refuses images over 2x MAX_IMAGE_PIXELS and only warns between 1x and 2x; both are refused here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             im = im.convert("RGB")
             if im.size != (32, 32):
                 im = im.resize((32, 32), Image.BILINEAR)
@@ -35,6 +42,8 @@ def load_image(path: str) -> np.ndarray:
         raise ValueError("is a directory, not an image") from None
     except UnidentifiedImageError:
         raise ValueError("not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"refused: {e}") from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"unreadable image ({e})") from None
 
@@ -45,22 +54,30 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def classify(trained: evaluate.TrainedModel, paths: list[str]):
-    """(results, errors): {path: {class: probability}} for readable files, {path: reason} for the rest."""
-    images, ok, errors = [], [], {}
+def read_images(paths: list[str]):
+    """(images {path: uint8 (32, 32, 3)}, errors {path: reason}), in the order given."""
+    images, errors_ = {}, {}
     for path in paths:
         try:
-            images.append(load_image(path))
-            ok.append(path)
+            images[path] = load_image(path)
         except ValueError as e:
-            errors[path] = str(e)
-    results = {}
-    if images:
-        x = preprocess.apply_stats(np.stack(images), trained.stats)
-        probs = softmax(evaluate.predict_logits(trained, x, batch_size=min(len(x), 64)).astype(np.float64))
-        for path, p in zip(ok, probs):
-            results[path] = {name: float(v) for name, v in zip(data.CLASS_NAMES, p)}
-    return results, errors
+            errors_[path] = str(e)
+    return images, errors_
+
+
+def classify_images(trained: evaluate.TrainedModel, images: dict) -> dict:
+    """{path: {class: probability}} for uint8 images {path: (32, 32, 3)}."""
+    if not images:
+        return {}
+    x = preprocess.apply_stats(np.stack(list(images.values())), trained.stats)
+    probs = softmax(evaluate.predict_logits(trained, x, batch_size=min(len(x), 64)).astype(np.float64))
+    return {path: {name: float(v) for name, v in zip(data.CLASS_NAMES, p)} for path, p in zip(images, probs)}
+
+
+def classify(trained: evaluate.TrainedModel, paths: list[str]):
+    """(results, errors): {path: {class: probability}} for readable files, {path: reason} for the rest."""
+    images, errors_ = read_images(paths)
+    return classify_images(trained, images), errors_
 
 
 def main(argv=None) -> int:
@@ -73,22 +90,26 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
-    try:
-        trained = evaluate.load_trained(args.workdir, args.step, args.best, args.seed)
-    except (checkpoint.CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    results, errors = classify(trained, args.images)
-    for path, reason in errors.items():
+    evaluate.quiet_libraries()
+    images, failed = read_images(args.images)  # before the model: a bad path is reported at once
+    for path, reason in failed.items():
         print(f"error: {path}: {reason}", file=sys.stderr)
+    results = {}
+    if images:
+        try:
+            trained = evaluate.load_trained(args.workdir, args.step, args.best, args.seed)
+        except errors.JaxcifarError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        results = classify_images(trained, images)
     if args.json:
-        print(json.dumps({"probabilities": results, "errors": errors}, indent=1))
+        print(json.dumps({"probabilities": results, "errors": failed}, indent=1))
     else:
         for path, probs in results.items():
             print(f"Probabilities for {path}")
             for name, v in probs.items():
                 print(f"{name:<10}: {100 * v:5.2f}%")
-    return 1 if errors else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

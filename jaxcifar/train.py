@@ -7,6 +7,7 @@ therefore the same run however often it is stopped and resumed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -27,11 +28,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcifar import config as config_lib
-from jaxcifar import checkpoint, data, metrics, models, optim, report
-
-
-class TrainingDiverged(RuntimeError):
-    pass
+from jaxcifar import checkpoint, data, errors, metrics, models, optim, report, workdir as workdir_lib
+from jaxcifar.errors import ConfigError, TrainingDiverged
 
 
 @flax.struct.dataclass
@@ -244,10 +242,10 @@ class Trainer:
         self.num_train = len(dataset.train_labels)
         self.steps_per_epoch = self.num_train // config.batch_size
         if self.steps_per_epoch < 1:
-            raise ValueError(f"bad config: batch_size={config.batch_size} exceeds the {self.num_train} training images")
+            raise ConfigError(f"bad config: batch_size={config.batch_size} exceeds the {self.num_train} training images")
         devices = list(jax.devices() if devices is None else devices)
         if config.batch_size % len(devices):
-            raise ValueError(f"bad config: batch_size={config.batch_size} is not divisible by the {len(devices)} "
+            raise ConfigError(f"bad config: batch_size={config.batch_size} is not divisible by the {len(devices)} "
                              f"devices; use a multiple of {len(devices)}")
         self.choices = config_lib.step_choices(config, devices[0].platform)
         self.mesh = Mesh(np.array(devices), ("data",))
@@ -366,6 +364,10 @@ class RunLog:
 
     def print(self, msg: str = "") -> None:
         print(msg, flush=True)
+        self._text.write(msg + "\n")
+
+    def write(self, msg: str) -> None:
+        """To log.txt only."""
         self._text.write(msg + "\n")
 
     def epoch(self, record: dict) -> None:
@@ -491,25 +493,34 @@ class StopFlag:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains `config` in `workdir`, resuming from its latest complete checkpoint if there is one."""
+    """Trains `config` in `workdir`, resuming from its latest intact checkpoint if there is one.
+
+    One training run per workdir: another one holding it is refused (workdir.WorkdirLock, taken by
+    process 0). Problems the user can fix raise errors.JaxcifarError; log.txt records them too.
+    """
     config_lib.validate(config)
-    enable_compile_cache(config.compile_cache_dir)
-    workdir = Path(workdir)
-    log = RunLog(workdir, config_lib.seed_list(config))
-    ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
-    reporter = report.BackgroundReporter()  # plotting overlaps the next epoch instead of delaying it
-    try:
-        with StopFlag() as stop:
-            return _train(config, workdir, log, ckpt, stop, reporter)
-    finally:
+    workdir = workdir_lib.make_workdir(workdir)
+    with contextlib.ExitStack() as stack:  # closes in reverse: pending saves, reporter, checkpointer, log, lock
+        lock = workdir_lib.WorkdirLock(workdir)
+        if jax.process_index() == 0:
+            stack.enter_context(lock)  # before the log opens: a refused run writes nothing
+        log = RunLog(workdir, config_lib.seed_list(config))
+        stack.callback(log.close)
         try:
-            ckpt.wait()  # exit waits for pending saves, and reports a failed one
-        finally:
-            try:
-                reporter.close()
-            finally:
-                ckpt.close()
-                log.close()
+            if lock.stale:
+                log.print(f"warning: took over the workdir lock of a run that ended without releasing it "
+                          f"({lock.stale}: killed or crashed)")
+            enable_compile_cache(config.compile_cache_dir)
+            ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
+            stack.callback(ckpt.close)
+            reporter = report.BackgroundReporter()  # plotting overlaps the next epoch instead of delaying it
+            stack.callback(reporter.close)
+            stack.callback(ckpt.wait)  # exit waits for pending saves, and reports a failed one
+            with StopFlag() as stop:
+                return _train(config, workdir, log, ckpt, stop, reporter)
+        except errors.JaxcifarError as e:
+            log.write(f"error: {e}")  # the command line prints it; the log keeps it with the run
+            raise
 
 
 def enable_compile_cache(path: str) -> None:
@@ -529,12 +540,12 @@ def optimizer_state(config, epoch: int, step: int, lr: float) -> dict:
 
 
 def save(ckpt: checkpoint.Checkpointer, config, dataset: data.Preprocessed, state: TrainState, acc: dict,
-         epochs_done: int, history: list, is_best: bool = False) -> None:
+         epochs_done: int, history: list, choices: dict, is_best: bool = False) -> None:
     """Starts the asynchronous save of the run as it stands after `epochs_done` epochs (plus `acc`'s steps)."""
     step = int(state.step[0])
     meta = {"epoch": epochs_done, "step": step, "history": history, "stats": dataset.stats.to_json(),
             "fingerprint": dataset.fingerprint, "config": config.to_dict(), "seeds": config_lib.seed_list(config),
-            "layout": checkpoint.LAYOUT}
+            "layout": checkpoint.LAYOUT, "step_choices": choices}
     ckpt.save(step, checkpoint.to_tree({"train_state": state, "epoch_metrics": acc}), meta, is_best=is_best)
 
 
@@ -556,16 +567,19 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     template = checkpoint.to_tree({"train_state": state, "epoch_metrics": trainer.zero_metrics()})
 
     def refuse_other_runs(meta):
-        differing = checkpoint.incompatible_fields(meta["config"], config)
         checkpoint.check_layout(meta, workdir)
+        differing = checkpoint.incompatible_fields(meta["config"], config)
         if meta["seeds"] != seeds:
             differing.append(f"seeds: {meta['seeds']} -> {seeds}")
+        saved_choices = meta.get("step_choices", {})
+        differing += [f"{k} (step choice): {saved_choices[k]!r} -> {trainer.choices[k]!r}"
+                      for k in checkpoint.FIXED_STEP_CHOICES if k in saved_choices and saved_choices[k] != trainer.choices[k]]
         if differing:
             raise checkpoint.CheckpointError(
                 f"{workdir} holds checkpoints of a different run ({'; '.join(differing)}); "
                 "use a fresh --workdir, or restore those settings to resume")
 
-    restored = ckpt.restore(template, check_meta=refuse_other_runs, log=log.print, set_aside_unreadable=True)
+    restored = ckpt.restore(template, check_meta=refuse_other_runs, log=log.print, set_aside_damaged=True)
     if restored is not None:
         tree, meta, step = restored
         state = trainer.place(checkpoint.from_tree(state, tree["train_state"]))
@@ -573,6 +587,15 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         history = meta["history"]
         log.print(f"resumed from checkpoint at step {step} (epoch {meta['epoch']}, "
                   f"{len(history)} epochs done) in {workdir / 'checkpoints'}")
+        rounding = {k: (v, trainer.choices[k]) for k, v in meta.get("step_choices", {}).items()
+                    if k in trainer.choices and v != trainer.choices[k]}
+        if rounding:
+            log.print("note: the step is built differently from the saved run's ("
+                      + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in rounding.items())
+                      + "): the same function, rounded differently, so not bit-identical to an uninterrupted run")
+    elif (workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip():
+        log.print(f"warning: {workdir} holds the metrics of an earlier run but no checkpoint; starting afresh "
+                  "(the old metrics move to metrics.discarded.jsonl)")
     log.rewrite(history)
     one = replica(state, 0)
     choices = ", ".join(f"{k} {v}" for k, v in trainer.choices.items())
@@ -593,7 +616,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         finally:
             bar.close()
         if not finished:  # stopped mid-epoch: keep the partial epoch's metrics too
-            save(ckpt, config, dataset, state, acc, epoch - 1, history)
+            save(ckpt, config, dataset, state, acc, epoch - 1, history, trainer.choices)
             ckpt.wait()
             raise TrainingInterrupted(stop.signum, int(state.step[0]))
         train_time = time.time() - t0
@@ -612,7 +635,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         # Save before logging: the save waits for the previous one, so a logged epoch's predecessor is
         # always on disk and a kill loses at most the last logged epoch and the one in progress.
         if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
-            save(ckpt, config, dataset, state, trainer.zero_metrics(), epoch, history, is_best)
+            save(ckpt, config, dataset, state, trainer.zero_metrics(), epoch, history, trainer.choices, is_best)
         log.epoch(record)
         reporter.submit(workdir, list(history), config.to_dict(), optimizer_state(config, epoch, step, lr),
                         summary, data.CLASS_NAMES)
@@ -670,7 +693,7 @@ def main(argv) -> None:
     except TrainingInterrupted as e:
         print(f"jaxcifar: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    except (data.DataError, ValueError, TrainingDiverged, checkpoint.CheckpointError) as e:
+    except errors.JaxcifarError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -684,8 +707,46 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every mistake in the command line as one line and exit code 2."""
+    from absl import flags
+
+    config_file = _flag_value(argv, "--config")
+    if config_file is not None and not Path(config_file.split(":")[0]).is_file():
+        _usage_error(f"--config {config_file}: no such file; give a config file such as configs/vgg.py")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # a bad value or a missing flag
+        text = str(e).strip().splitlines()
+        missing = next((f for f in ("--config", "--workdir") if f"{f}=None" in text[0]), None)
+        _usage_error(f"{missing} is required" if missing else text[0] + (f" ({text[-1].strip()})" if len(text) > 1 else ""))
+    except AttributeError as e:  # ml_collections: an override naming no field of the config
+        key = str(e.args[0]).strip("'\"") if e.args else "?"
+        key = key.strip("'\"")
+        bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)),
+                   f"--config...{key}")
+        _usage_error(f"{bad}: the config has no field {key!r}; check the spelling against {config_file or 'the config file'}")
+    except Exception as e:  # loading the config file ran its code: a syntax or runtime error there is the user's
+        _usage_error(f"--config {config_file}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     "fix the file or give another")
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
     from absl import app
 
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -102,7 +102,7 @@ def test_truncated_latest_checkpoint_falls_back(prepared, reference_run, tmp_pat
     assert_same_params(checkpoint.read_saved(reference_run)[0]["train_state"]["params"],
                        checkpoint.read_saved(workdir)[0]["train_state"]["params"])
     assert_same_metrics(reference_run, workdir)
-    assert (workdir / "unreadable-checkpoints").is_dir()  # set aside, not deleted
+    assert (workdir / "damaged-checkpoints").is_dir()  # set aside, not deleted
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

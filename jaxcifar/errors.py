@@ -1,0 +1,36 @@
+"""The project's error types: problems a user can fix, each message naming the problem and the fix.
+
+The command-line tools turn exactly these into a one-line `error: ...` and exit code 2; anything
+else (a bug here, or in jax/flax/orbax) keeps its traceback.
+"""
+
+
+class JaxcifarError(Exception):
+    """A problem with the user's input, files or environment; the message says how to fix it."""
+
+
+class ConfigError(JaxcifarError, ValueError):
+    """A config value or command-line argument that cannot work."""
+
+
+class DataError(JaxcifarError):
+    """A problem with the dataset (archive, MD5 list, prepared files)."""
+
+
+class CheckpointError(JaxcifarError):
+    """A checkpoint that cannot be used for what was asked (absent, of another run, of another version)."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are unreadable or whose arrays fail their recorded checksums.
+
+    The only kind of checkpoint a resuming run sets aside and falls back from.
+    """
+
+
+class WorkdirError(JaxcifarError):
+    """A workdir that cannot be created or written, or that another training run holds."""
+
+
+class TrainingDiverged(JaxcifarError):
+    """The loss became NaN or infinite."""

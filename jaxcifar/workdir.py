@@ -1,0 +1,108 @@
+"""One training run per workdir: a lock held for the run's lifetime.
+
+`<workdir>/train.lock` carries the holder (pid, host, start time) and an OS lock (flock) on the open
+file. The OS drops the flock when its process dies however it dies (kill -9 included), so a lock
+left by a killed run never blocks the next start: the file still names the dead holder, which is
+how the next run can tell it took over a stale lock. A clean exit empties the file before unlocking.
+flock spans hosts only on file systems that support it; multi-host runs take the lock on process 0.
+Reading tools (evaluate, predict) neither take it nor write into the workdir.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from jaxcifar.errors import WorkdirError
+
+LOCK_NAME = "train.lock"
+
+
+def make_workdir(path: str | os.PathLike) -> Path:
+    """Creates the workdir if needed and checks it is a writable folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise WorkdirError(f"--workdir {path} is a file, not a folder; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(f"cannot create --workdir {path}: {e.strerror or e}; give a folder you can write to") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise WorkdirError(f"--workdir {path} is not writable; give a folder you can write to")
+    return path
+
+
+def _describe(holder: dict) -> str:
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?"
+    return f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started {when}"
+
+
+def _read_holder(fd: int) -> dict | None:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 1 << 16).decode(errors="replace").strip()
+    if not text:
+        return None
+    try:
+        holder = json.loads(text)
+        return holder if isinstance(holder, dict) else {}
+    except ValueError:
+        return {}
+
+
+class WorkdirLock:
+    """Held while a training run writes into `workdir`; a second run is refused with the holder's name.
+
+    After `acquire`, `stale` describes the holder of a lock that was taken over (None if there was none).
+    """
+
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = Path(workdir) / LOCK_NAME
+        self.stale: str | None = None
+        self._fd: int | None = None
+
+    def acquire(self) -> "WorkdirLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WorkdirError(f"cannot create the lock file {self.path}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd) or {}
+            os.close(fd)
+            raise WorkdirError(
+                f"{self.path.parent} is in use by another training run ({_describe(holder)}); wait for it to "
+                f"finish or stop it, or train in another --workdir (evaluate and predict may run meanwhile)") from None
+        except OSError as e:
+            os.close(fd)
+            raise WorkdirError(f"cannot lock {self.path}: {e.strerror or e}; this file system may not support "
+                               "locks: use a --workdir on a local disk") from None
+        stale = _read_holder(fd)
+        self.stale = None if stale is None else _describe(stale)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # empty: released cleanly
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
