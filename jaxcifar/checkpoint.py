@@ -55,9 +55,16 @@ def check_layout(meta: dict, where) -> None:
             "or evaluate them with the version that wrote them")
 
 
+# Orbax warns on every read-only manager that it is read-only, which is what a reading tool asked for.
+logging.getLogger("absl").addFilter(lambda record: "Given directory is read only" not in record.getMessage())
+
+
 def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, enable_async_checkpointing=not read_only,
-                                           create=not read_only, read_only=read_only)
+    if read_only:  # writes nothing, creates nothing: safe beside a training run, and on an empty folder
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
+                                               enable_async_checkpointing=False)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     # Handlers named up front so that item_metadata can read a save's array shapes before restoring it.
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
@@ -250,7 +257,6 @@ class Checkpointer:
         try:
             state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:  # the structure matched, so a failure to read is damage
-            _silence_late_read_errors(str(manager.directory))
             raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
         verify_checksums(state, meta, where)
         return state, meta
@@ -275,6 +281,7 @@ class Checkpointer:
             try:
                 state, meta = self._restore_one(manager, s, template, check_meta)
             except CheckpointDamaged as e:
+                _silence_late_read_errors(str(manager.directory))
                 if step is not None:
                     raise
                 damaged.append(s)

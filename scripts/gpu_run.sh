@@ -62,6 +62,7 @@ else
 fi
 export TFDS_DATA_DIR="$work/tfds" JAXCIFAR_CACHE_DIR="$work/cache"
 md5=${MD5_FILE:+--md5-file $MD5_FILE}
+train_md5=${MD5_FILE:+--config.data.md5_file=$MD5_FILE}  # training checks the prepared set against the same list
 cd "$repo"
 echo "== preparing CIFAR-10"
 # shellcheck disable=SC2086
@@ -100,7 +101,7 @@ for stage in $stages; do
   # shellcheck disable=SC2086
   if ! timeout --signal=TERM --kill-after=30 "$(( $(left) - 15 ))" $py -m jaxcifar.train \
       --config "configs/$name.py" --workdir "$workdir" --config.seeds="$seeds" --config.dtype="$dtype" \
-      --config.data.archive="$archive" $overrides; then
+      --config.data.archive="$archive" $train_md5 $overrides; then
     echo "$name stopped early (budget or failure): its finished epochs are written as a partial result"
   fi
   if [ -s "$workdir/metrics.jsonl" ]; then

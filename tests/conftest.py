@@ -13,12 +13,12 @@ def fake_archive(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory, fake_archive):
-    """A tfds data dir with the fake archive prepared, and a cache dir; returns (data_dir, cache_dir, md5s)."""
+    """A tfds data dir with the fake archive prepared, and a cache dir; returns (data_dir, cache_dir, md5s, md5_file)."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     cache_dir = str(tmp_path_factory.mktemp("cache"))
     md5s = data.read_md5_file(fake_archive[1])
     data.prepare(data_dir, str(fake_archive[0]), md5s)
-    return data_dir, cache_dir, md5s
+    return data_dir, cache_dir, md5s, str(fake_archive[1])
 
 
 @pytest.fixture(scope="session", autouse=True)

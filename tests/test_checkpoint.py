@@ -1,4 +1,5 @@
 import json
+import re
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcifar import checkpoint, train
+from jaxcifar import checkpoint, errors, train
 from test_train import REPO, tiny_config
 
 TIMED = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
@@ -41,10 +42,10 @@ def assert_same_metrics(a, b):
 
 
 def cli(workdir, prepared, *overrides, wait=True):
-    data_dir, cache_dir, _ = prepared
+    data_dir, cache_dir, _, md5_file = prepared
     env = dict(os.environ, TFDS_DATA_DIR=data_dir, JAXCIFAR_CACHE_DIR=cache_dir)
     cmd = [sys.executable, "-m", "jaxcifar.train", "--config", str(REPO / "configs/tiny.py"),
-           "--workdir", str(workdir), "--config.log_every_steps=1", *overrides]
+           "--workdir", str(workdir), "--config.log_every_steps=1", f"--config.data.md5_file={md5_file}", *overrides]
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -128,3 +129,53 @@ def test_kill_script_short(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts/kill_test.py"), "--rounds", "2", "--epochs", "4",
                         "--root", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_a_second_training_in_the_same_workdir_is_refused(prepared, reference_run, tmp_path):
+    import shutil
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    shutil.rmtree(workdir / "checkpoints")  # the metrics of 4 epochs stay: training says it starts afresh
+    shutil.rmtree(workdir / "best")
+    first = cli(workdir, prepared, "--config.num_epochs=2", wait=False)
+    lock = workdir / "train.lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = tiny_config(prepared, num_epochs=2, **{"optimizer.learning_rate": 0.1})
+    with pytest.raises(errors.WorkdirError, match=rf"in use by another training run \(pid {first.pid} on host"):
+        train.train_and_evaluate(second, str(workdir))
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-2000:]
+    assert "holds the metrics of an earlier run but no checkpoint; starting afresh" in out
+    # The first run's files are all its own: its learning rate, its two epochs, the same as the reference's first two.
+    assert checkpoint.read_saved(workdir)[1]["config"]["optimizer"]["learning_rate"] == 0.5
+    assert untimed(workdir) == untimed(reference_run)[:2]
+    assert len((workdir / "metrics.discarded.jsonl").read_text().splitlines()) == 4
+    assert lock.read_text() == ""  # released cleanly
+
+
+@pytest.mark.parametrize("change,named", [({"seed": 1}, "seeds: [0] -> [1]"),
+                                          ({"dropout_bits": 32}, "dropout_bits (step choice): 16 -> 32"),
+                                          ({"flip": "none"}, "flip: 'batchflip' -> 'none'")])
+def test_a_resume_that_would_be_another_run_is_refused(prepared, reference_run, tmp_path, change, named):
+    import shutil
+    shutil.copytree(reference_run, tmp_path / "w")
+    config = tiny_config(prepared, num_epochs=5, **change)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(named)):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert untimed(tmp_path / "w") == untimed(reference_run)  # nothing written
+
+
+def test_evaluate_refuses_a_damaged_checkpoint(reference_run, tmp_path, capsys):
+    import shutil
+
+    from jaxcifar import evaluate
+    from test_reliability import flip_bytes_in_largest_file
+    shutil.copytree(reference_run, tmp_path / "w")
+    steps = checkpoint.Checkpointer(tmp_path / "w", read_only=True).steps()
+    flip_bytes_in_largest_file(tmp_path / "w" / "checkpoints" / str(steps[-1]))
+    assert evaluate.main(["--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {steps[-1]} " in err and "fail their saved checksums" in err
+    assert f"pass --step with one of {steps[:-1]}" in err and "Traceback" not in err

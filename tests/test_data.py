@@ -96,7 +96,7 @@ def test_prepare_cli_error_is_one_line(tmp_path, capsys):
 
 
 def test_tfds_roundtrip_preserves_images(prepared, fake_archive):
-    data_dir, _, md5s = prepared
+    data_dir, _, md5s, _ = prepared
     raw = data.load_uint8(data_dir)
     members = data.read_archive(fake_archive[0], md5s)
     want_images, want_labels = data.parse_batches(members[f] for f in data.TRAIN_FILES)
@@ -108,7 +108,7 @@ def test_tfds_roundtrip_preserves_images(prepared, fake_archive):
 
 
 def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
-    data_dir, _, md5s = prepared
+    data_dir, _, md5s, _ = prepared
     import tempfile
     cache_dir = tempfile.mkdtemp()
     messages = []
@@ -134,7 +134,7 @@ def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
 
 
 def test_cache_is_npy_and_json_only_and_loads_without_pickle(prepared, tmp_path):
-    data_dir, _, md5s = prepared
+    data_dir, _, md5s, _ = prepared
     cache_dir = tmp_path / "cache"
     data.load_preprocessed(data_dir, str(cache_dir), md5s=md5s, log=lambda m: None)
     files = sorted(p for p in cache_dir.rglob("*") if p.is_file())

@@ -15,6 +15,7 @@ from PIL import Image
 
 from jaxcifar import data, evaluate, predict, report, train
 from test_train import REPO, tiny_config
+from test_reliability import png_header
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +129,15 @@ def test_predict_files_of_any_size_and_a_non_image(trained_run, prepared, tmp_pa
     paths.append(str(gray))
     bad = tmp_path / "notes.txt"
     bad.write_text("not an image")
-    rc = predict.main(["--workdir", str(trained_run), "--json", *paths, str(bad)])
+    bomb = png_header(tmp_path / "bomb.png", 20000, 20000)  # Pillow's decompression-bomb limit: refused, not fatal
+    rc = predict.main(["--workdir", str(trained_run), "--json", *paths, str(bad), str(bomb)])
     captured = capsys.readouterr()
     assert rc == 1
     assert f"error: {bad}: not an image Pillow can read" in captured.err
+    assert f"error: {bomb}: refused: Image size (400000000 pixels) exceeds limit" in captured.err
+    assert "Traceback" not in captured.err
     out = json.loads(captured.out)
-    assert set(out["probabilities"]) == set(paths) and list(out["errors"]) == [str(bad)]
+    assert set(out["probabilities"]) == set(paths) and list(out["errors"]) == [str(bad), str(bomb)]
     for probs in out["probabilities"].values():
         assert list(probs) == list(data.CLASS_NAMES) and sum(probs.values()) == pytest.approx(1.0)
 
@@ -145,7 +149,7 @@ def test_predict_agrees_with_the_dataset_pipeline(trained_run, prepared, tmp_pat
     Image.fromarray(image).save(path)
     trained = evaluate.load_trained(trained_run)
     results, errors = predict.classify(trained, [str(path)])
-    cached = data.load_preprocessed(prepared[0], prepared[1], log=lambda m: None)
+    cached = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
     idx = next(i for i in range(len(raw["test_images"])) if np.array_equal(raw["test_images"][i], image))
     want = predict.softmax(evaluate.predict_logits(trained, cached.test_images[idx:idx + 1], 1).astype(np.float64))[0]
     np.testing.assert_allclose(list(results[str(path)].values()), want, rtol=1e-4, atol=1e-6)

@@ -23,10 +23,10 @@ def load_config_file(path):
 
 def tiny_config(prepared, **overrides):
     """configs/tiny.py on the prepared fake dataset, 1 epoch unless overridden."""
-    data_dir, cache_dir, _ = prepared
+    data_dir, cache_dir, _, md5_file = prepared
     c = load_config_file(REPO / "configs/tiny.py")
     c.num_epochs, c.log_every_steps = 1, 2
-    c.data.data_dir, c.data.cache_dir = data_dir, cache_dir
+    c.data.data_dir, c.data.cache_dir, c.data.md5_file = data_dir, cache_dir, md5_file
     for k, v in overrides.items():
         target = c
         *path, last = k.split(".")
