@@ -135,6 +135,25 @@ def verify_checksums(tree, meta: dict, where: str) -> None:
                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); its files were damaged")
 
 
+def _abstract(x) -> jax.ShapeDtypeStruct:
+    """A restore target for template leaf `x`: its sharding, or without one, this process's first device.
+
+    (Orbax would otherwise use the sharding saved with the array, which names the saving run's devices.)
+    """
+    target = ocp.utils.to_shape_dtype_struct(x)
+    if getattr(target, "sharding", None) is None:
+        target = jax.ShapeDtypeStruct(target.shape, target.dtype,
+                                      sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+    return target
+
+
+def _metadata_template(tree) -> dict:
+    """Nested dicts of shape/dtype structs from orbax's array metadata (no sharding: see `_abstract`)."""
+    if isinstance(tree, dict):
+        return {k: _metadata_template(v) for k, v in tree.items()}
+    return jax.ShapeDtypeStruct(tuple(tree.shape), tree.dtype)
+
+
 def _array_specs(tree, prefix: str = "") -> dict[str, tuple]:
     """{path: (shape, dtype)} of a nested dict of arrays or of orbax's array metadata."""
     if isinstance(tree, dict):
@@ -203,11 +222,16 @@ class Checkpointer:
         if not damaged:
             return None
         aside = self.workdir / "damaged-checkpoints"
-        aside.mkdir(exist_ok=True)
-        for s in damaged:
-            src = Path(self.latest.directory) / str(s)
-            if src.exists():
-                os.replace(src, aside / f"{s}-{int(time.time())}")
+        if jax.process_index() == 0:  # every process found the same damage; one moves it, the others wait
+            aside.mkdir(exist_ok=True)
+            for s in damaged:
+                src = Path(self.latest.directory) / str(s)
+                if src.exists():
+                    os.replace(src, aside / f"{s}-{int(time.time())}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxcifar: damaged checkpoints set aside")
         self.latest.reload()
         return aside
 
@@ -253,7 +277,7 @@ class Checkpointer:
             raise CheckpointError(f"{where} does not hold the arrays this version builds for its config "
                                   f"({difference}); it was written by another jaxcifar version or model code: "
                                   "evaluate it with that version, or train afresh in a new --workdir")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        abstract = jax.tree_util.tree_map(_abstract, template)
         try:
             state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:  # the structure matched, so a failure to read is damage
@@ -345,7 +369,10 @@ def from_tree(template, tree) -> Any:
 
 
 def read_saved(workdir: str | Path, step: int | None = None, best: bool = False):
-    """(state tree, meta, step) of a save as stored, without a template (for tools and tests)."""
+    """(state tree, meta, step) of a save as stored, without a template (for tools and tests).
+
+    The arrays land on this process's first device, whatever devices wrote them. Not verified.
+    """
     ckpt = Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.steps(best)
@@ -353,7 +380,9 @@ def read_saved(workdir: str | Path, step: int | None = None, best: bool = False)
             raise CheckpointError(f"no checkpoints in {Path(workdir) / ('best' if best else 'checkpoints')}")
         step = max(steps) if step is None else step
         manager = ckpt.best if best else ckpt.latest
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+        saved = manager.item_metadata(step)["state"]
+        abstract = jax.tree_util.tree_map(_abstract, _metadata_template(getattr(saved, "tree", saved)))
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                  meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"], step
     finally:

@@ -155,11 +155,15 @@ def write_report(workdir: str | Path, history: Sequence[dict], config: dict, opt
 class BackgroundReporter:
     """Writes reports on one worker thread; each submit first waits for (and re-raises from) the previous one."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
+        """`enabled=False`: submit does nothing (every process but 0 of a multi-process run)."""
+        self.enabled = enabled
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="report")
         self._pending = None
 
     def submit(self, *args) -> None:
+        if not self.enabled:
+            return
         self.wait()
         self._pending = self._pool.submit(write_report, *args)
 

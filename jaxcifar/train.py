@@ -211,8 +211,13 @@ def call_plan(first: int, steps: int, steps_per_call: int) -> list[int]:
     return plan
 
 
-def eval_step(params, batch_stats, images, labels, indices, valid, *, model, num_classes: int):
-    """Confusion counts and summed loss of one padded evaluation batch (padding weighted 0)."""
+def eval_step(params, batch_stats, images, labels, all_indices, all_valid, batch, *, model, num_classes: int):
+    """Confusion counts and summed loss of evaluation batch `batch` (padding rows weighted 0).
+
+    The batch is picked inside the program from the device-resident tables, so a loop over batches
+    passes only an integer: nothing is read back, and no process needs another's part of the tables.
+    """
+    indices, valid = all_indices[batch], all_valid[batch]
     logits = model.apply({"params": params, "batch_stats": batch_stats}, images[indices], train=False)
     y = labels[indices]
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
@@ -258,6 +263,7 @@ class Trainer:
         self.train_labels = replicate(dataset.train_labels.astype(np.int32), self.replicated)
         self.test_images = replicate(dataset.test_images, self.replicated)
         self.test_labels = replicate(dataset.test_labels.astype(np.int32), self.replicated)
+        self.num_test = len(dataset.test_labels)
         eval_batch = -(-config.eval_batch_size // len(devices)) * len(devices)  # padding rows are masked out
         indices, valid = data.eval_batches(len(dataset.test_labels), eval_batch)
         eval_rows = NamedSharding(self.mesh, P(None, "data"))
@@ -269,7 +275,7 @@ class Trainer:
                                        batch_sharding=NamedSharding(self.mesh, P("data")))
         self._eval_step = jax.jit(
             over_replicas(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
-                          (0, 0, None, None, None, None), self.replicas),
+                          (0, 0, None, None, None, None, None), self.replicas),
             out_shardings=(self.replicated, self.replicated), compiler_options=self._compiler_options)
         order = functools.partial(epoch_order, num_examples=self.num_train, batch_size=config.batch_size)
         self._epoch_order = jax.jit(over_replicas(order, (0, None), self.replicas), out_shardings=batch_rows)
@@ -336,10 +342,11 @@ class Trainer:
         """Per replica: (confusion (K, C, C), mean loss (K,)) over every test image, exactly once."""
         confusion = jnp.zeros((self.replicas, *(self.config.num_classes,) * 2), jnp.int32)
         loss = jnp.zeros([self.replicas], jnp.float32)
-        for idx, ok in zip(self.eval_indices, self.eval_valid):
-            conf, batch_loss = self._eval_step(params, batch_stats, self.test_images, self.test_labels, idx, ok)
+        for batch in range(self.eval_indices.shape[0]):
+            conf, batch_loss = self._eval_step(params, batch_stats, self.test_images, self.test_labels,
+                                               self.eval_indices, self.eval_valid, np.int32(batch))
             confusion, loss = confusion + conf, loss + batch_loss
-        return np.asarray(confusion), np.asarray(loss, np.float64) / int(self.eval_valid.sum())
+        return np.asarray(confusion), np.asarray(loss, np.float64) / self.num_test
 
 
 # ---------------------------------------------------------------------------
@@ -352,25 +359,30 @@ class RunLog:
                   "eval_time_s")
     PER_SEED_FIELDS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
-    def __init__(self, workdir: Path, seeds: list[int] | None = None):
+    def __init__(self, workdir: Path, seeds: list[int] | None = None, writer: bool = True):
+        """`writer=False` (every process but 0 of a multi-process run): prints and writes nothing."""
         self.workdir = workdir
+        self.writer = writer
         self.seeds = seeds or []
         # With several seeds the means lead; then the std of test accuracy and each seed's own numbers.
         self.csv_fields = self.CSV_FIELDS + (
             ("test_accuracy_std", *(f"{k}_seed{s}" for s in self.seeds for k in self.PER_SEED_FIELDS))
             if len(self.seeds) > 1 else ())
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._text = open(workdir / "log.txt", "a", buffering=1)
+        self._text = open(workdir / "log.txt", "a", buffering=1) if writer else None
 
     def print(self, msg: str = "") -> None:
-        print(msg, flush=True)
-        self._text.write(msg + "\n")
+        if self.writer:
+            print(msg, flush=True)
+            self._text.write(msg + "\n")
 
     def write(self, msg: str) -> None:
         """To log.txt only."""
-        self._text.write(msg + "\n")
+        if self.writer:
+            self._text.write(msg + "\n")
 
     def epoch(self, record: dict) -> None:
+        if not self.writer:
+            return
         with open(self.workdir / "metrics.csv", "a") as f:  # rewrite() wrote its header at the start
             f.write(self._csv_row(record))
         with open(self.workdir / "metrics.jsonl", "a") as f:
@@ -378,6 +390,8 @@ class RunLog:
 
     def rewrite(self, history: list[dict]) -> None:
         """Makes metrics.csv/jsonl hold exactly `history` (atomic replace), keeping what it drops aside."""
+        if not self.writer:
+            return
         jsonl = self.workdir / "metrics.jsonl"
         if jsonl.exists():
             old = jsonl.read_text().splitlines()
@@ -394,7 +408,8 @@ class RunLog:
         return ",".join(_csv_value(_csv_field(record, k)) for k in self.csv_fields) + "\n"
 
     def close(self) -> None:
-        self._text.close()
+        if self._text is not None:
+            self._text.close()
 
 
 def _csv_value(v) -> str:
@@ -457,6 +472,18 @@ def load_dataset(config, log=print) -> data.Preprocessed:
     return data.load_preprocessed(d.data_dir or None, d.cache_dir or None, d.preprocess, d.archive or None, md5s, log=log)
 
 
+def load_dataset_once(config, log=print) -> data.Preprocessed:
+    """`load_dataset`; with several processes, process 0 prepares and caches first while the others wait,
+    so that they only read what it wrote (the data and cache folders may be shared)."""
+    if jax.process_count() == 1:
+        return load_dataset(config, log)
+    from jax.experimental import multihost_utils
+
+    dataset = load_dataset(config, log) if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("jaxcifar: dataset prepared")
+    return dataset if dataset is not None else load_dataset(config, log)
+
+
 class TrainingInterrupted(RuntimeError):
     """SIGINT/SIGTERM arrived; the state was saved and the run can be resumed."""
 
@@ -485,7 +512,16 @@ class StopFlag:
         self.signum = signum
 
     def __call__(self) -> bool:
-        return self.signum is not None
+        """Whether to stop; with several processes, whether any of them was signalled (all stop together)."""
+        local = self.signum is not None
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        agreed = bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+        if agreed and self.signum is None:
+            self.signum = signal.SIGTERM  # another process's signal: stop and exit as if this one had it
+        return agreed
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -499,12 +535,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     process 0). Problems the user can fix raise errors.JaxcifarError; log.txt records them too.
     """
     config_lib.validate(config)
-    workdir = workdir_lib.make_workdir(workdir)
+    writer = jax.process_index() == 0  # of several processes, only process 0 writes files (orbax saves aside)
+    workdir = workdir_lib.make_workdir(workdir) if writer else Path(workdir)
     with contextlib.ExitStack() as stack:  # closes in reverse: pending saves, reporter, checkpointer, log, lock
         lock = workdir_lib.WorkdirLock(workdir)
-        if jax.process_index() == 0:
+        if writer:
             stack.enter_context(lock)  # before the log opens: a refused run writes nothing
-        log = RunLog(workdir, config_lib.seed_list(config))
+        log = RunLog(workdir, config_lib.seed_list(config), writer=writer)
         stack.callback(log.close)
         try:
             if lock.stale:
@@ -513,7 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             enable_compile_cache(config.compile_cache_dir)
             ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
             stack.callback(ckpt.close)
-            reporter = report.BackgroundReporter()  # plotting overlaps the next epoch instead of delaying it
+            reporter = report.BackgroundReporter(enabled=writer)  # plotting overlaps the next epoch
             stack.callback(reporter.close)
             stack.callback(ckpt.wait)  # exit waits for pending saves, and reports a failed one
             with StopFlag() as stop:
@@ -555,7 +592,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     runs = f"seeds {','.join(map(str, seeds))} in one program" if len(seeds) > 1 else f"seed {seeds[0]}"
     log.print(f"jaxcifar: {config.model}, {runs}, on {jax.device_count()} {jax.devices()[0].platform} device(s); "
               f"workdir {workdir}")
-    dataset = load_dataset(config, log.print)
+    dataset = load_dataset_once(config, log.print)
     trainer = Trainer(config, dataset)
     state = trainer.init_state()
     acc = None
@@ -602,7 +639,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     log.print(f"{models.count_params(one.params):,} parameters per run; {trainer.steps_per_epoch} steps of "
               f"{config.batch_size} per epoch; {config.num_epochs} epochs; step: {choices}")
     summary = report.model_summary(one.params, one.batch_stats)
-    scalars = report.ScalarWriter(workdir / "tensorboard")
+    scalars = report.ScalarWriter(workdir / "tensorboard") if log.writer else None
 
     start_epoch = int(state.step[0]) // trainer.steps_per_epoch + 1
     for epoch in range(start_epoch, config.num_epochs + 1):
@@ -639,7 +676,8 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         log.epoch(record)
         reporter.submit(workdir, list(history), config.to_dict(), optimizer_state(config, epoch, step, lr),
                         summary, data.CLASS_NAMES)
-        scalars.write(step, scalar_summary(record))
+        if scalars is not None:
+            scalars.write(step, scalar_summary(record))
         if stop():
             ckpt.wait()
             raise TrainingInterrupted(stop.signum, step)
@@ -675,10 +713,37 @@ def scalar_summary(r: dict) -> dict:
     return out
 
 
-def maybe_initialize_distributed() -> None:
-    """Multi-host: JAX's own runtime, when the usual coordinator environment is present."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+# Seconds without a heartbeat after which JAX's coordination service declares a process dead and stops every
+# other one (JAX's default is 100 s; a lost process should end the run sooner than that).
+HEARTBEAT_TIMEOUT_S = 20
+
+
+def initialize_distributed(environ=os.environ) -> bool:
+    """JAX's distributed runtime, when this is one of several processes; returns whether it was started.
+
+    Explicit: JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N, JAX_PROCESS_ID=i (the same address and
+    N in every process). Otherwise, under SLURM or Open MPI with more than one task, what
+    `jax.distributed.initialize()` detects. CPU devices talk over gloo.
+    """
+    address = environ.get("JAX_COORDINATOR_ADDRESS")
+    tasks = max(int(environ.get("SLURM_NTASKS", "1") or 1), int(environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1))
+    if not address and tasks <= 1:
+        return False
+
+    def number(name):
+        value = environ.get(name)
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value!r} must be an integer") from None
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(address or None, num_processes=number("JAX_NUM_PROCESSES"),
+                               process_id=number("JAX_PROCESS_ID"),
+                               heartbeat_timeout_seconds=number("JAXCIFAR_HEARTBEAT_TIMEOUT_S") or HEARTBEAT_TIMEOUT_S)
+    return True
 
 
 def main(argv) -> None:
@@ -686,9 +751,9 @@ def main(argv) -> None:
 
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and tfds narrate every file at INFO
-    maybe_initialize_distributed()
     cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     try:
+        initialize_distributed()
         train_and_evaluate(cfg, workdir)
     except TrainingInterrupted as e:
         print(f"jaxcifar: {e}", file=sys.stderr)
