@@ -89,6 +89,8 @@ def incompatible_fields(saved_config: dict, config) -> list[str]:
         except (KeyError, TypeError):  # a field added after that checkpoint was written
             continue
         now = config_field(config, field)
+        if field == "optimizer.dampening" and saved is not None and saved < 0:
+            saved = None  # written when "unset" was spelled -1
         if saved != now:
             out.append(f"{field}: {saved!r} -> {now!r}")
     return out

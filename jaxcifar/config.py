@@ -85,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 1.0
     c.optimizer.momentum = 0.9
-    c.optimizer.dampening = -1.0  # negative: torch's default, the momentum
+    c.optimizer.dampening = ml_collections.config_dict.placeholder(float)  # None: torch's default, the momentum
     c.optimizer.weight_decay = 5e-4
     c.optimizer.learning_rate_decay = 1e-7
     c.optimizer.epoch_step = 25
@@ -145,6 +145,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     o = c.optimizer
     need(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
     need(0 <= o.momentum < 1, f"optimizer.momentum={o.momentum} must be in [0, 1)")
+    need(o.dampening is None or 0 <= o.dampening <= 1,
+         f"optimizer.dampening={o.dampening} must be in [0, 1], or unset for torch's default (the momentum)")
     need(o.weight_decay >= 0 and o.learning_rate_decay >= 0, "optimizer weight_decay and learning_rate_decay must be >= 0")
     need(int(o.epoch_step) == o.epoch_step and o.epoch_step > 0, f"optimizer.epoch_step={o.epoch_step} must be a positive integer")
     need(o.schedule in optim.SCHEDULES, f"optimizer.schedule={o.schedule!r}; choose one of {', '.join(optim.SCHEDULES)}")

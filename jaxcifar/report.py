@@ -12,9 +12,6 @@ import concurrent.futures
 import html
 import io
 import os
-import socket
-import struct
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -207,77 +204,21 @@ def model_summary(params, batch_stats=None) -> str:
 # TensorBoard scalars without TensorFlow
 
 
-def _crc32c_table():
-    table = []
-    for i in range(256):
-        crc = i
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC32C = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC32C[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | wire_type) + payload
-
-
-def _bytes_field(number: int, data: bytes) -> bytes:
-    return _field(number, 2, _varint(len(data)) + data)
-
-
-def encode_event(wall_time: float, step: int = 0, scalars: dict | None = None, file_version: str | None = None) -> bytes:
-    """A tensorflow.Event proto: wall_time=1 (double), step=2 (int64), file_version=3, summary=5."""
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _bytes_field(3, file_version.encode())
-    if scalars:
-        values = b"".join(
-            _bytes_field(1, _bytes_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-            for tag, v in scalars.items())
-        msg += _bytes_field(5, values)
-    return msg
-
-
-def tfrecord(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
-
-
 class ScalarWriter:
-    """Appends scalars to an events.out.tfevents.* file TensorBoard reads."""
+    """Scalars in an events.out.tfevents.* file under `logdir`, through tensorboardX (no TensorFlow).
+
+    Flushed after every `write`, so TensorBoard (and a crash) sees each epoch as soon as it is logged.
+    """
 
     def __init__(self, logdir: str | Path):
-        logdir = Path(logdir)
-        logdir.mkdir(parents=True, exist_ok=True)
-        self.path = logdir / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-        with open(self.path, "ab") as f:
-            f.write(tfrecord(encode_event(time.time(), file_version="brain.Event:2")))
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=3600)
 
     def write(self, step: int, scalars: dict) -> None:
-        with open(self.path, "ab") as f:
-            f.write(tfrecord(encode_event(time.time(), step, scalars)))
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, float(value), step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()

@@ -106,7 +106,7 @@ class Run:
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.model = build_model(config.model, config.width, config.num_classes, config.batch_norm, config.dropout)
         o = config.optimizer
-        damp = o.momentum if (o.dampening is None or o.dampening < 0) else o.dampening
+        damp = o.momentum if o.dampening is None else o.dampening
         # torch.optim.SGD is torch7's optim.sgd: decay added to the gradient, the first gradient copied.
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.0, momentum=o.momentum, dampening=damp,
                                    weight_decay=o.weight_decay)

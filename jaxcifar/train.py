@@ -57,7 +57,7 @@ def build_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformatio
 def _optimizer_kwargs(config, steps_per_epoch: int) -> dict:
     o = config.optimizer
     return dict(
-        learning_rate=o.learning_rate, momentum=o.momentum, dampening=None if o.dampening < 0 else o.dampening,
+        learning_rate=o.learning_rate, momentum=o.momentum, dampening=o.dampening,
         weight_decay=o.weight_decay, learning_rate_decay=o.learning_rate_decay, epoch_step=o.epoch_step,
         steps_per_epoch=steps_per_epoch, schedule=o.schedule, total_steps=steps_per_epoch * config.num_epochs)
 
@@ -554,7 +554,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             stack.callback(reporter.close)
             stack.callback(ckpt.wait)  # exit waits for pending saves, and reports a failed one
             with StopFlag() as stop:
-                return _train(config, workdir, log, ckpt, stop, reporter)
+                return _train(config, workdir, log, ckpt, stop, reporter, stack)
         except errors.JaxcifarError as e:
             log.write(f"error: {e}")  # the command line prints it; the log keeps it with the run
             raise
@@ -587,7 +587,7 @@ def save(ckpt: checkpoint.Checkpointer, config, dataset: data.Preprocessed, stat
 
 
 def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, stop: StopFlag,
-           reporter: report.BackgroundReporter) -> TrainState:
+           reporter: report.BackgroundReporter, closing: contextlib.ExitStack) -> TrainState:
     seeds = config_lib.seed_list(config)
     runs = f"seeds {','.join(map(str, seeds))} in one program" if len(seeds) > 1 else f"seed {seeds[0]}"
     log.print(f"jaxcifar: {config.model}, {runs}, on {jax.device_count()} {jax.devices()[0].platform} device(s); "
@@ -640,6 +640,8 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
               f"{config.batch_size} per epoch; {config.num_epochs} epochs; step: {choices}")
     summary = report.model_summary(one.params, one.batch_stats)
     scalars = report.ScalarWriter(workdir / "tensorboard") if log.writer else None
+    if scalars is not None:
+        closing.callback(scalars.close)
 
     start_epoch = int(state.step[0]) // trainer.steps_per_epoch + 1
     for epoch in range(start_epoch, config.num_epochs + 1):

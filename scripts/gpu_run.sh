@@ -45,7 +45,7 @@ echo "== gpu_run.sh $(date -u +%FT%TZ), budget ${budget} s, work dir $work"
 
 echo "== installing dependencies from $wheels (no network)"
 $py -m pip install -q --no-index --find-links "$wheels" tensorflow-datasets array-record ml-collections \
-  importlib-resources tqdm absl-py matplotlib
+  importlib-resources tqdm absl-py matplotlib tensorboardx
 $py -m pip install -q --no-index --no-deps --no-build-isolation -e "$repo" 2>/dev/null \
   || export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 

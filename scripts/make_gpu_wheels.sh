@@ -9,7 +9,7 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 for pkg in tensorflow-datasets array-record ml-collections dm-tree immutabledict simple-parsing docstring-parser \
            tensorflow-metadata googleapis-common-protos termcolor toml importlib-resources tqdm absl-py wrapt \
-           matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six; do
+           matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six tensorboardx protobuf packaging; do
   $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
     -d "$dest" "$pkg"
 done

@@ -140,9 +140,12 @@ def test_every_output_gives_each_seed_and_the_mean(two_seed_runs, prepared, tmp_
     log = (workdir / "log.txt").read_text()
     assert "seeds 3,5,8 in one program" in log and "  seed 5: train loss" in log
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     (events,) = (workdir / "tensorboard").glob("events.out.tfevents.*")
-    blob = events.read_bytes()
-    assert b"seed3/test_accuracy" in blob and b"seed5/train_loss" in blob and b"test_accuracy_std" in blob
+    reader = EventAccumulator(str(events))
+    reader.Reload()
+    assert [e.value for e in reader.Scalars("seed5/test_accuracy")][-1] == pytest.approx(per_seed[1], rel=1e-6)
+    assert {"seed3/train_loss", "test_accuracy_std"} <= set(reader.Tags()["scalars"])
 
     # Scripted evaluation restores both replicas and reproduces each seed's logged accuracy.
     out = tmp_path / "eval.json"
