@@ -99,7 +99,8 @@ def _bench_trainer(model_name: str, batch: int, dtype: str, epoch_steps: int, ov
                    replicas: int = 1):
     """A Trainer of `replicas` seeds on random images: `epoch_steps` batches of `batch` per epoch."""
     from jaxcifar import config as config_lib
-    from jaxcifar import data, preprocess, train
+    from jaxcifar import data, preprocess
+    from jaxcifar.trainer import Trainer
 
     c = config_lib.base_config()
     c.model, c.batch_size, c.dtype = model_name, batch, dtype
@@ -112,7 +113,7 @@ def _bench_trainer(model_name: str, batch: int, dtype: str, epoch_steps: int, ov
     images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
     labels = (np.arange(n) % 10).astype(np.int32)
     stats = preprocess.NormalizationStats("yuv", (0.0, 0.0), (1.0, 1.0))
-    return train.Trainer(c, data.Preprocessed(images, labels, images[:batch], labels[:batch], stats, "bench")), images, labels
+    return Trainer(c, data.Preprocessed(images, labels, images[:batch], labels[:batch], stats, "bench")), images, labels
 
 
 def time_training(trainer, runs: int) -> dict:
@@ -192,13 +193,14 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
     import jax
     import optax
 
-    from jaxcifar import models, train
+    from jaxcifar import models
+    from jaxcifar import step as step_lib
 
     overrides = {"conv_impl": conv_impl}
     if steps_per_call is not None:
         overrides["steps_per_call"] = steps_per_call
     trainer, images, labels = _bench_trainer(model_name, batch, dtype, epoch_steps, overrides)
-    state = train.replica(trainer.init_state(), 0)
+    state = step_lib.replica(trainer.init_state(), 0)
     model = trainer.model
     x = jax.device_put(images[:batch])
     y = jax.device_put(labels[:batch])
@@ -247,7 +249,7 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
         fresh, acc = trainer.init_state(), trainer.zero_metrics()
         jax.block_until_ready((fresh, acc))
         t0 = time.perf_counter()
-        for count in train.call_plan(0, trainer.steps_per_epoch, per_call):
+        for count in step_lib.call_plan(0, trainer.steps_per_epoch, per_call):
             fresh, acc = trainer.run_steps(fresh, acc, order, count)
         jax.block_until_ready(acc)
         bare_s.append(time.perf_counter() - t0)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxcifar import distributed
 from jaxcifar.errors import CheckpointDamaged, CheckpointError
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
@@ -224,16 +225,13 @@ class Checkpointer:
         if not damaged:
             return None
         aside = self.workdir / "damaged-checkpoints"
-        if jax.process_index() == 0:  # every process found the same damage; one moves it, the others wait
+        if distributed.is_writer():  # every process found the same damage; one moves it, the others wait
             aside.mkdir(exist_ok=True)
             for s in damaged:
                 src = Path(self.latest.directory) / str(s)
                 if src.exists():
                     os.replace(src, aside / f"{s}-{int(time.time())}")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("jaxcifar: damaged checkpoints set aside")
+        distributed.barrier("damaged checkpoints set aside")
         self.latest.reload()
         return aside
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxcifar import checkpoint, data, errors, metrics, models, preprocess, train
+from jaxcifar import checkpoint, data, errors, metrics, models, preprocess
+from jaxcifar import step as step_lib
 from jaxcifar.errors import ConfigError
 
 
@@ -65,12 +66,12 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
         meta = ckpt.read_meta(step, best)
         checkpoint.check_layout(meta, workdir)
         config = ml_collections.ConfigDict(meta["config"])
-        model = train.build_model(config)
+        model = step_lib.build_model(config)
         seeds = meta["seeds"]
         # Shapes and dtypes only (nothing is initialized): orbax reads the arrays straight into them.
         template = jax.eval_shape(lambda: checkpoint.to_tree({
-            "train_state": train.init_replicas(seeds, model, train.build_optimizer(config, 1), (32, 32, 3)),
-            "epoch_metrics": train.zero_replica_metrics(config.num_classes, len(seeds))}))
+            "train_state": step_lib.init_replicas(seeds, model, step_lib.build_optimizer(config, 1), (32, 32, 3)),
+            "epoch_metrics": step_lib.zero_replica_metrics(config.num_classes, len(seeds))}))
         try:
             tree, meta, _ = ckpt.restore(template, step=step, best=best)
         except checkpoint.CheckpointDamaged as e:
@@ -82,8 +83,8 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
         ckpt.close()
     state = tree["train_state"]
     stats = preprocess.NormalizationStats.from_json(meta["stats"])
-    return [TrainedModel(model, {"params": train.replica(state["params"], k),
-                                 "batch_stats": train.replica(state["batch_stats"], k)}, config, stats, meta, step, s)
+    return [TrainedModel(model, {"params": step_lib.replica(state["params"], k),
+                                 "batch_stats": step_lib.replica(state["batch_stats"], k)}, config, stats, meta, step, s)
             for k, s in enumerate(seeds)]
 
 

@@ -88,9 +88,9 @@ def _linear(fan_in: int, out: int) -> tnn.Linear:
 
 def learning_rates(config, steps_per_epoch: int) -> np.ndarray:
     """The rate of every update of the run, from the schedule the JAX side uses."""
-    from jaxcifar import train
+    from jaxcifar import step as step_lib
 
-    schedule = train.learning_rate_schedule(config, steps_per_epoch)
+    schedule = step_lib.learning_rate_schedule(config, steps_per_epoch)
     return np.asarray(schedule(np.arange(steps_per_epoch * config.num_epochs)), np.float64)
 
 

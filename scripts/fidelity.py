@@ -60,12 +60,14 @@ def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, record
     import jax
     import numpy as np
 
-    from jaxcifar import evaluate, train
+    from jaxcifar import evaluate
+    from jaxcifar.trainer import Trainer
+    from jaxcifar import step as step_lib
 
-    trainer = train.Trainer(config, dataset)
+    trainer = Trainer(config, dataset)
     state = trainer.init_state()
     logits_fn = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False),
-                        compiler_options=trainer._compiler_options)
+                        compiler_options=trainer.compiler_options)
 
     def accuracy(variables, images, labels, batch=500):
         correct = 0
@@ -79,7 +81,7 @@ def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, record
         state, acc, _ = trainer.train_epoch(state, epoch)
         (loss,), (conf,) = trainer.epoch_summary(acc)
         train_time = time.time() - t0
-        one = train.replica(state, 0)
+        one = step_lib.replica(state, 0)
         variables = {"params": one.params, "batch_stats": one.batch_stats}
         row = {"epoch": epoch, "train_loss": loss, "train_accuracy": 100.0 * np.trace(conf) / conf.sum(),
                "test_accuracy": accuracy(variables, dataset.test_images, dataset.test_labels),
@@ -140,12 +142,13 @@ class JaxStream:
     def __init__(self, config, num_examples: int):
         import jax
 
-        from jaxcifar import data, train
+        from jaxcifar import data
+        from jaxcifar import step as step_lib
 
         self.config, self.n = config, num_examples
         self.rng = jax.random.key_data(jax.random.key(config.seed))
-        self._order = jax.jit(train.epoch_order, static_argnums=(2, 3))
-        self._flips = jax.jit(lambda rng, step: data.flip_mask(train.step_keys_at(rng, step)[0], config.batch_size,
+        self._order = jax.jit(step_lib.epoch_order, static_argnums=(2, 3))
+        self._flips = jax.jit(lambda rng, step: data.flip_mask(step_lib.step_keys_at(rng, step)[0], config.batch_size,
                                                                config.flip))
 
     def order(self, epoch):
@@ -159,10 +162,10 @@ class JaxStream:
         return np.asarray(self._flips(self.rng, step))
 
     def initial_variables(self):
-        from jaxcifar import train
+        from jaxcifar import step as step_lib
 
-        model = train.build_model(self.config)
-        state = train.init_train_state(self.config.seed, model, train.build_optimizer(self.config, 1), (32, 32, 3))
+        model = step_lib.build_model(self.config)
+        state = step_lib.init_train_state(self.config.seed, model, step_lib.build_optimizer(self.config, 1), (32, 32, 3))
         return state.params, state.batch_stats
 
 

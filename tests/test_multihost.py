@@ -20,14 +20,16 @@ from test_train import REPO
 
 TRAINER_SCRIPT = r"""
 import json, sys
-from jaxcifar import train
-distributed = train.initialize_distributed()
+from jaxcifar import distributed
+started = distributed.initialize_distributed()
 import jax, numpy as np
+from jaxcifar import train
+from jaxcifar.trainer import Trainer
 from test_train import tiny_config
 prepared, out = tuple(json.loads(sys.argv[1])), sys.argv[2]
 dataset = train.load_dataset_once(tiny_config(prepared), log=lambda m: None)
 c = tiny_config(prepared, batch_size=32, eval_batch_size=30, steps_per_call=1)  # a loss per step
-trainer = train.Trainer(c, dataset)
+trainer = Trainer(c, dataset)
 state = trainer.init_state()
 losses, flat = [], {}
 
@@ -49,7 +51,7 @@ conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
 if jax.process_index() == 0:
     np.savez(out + ".npz", **flat)
     with open(out + ".json", "w") as f:
-        json.dump({"processes": jax.process_count(), "devices": jax.device_count(), "distributed": distributed,
+        json.dump({"processes": jax.process_count(), "devices": jax.device_count(), "distributed": started,
                    "losses": losses, "confusion": conf[0].tolist(), "test_loss": float(test_loss[0])}, f)
 """
 

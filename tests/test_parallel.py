@@ -13,6 +13,7 @@ SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 from jaxcifar import data, train
+from jaxcifar.trainer import Trainer
 from test_train import tiny_config
 prepared = tuple(json.loads(sys.argv[1]))
 dataset = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
@@ -20,7 +21,7 @@ out = {"devices": jax.device_count()}
 for name, devices, seeds in (("one", jax.devices()[:1], ""), ("all", jax.devices(), ""),
                              ("replicas", jax.devices(), "0,7")):
     c = tiny_config(prepared, batch_size=32, eval_batch_size=30, steps_per_call=1, seeds=seeds)  # a loss per step
-    trainer = train.Trainer(c, dataset, devices=devices)
+    trainer = Trainer(c, dataset, devices=devices)
     state = trainer.init_state()
     losses = []
     for epoch in (1, 2):
@@ -32,7 +33,7 @@ for name, devices, seeds in (("one", jax.devices()[:1], ""), ("all", jax.devices
     out[name] = {"losses": losses, "confusion": conf[0].tolist(), "test_loss": float(test_loss[0]),
                  "sharding": str(trainer.train_images.sharding)}
 try:
-    train.Trainer(tiny_config(prepared, batch_size=30), dataset)
+    Trainer(tiny_config(prepared, batch_size=30), dataset)
 except ValueError as e:
     out["error"] = str(e)
 print(json.dumps(out))
@@ -68,14 +69,15 @@ def test_four_devices_follow_the_one_device_trajectory(prepared):
 
 
 def test_bfloat16_trains_and_agrees_with_float32(prepared):
-    from jaxcifar import data, train
+    from jaxcifar import data
+    from jaxcifar.trainer import Trainer
     from test_train import tiny_config
 
     dataset = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
     losses = {}
     for dtype in ("float32", "bfloat16"):
         c = tiny_config(prepared, dtype=dtype, num_epochs=3)
-        trainer = train.Trainer(c, dataset)
+        trainer = Trainer(c, dataset)
         state = trainer.init_state()
         assert all(p.dtype == np.float32 for p in __import__("jax").tree_util.tree_leaves(state.params))
         run = []

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from jaxcifar import checkpoint, config as config_lib, data, evaluate, train
+from jaxcifar.trainer import Trainer
+from jaxcifar import runlog
+from jaxcifar import step as step_lib
 from test_checkpoint import flat
 from test_train import tiny_config
 
@@ -24,16 +27,16 @@ def dataset(prepared):
 
 
 def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
-    multi = train.Trainer(tiny_config(prepared, seeds=",".join(map(str, SEEDS))), dataset)
-    single = train.Trainer(tiny_config(prepared), dataset)  # its programs, fed each seed's state in turn
+    multi = Trainer(tiny_config(prepared, seeds=",".join(map(str, SEEDS))), dataset)
+    single = Trainer(tiny_config(prepared), dataset)  # its programs, fed each seed's state in turn
 
     def singles_from_scratch():
-        return [single.place(train.init_replicas([s], single.model, single.tx, (32, 32, 3))) for s in SEEDS]
+        return [single.place(step_lib.init_replicas([s], single.model, single.tx, (32, 32, 3))) for s in SEEDS]
 
     singles = singles_from_scratch()
     start = multi.init_state()
     for k in range(len(SEEDS)):  # initialization is each seed's own, exactly
-        np.testing.assert_array_equal(_flat(train.replica(start.params, k)), _flat(singles[k].params))
+        np.testing.assert_array_equal(_flat(step_lib.replica(start.params, k)), _flat(singles[k].params))
     starts = [_flat(s.params) for s in singles]
 
     # One update: the same arithmetic with K replicas per kernel. Measured identical (Sapphire Rapids,
@@ -42,7 +45,7 @@ def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
     after_one, multi_acc = multi.run_steps(start, multi.zero_metrics(), multi.epoch_order(start.rng, 1), 1)
     for k, s in enumerate(singles):
         alone, acc = single.run_steps(s, single.zero_metrics(), single.epoch_order(s.rng, 1), 1)
-        got, want = _flat(train.replica(after_one.params, k)), _flat(alone.params)
+        got, want = _flat(step_lib.replica(after_one.params, k)), _flat(alone.params)
         assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want - starts[k]), SEEDS[k]
         assert float(multi_acc["loss_sum"][k]) == pytest.approx(float(acc["loss_sum"][0]), rel=1e-5)
 
@@ -76,7 +79,7 @@ def two_seed_runs(prepared, tmp_path_factory):
     config = tiny_config(prepared, num_epochs=2, seeds="3,5,8", log_every_steps=1)
     train.train_and_evaluate(config, str(root / "straight"))
 
-    real_bar, real_flag = train._progress_bar, train.StopFlag
+    real_bar, real_flag = runlog.progress_bar, train.StopFlag
     flags = []
 
     class RecordedStopFlag(real_flag):  # as SIGTERM would set it, without a signal (xdist workers may not own one)
@@ -94,12 +97,12 @@ def two_seed_runs(prepared, tmp_path_factory):
 
         return bar, stop_once
 
-    train._progress_bar, train.StopFlag = bar_that_stops_in_epoch_2, RecordedStopFlag
+    runlog.progress_bar, train.StopFlag = bar_that_stops_in_epoch_2, RecordedStopFlag
     try:
         with pytest.raises(train.TrainingInterrupted, match="stopped by SIGTERM"):
             train.train_and_evaluate(config, str(root / "resumed"))
     finally:
-        train._progress_bar, train.StopFlag = real_bar, real_flag
+        runlog.progress_bar, train.StopFlag = real_bar, real_flag
     saved_at = checkpoint.Checkpointer(root / "resumed").steps()
     train.train_and_evaluate(config, str(root / "resumed"))
     return root / "straight", root / "resumed", saved_at

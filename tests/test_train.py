@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from jaxcifar import data, metrics, preprocess, train
+from jaxcifar.trainer import Trainer
+from jaxcifar import errors
+from jaxcifar import step as step_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +50,7 @@ def small_dataset(n=16):
 def test_a_few_steps_overfit_a_tiny_batch(prepared):
     c = tiny_config(prepared, batch_size=16, dropout=False, flip="none", width=0.25)
     c.optimizer.learning_rate, c.optimizer.weight_decay = 0.5, 0.0
-    trainer = train.Trainer(c, small_dataset(16))
+    trainer = Trainer(c, small_dataset(16))
     state = trainer.init_state()
     losses = []
     for epoch in range(1, 41):
@@ -75,7 +78,7 @@ def test_a_steps_randomness_is_a_function_of_seed_and_step(prepared):
     def update(step, rng_seed=None, **overrides):
         key = tuple(sorted(overrides.items()))
         if key not in trainers:
-            trainers[key] = train.Trainer(tiny_config(prepared, batch_size=16, steps_per_call=1, **overrides), dataset)
+            trainers[key] = Trainer(tiny_config(prepared, batch_size=16, steps_per_call=1, **overrides), dataset)
         trainer = trainers[key]
         state = trainer.init_state()  # the same parameters and optimizer state every time
         state = state.replace(step=trainer.place(np.full(1, step, np.int32)))
@@ -97,7 +100,7 @@ def test_a_steps_randomness_is_a_function_of_seed_and_step(prepared):
 
 def test_an_epoch_runs_every_full_batch_once_and_drops_the_remainder(prepared):
     c = tiny_config(prepared, batch_size=16)
-    trainer = train.Trainer(c, small_dataset(100))  # 6 batches of 16, 4 examples left over
+    trainer = Trainer(c, small_dataset(100))  # 6 batches of 16, 4 examples left over
     state = trainer.init_state()
     seen = set()
     for epoch in (1, 2, 3):
@@ -111,14 +114,14 @@ def test_an_epoch_runs_every_full_batch_once_and_drops_the_remainder(prepared):
 
 
 def test_call_plan_groups_steps_by_their_place_in_the_epoch():
-    assert train.call_plan(0, 10, 4) == [4, 4, 1, 1]
-    assert train.call_plan(4, 10, 4) == [4, 1, 1]  # a resume at a call boundary continues the same grouping
-    assert train.call_plan(5, 10, 4) == [1, 1, 1, 1, 1]
-    assert train.call_plan(2, 12, 4) == [1, 1, 4, 4]
-    assert train.call_plan(0, 5, 1) == [1] * 5
-    assert train.call_plan(7, 7, 4) == []
-    assert train.call_plan(0, 5, 1000) == [5]  # more than an epoch: one call per epoch
-    assert train.call_plan(2, 5, 1000) == [1, 1, 1]
+    assert step_lib.call_plan(0, 10, 4) == [4, 4, 1, 1]
+    assert step_lib.call_plan(4, 10, 4) == [4, 1, 1]  # a resume at a call boundary continues the same grouping
+    assert step_lib.call_plan(5, 10, 4) == [1, 1, 1, 1, 1]
+    assert step_lib.call_plan(2, 12, 4) == [1, 1, 4, 4]
+    assert step_lib.call_plan(0, 5, 1) == [1] * 5
+    assert step_lib.call_plan(7, 7, 4) == []
+    assert step_lib.call_plan(0, 5, 1000) == [5]  # more than an epoch: one call per epoch
+    assert step_lib.call_plan(2, 5, 1000) == [1, 1, 1]
 
 
 def test_scanned_steps_train_like_unrolled_steps(prepared):
@@ -126,7 +129,7 @@ def test_scanned_steps_train_like_unrolled_steps(prepared):
     dataset = small_dataset(48)  # 3 steps of 16: one call each way
     runs = {}
     for loop in ("unroll", "scan"):
-        trainer = train.Trainer(tiny_config(prepared, batch_size=16, steps_per_call=3, step_loop=loop), dataset)
+        trainer = Trainer(tiny_config(prepared, batch_size=16, steps_per_call=3, step_loop=loop), dataset)
         state = trainer.init_state()
         start = _flat(state.params)
         state, acc, finished = trainer.train_epoch(state, 1)
@@ -150,7 +153,7 @@ def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepa
     def run(steps_per_call, stop_after_first_call=False):
         """(initial params, [(step, params, cumulative loss) after each call], state, epoch summary)."""
         c = tiny_config(prepared, batch_size=16, width=0.25, steps_per_call=steps_per_call)
-        trainer = train.Trainer(c, dataset)
+        trainer = Trainer(c, dataset)
         state = trainer.init_state()
         start = _flat(state.params)
         order = trainer.epoch_order(state.rng, 1)
@@ -162,7 +165,7 @@ def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepa
             assert finished
             return start, None, state, trainer.epoch_summary(acc)
         after_calls = []
-        for count in train.call_plan(0, trainer.steps_per_epoch, steps_per_call):
+        for count in step_lib.call_plan(0, trainer.steps_per_epoch, steps_per_call):
             state, acc = trainer.run_steps(state, acc, order, count)
             after_calls.append((int(state.step[0]), _flat(state.params), float(acc["loss_sum"][0])))
         return start, after_calls, state, trainer.epoch_summary(acc)
@@ -204,7 +207,7 @@ def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepa
 def test_divergence_stops_with_a_clear_message(prepared, tmp_path):
     c = tiny_config(prepared)
     c.optimizer.learning_rate = 1e30
-    with pytest.raises(train.TrainingDiverged, match="loss became nan|loss became inf"):
+    with pytest.raises(errors.TrainingDiverged, match="loss became nan|loss became inf"):
         train.train_and_evaluate(c, str(tmp_path / "run"))
 
 

@@ -1,0 +1,156 @@
+"""Run logs: log.txt, metrics.csv and metrics.jsonl in the workdir, the console lines and the progress bar."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from jaxcifar import data, metrics
+
+# ---------------------------------------------------------------------------
+# Logs: plain text, CSV and JSON lines in the workdir.
+
+
+class RunLog:
+    CSV_FIELDS = ("epoch", "step", "learning_rate", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                  "test_average_row_correct", "test_average_rowucol_correct", "epoch_time_s", "train_images_per_s",
+                  "eval_time_s")
+    PER_SEED_FIELDS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+    def __init__(self, workdir: Path, seeds: list[int] | None = None, writer: bool = True):
+        """`writer=False` (every process but 0 of a multi-process run): prints and writes nothing."""
+        self.workdir = workdir
+        self.writer = writer
+        self.seeds = seeds or []
+        # With several seeds the means lead; then the std of test accuracy and each seed's own numbers.
+        self.csv_fields = self.CSV_FIELDS + (
+            ("test_accuracy_std", *(f"{k}_seed{s}" for s in self.seeds for k in self.PER_SEED_FIELDS))
+            if len(self.seeds) > 1 else ())
+        self._text = open(workdir / "log.txt", "a", buffering=1) if writer else None
+
+    def print(self, msg: str = "") -> None:
+        if self.writer:
+            print(msg, flush=True)
+            self._text.write(msg + "\n")
+
+    def write(self, msg: str) -> None:
+        """To log.txt only."""
+        if self.writer:
+            self._text.write(msg + "\n")
+
+    def epoch(self, record: dict) -> None:
+        if not self.writer:
+            return
+        with open(self.workdir / "metrics.csv", "a") as f:  # rewrite() wrote its header at the start
+            f.write(self._csv_row(record))
+        with open(self.workdir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def rewrite(self, history: list[dict]) -> None:
+        """Makes metrics.csv/jsonl hold exactly `history` (atomic replace), keeping what it drops aside."""
+        if not self.writer:
+            return
+        jsonl = self.workdir / "metrics.jsonl"
+        if jsonl.exists():
+            old = jsonl.read_text().splitlines()
+            if len(old) > len(history):  # epochs logged after the last save: kept, not lost
+                with open(self.workdir / "metrics.discarded.jsonl", "a") as f:
+                    f.write("".join(line + "\n" for line in old[len(history):]))
+        for name, text in (("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history)),
+                           ("metrics.csv", ",".join(self.csv_fields) + "\n" + "".join(map(self._csv_row, history)))):
+            tmp = self.workdir / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, self.workdir / name)
+
+    def _csv_row(self, record: dict) -> str:
+        return ",".join(_csv_value(_csv_field(record, k)) for k in self.csv_fields) + "\n"
+
+    def close(self) -> None:
+        if self._text is not None:
+            self._text.close()
+
+
+def _csv_value(v) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _csv_field(record: dict, name: str):
+    if "_seed" in name and name not in record:  # e.g. test_accuracy_seed3
+        field, seed = name.rsplit("_seed", 1)
+        return record["per_seed"][field][record["seeds"].index(int(seed))]
+    return record[name]
+
+
+def epoch_record(*, epoch: int, step: int, lr: float, seeds: list[int], train_loss, train_conf, test_loss, test_conf,
+                 train_time: float, eval_time: float, images: int) -> dict:
+    """One epoch's log entry: means over the replicas (the only values when there is one) and each seed's own.
+
+    The confusion matrix is the replicas' sum, so its accuracy is the mean accuracy.
+    """
+    train_s = [metrics.summarize(c) for c in train_conf]
+    test_s = [metrics.summarize(c) for c in test_conf]
+    per_seed = {"train_loss": [float(v) for v in train_loss], "train_accuracy": [s["accuracy"] for s in train_s],
+                "test_loss": [float(v) for v in test_loss], "test_accuracy": [s["accuracy"] for s in test_s]}
+
+    def mean(values):
+        return float(np.mean(values))
+
+    return {
+        "epoch": epoch, "step": step, "learning_rate": lr, "train_loss": mean(per_seed["train_loss"]),
+        "train_accuracy": mean(per_seed["train_accuracy"]), "test_loss": mean(per_seed["test_loss"]),
+        "test_accuracy": mean(per_seed["test_accuracy"]),
+        "test_average_row_correct": mean([s["average_row_correct"] for s in test_s]),
+        "test_average_rowucol_correct": mean([s["average_rowucol_correct"] for s in test_s]),
+        "epoch_time_s": train_time + eval_time, "train_images_per_s": images * len(seeds) / train_time,
+        "eval_time_s": eval_time, "test_confusion": np.sum(test_conf, axis=0).tolist(),
+        "test_accuracy_std": float(np.std(per_seed["test_accuracy"], ddof=1)) if len(seeds) > 1 else 0.0,
+        "seeds": list(seeds), "per_seed": per_seed,
+    }
+
+
+def progress_bar(epoch: int, total: int, start: int):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
+               file=sys.stderr)
+
+    def update(done: int, loss: float):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    return bar, update
+
+
+
+
+def log_epoch(log: RunLog, r: dict) -> None:
+    """The seed's per-epoch console lines (means over the seeds), then each seed's when there are several."""
+    seeds = r["seeds"]
+    over = f" (mean of {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    log.print(f"Train loss: {r['train_loss']:.4f}  Train accuracy: {r['train_accuracy']:.2f} %{over}  "
+              f"time: {r['epoch_time_s'] - r['eval_time_s']:.1f} s ({r['train_images_per_s']:.0f} images/s)")
+    spread = f" ± {r['test_accuracy_std']:.2f}" if len(seeds) > 1 else ""
+    log.print(f"Test accuracy: {r['test_accuracy']:.2f}{spread} %{over}  (loss {r['test_loss']:.4f}, "
+              f"{r['eval_time_s']:.1f} s)")
+    if len(seeds) > 1:
+        p = r["per_seed"]
+        for i, s in enumerate(seeds):
+            log.print(f"  seed {s}: train loss {p['train_loss'][i]:.4f}, train {p['train_accuracy'][i]:.2f} %, "
+                      f"test {p['test_accuracy'][i]:.2f} % (loss {p['test_loss'][i]:.4f})")
+        log.print(f"test confusion summed over the {len(seeds)} seeds:")
+    log.print(metrics.format_confusion(np.asarray(r["test_confusion"]), data.CLASS_NAMES))
+
+
+def scalar_summary(r: dict) -> dict:
+    """TensorBoard scalars: the means under their usual tags; with several seeds, the std and seed<k>/ tags."""
+    out = {k: r[k] for k in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate",
+                             "train_images_per_s")}
+    if len(r["seeds"]) > 1:
+        out["test_accuracy_std"] = r["test_accuracy_std"]
+        for field, values in r["per_seed"].items():
+            out.update({f"seed{s}/{field}": v for s, v in zip(r["seeds"], values)})
+    return out

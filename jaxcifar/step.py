@@ -1,0 +1,211 @@
+"""The training state, its random streams, and the functions XLA compiles: one update, several, an evaluation batch.
+
+Every random draw is a function of (seed, epoch) or (seed, step): the epoch's order from
+fold_in(key, epoch), a step's flips and dropout from fold_in(key, step). A run is therefore the
+same run however often it is stopped and resumed. Every state leaf may carry a leading replica
+axis (one entry per seed, `over_replicas`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxcifar import config as config_lib
+from jaxcifar import data, metrics, models, optim
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # updates applied so far
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # raw key data of the run's base key (uint32), so checkpoints hold plain arrays
+
+
+def build_model(config, choices: dict | None = None) -> flax.linen.Module:
+    """The config's network, built with `choices` (default: config_lib.step_choices for JAX's backend)."""
+    choices = choices or config_lib.step_choices(config)
+    return models.create_model(
+        config.model, num_classes=config.num_classes, width=config.width, batch_norm=config.batch_norm,
+        dropout=config.dropout, conv_impl=choices["conv_impl"], dtype=jnp.dtype(config.dtype),
+        pool_grad=choices["pool_grad"], bn_grad=choices["bn_grad"], dropout_bits=choices["dropout_bits"])
+
+
+def build_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    return optim.torch7_sgd(**_optimizer_kwargs(config, steps_per_epoch))
+
+
+def _optimizer_kwargs(config, steps_per_epoch: int) -> dict:
+    o = config.optimizer
+    return dict(
+        learning_rate=o.learning_rate, momentum=o.momentum, dampening=o.dampening,
+        weight_decay=o.weight_decay, learning_rate_decay=o.learning_rate_decay, epoch_step=o.epoch_step,
+        steps_per_epoch=steps_per_epoch, schedule=o.schedule, total_steps=steps_per_epoch * config.num_epochs)
+
+
+def learning_rate_schedule(config, steps_per_epoch: int):
+    """step -> the rate torch7_sgd applies at that update, for this config."""
+    kw = _optimizer_kwargs(config, steps_per_epoch)
+    for unused in ("momentum", "dampening", "weight_decay"):
+        del kw[unused]
+    return optim.learning_rate_fn(**kw)
+
+
+def learning_rate_at(config, steps_per_epoch: int, step: int) -> float:
+    return float(learning_rate_schedule(config, steps_per_epoch)(step))
+
+
+def init_train_state(seed: int, model, tx, image_shape) -> TrainState:
+    """The state of one run before its first update: a function of `seed` alone."""
+    return _compiled_init(model, tx, tuple(image_shape))(jax.random.key_data(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(model, tx, image_shape):
+    """One compiled initializer per (model, optimizer, shape), the key an argument: K seeds, one compile."""
+    def init(rng):
+        variables = model.init({"params": stream_key(rng, INIT_STREAM)}, jnp.zeros((1, *image_shape), jnp.float32),
+                               train=False)
+        params = variables["params"]
+        return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+                          opt_state=tx.init(params), rng=rng)
+
+    return jax.jit(init)
+
+
+def init_replicas(seeds, model, tx, image_shape) -> TrainState:
+    """One state per seed, stacked along a leading replica axis (each exactly its single run's)."""
+    return stack_replicas([init_train_state(s, model, tx, image_shape) for s in seeds])
+
+
+def stack_replicas(trees: list):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def zero_replica_metrics(num_classes: int, replicas: int) -> dict:
+    return stack_replicas([zero_train_metrics(num_classes)] * replicas)
+
+
+def replica(tree, k: int):
+    """Replica `k`'s part of a tree with a leading replica axis."""
+    return jax.tree_util.tree_map(lambda x: x[k], tree)
+
+
+def over_replicas(fn, in_axes: tuple, replicas: int):
+    """`fn` mapped over the leading replica axis of the arguments whose in_axes entry is 0.
+
+    K > 1 replicas: `jax.vmap`, K independent runs in each kernel. One replica: `fn` itself on the
+    replica's slice, the very program of a run without replicas.
+    """
+    if replicas > 1:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def single(*args):
+        args = [replica(a, 0) if axis == 0 else a for a, axis in zip(args, in_axes)]
+        return jax.tree_util.tree_map(lambda x: x[None], fn(*args))
+
+    return single
+
+
+def zero_train_metrics(num_classes: int) -> dict:
+    return {"loss_sum": jnp.zeros([], jnp.float32), "confusion": jnp.zeros((num_classes, num_classes), jnp.int32),
+            "last_loss": jnp.zeros([], jnp.float32)}
+
+
+# Independent streams derived from the run's key, so epoch and step numbers never collide.
+INIT_STREAM, ORDER_STREAM, STEP_STREAM = 0, 1, 2
+
+
+def stream_key(rng, stream: int):
+    return jax.random.fold_in(jax.random.wrap_key_data(rng), stream)
+
+
+def step_keys(state: TrainState):
+    """(flip key, dropout key) of the update about to be applied: a function of (seed, step) only."""
+    return step_keys_at(state.rng, state.step)
+
+
+def step_keys_at(rng, step):
+    return jax.random.split(jax.random.fold_in(stream_key(rng, STEP_STREAM), step))
+
+
+def epoch_order(rng, epoch, num_examples: int, batch_size: int):
+    """The epoch's batches: a function of (seed, epoch) only."""
+    return data.epoch_batch_indices(stream_key(rng, ORDER_STREAM), epoch, num_examples, batch_size)
+
+
+def train_step(state: TrainState, acc: dict, images, labels, epoch_indices, *, model, tx, flip: str,
+               label_smoothing: float, num_classes: int, batch_sharding=None):
+    """One torch7-SGD update on the batch `epoch_indices[step % steps]`; accumulates epoch metrics."""
+    steps = epoch_indices.shape[0]
+    flip_key, dropout_key = step_keys(state)
+    x, y = data.gather_batch(images, labels, epoch_indices[state.step % steps], flip_key, flip)
+    if batch_sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
+
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                      rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                          batch_stats=batch_stats, opt_state=opt_state)
+    acc = {"loss_sum": acc["loss_sum"] + loss, "last_loss": loss,
+           "confusion": acc["confusion"] + metrics.confusion_update(logits, y, num_classes)}
+    return state, acc
+
+
+def train_steps(state: TrainState, acc: dict, images, labels, epoch_indices, *, count: int, loop: str = "unroll",
+                **step_kwargs):
+    """`count` consecutive `train_step`s in one program: traced one after another, or as a `lax.scan`.
+
+    Why several per call, and which loop, depends on the backend: config.STEP_CHOICES.
+    """
+    step = functools.partial(train_step, images=images, labels=labels, epoch_indices=epoch_indices, **step_kwargs)
+    if loop == "scan" and count > 1:
+        def body(carry, _):
+            return step(*carry), None
+
+        return jax.lax.scan(body, (state, acc), length=count)[0]
+    for _ in range(count):
+        state, acc = step(state, acc)
+    return state, acc
+
+
+def call_plan(first: int, steps: int, steps_per_call: int) -> list[int]:
+    """How many steps each call runs from step `first` to the end of an epoch of `steps`.
+
+    Multi-step calls start at multiples of `steps_per_call` counted from the epoch's start, so a
+    run resumed at any step groups its updates exactly as an uninterrupted one does (a multi-step
+    program may round differently from single calls in the last bit). More than an epoch's steps
+    per call: one call per epoch.
+    """
+    steps_per_call = min(steps_per_call, steps)
+    plan, i = [], first
+    while i < steps:
+        k = steps_per_call if i % steps_per_call == 0 and i + steps_per_call <= steps else 1
+        plan.append(k)
+        i += k
+    return plan
+
+
+def eval_step(params, batch_stats, images, labels, all_indices, all_valid, batch, *, model, num_classes: int):
+    """Confusion counts and summed loss of evaluation batch `batch` (padding rows weighted 0).
+
+    The batch is picked inside the program from the device-resident tables, so a loop over batches
+    passes only an integer: nothing is read back, and no process needs another's part of the tables.
+    """
+    indices, valid = all_indices[batch], all_valid[batch]
+    logits = model.apply({"params": params, "batch_stats": batch_stats}, images[indices], train=False)
+    y = labels[indices]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return metrics.confusion_update(logits, y, num_classes, valid), jnp.sum(jnp.where(valid, loss, 0.0))
