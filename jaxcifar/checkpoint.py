@@ -66,8 +66,10 @@ def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.Checkpo
                                                enable_async_checkpointing=False)
     else:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-    # Handlers named up front so that item_metadata can read a save's array shapes before restoring it.
-    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    # Handlers named up front so that item_metadata can read a save's array shapes before restoring it. Readers
+    # get the PyTree handler (the same files as the Standard one writes), which can restore part of a tree.
+    state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
+    handlers = {"state": state_handler, "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
@@ -126,13 +128,16 @@ def tree_checksums(tree) -> dict[str, int]:
     return dict(zip(_paths(tree), (int(v) for v in jax.device_get(_checksums(leaves)))))
 
 
-def verify_checksums(tree, meta: dict, where: str) -> None:
-    """Raises CheckpointDamaged when a restored leaf's checksum differs from the one saved with it."""
+def verify_checksums(tree, meta: dict, where: str, partial: bool = False) -> None:
+    """Raises CheckpointDamaged when a restored leaf's checksum differs from the one saved with it.
+
+    `partial`: `tree` holds only some of the saved leaves; those are checked.
+    """
     saved = meta.get("checksums")
     if saved is None or meta.get("checksum_method") != CHECKSUM_METHOD:
         return  # written before checksums existed: nothing to compare
     now = tree_checksums(tree)
-    bad = [k for k in saved if now.get(k) != saved[k]] + [k for k in now if k not in saved]
+    bad = [k for k in now if saved.get(k) != now[k]] + ([] if partial else [k for k in saved if k not in now])
     if bad:
         raise CheckpointDamaged(f"{where}: {len(bad)} of {len(now)} arrays fail their saved checksums "
                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); its files were damaged")
@@ -167,12 +172,13 @@ def _array_specs(tree, prefix: str = "") -> dict[str, tuple]:
     return {prefix.rstrip("/"): (tuple(tree.shape), np.dtype(tree.dtype).name)}
 
 
-def _structure_difference(saved: dict, template: dict) -> str | None:
-    """None when the saved arrays match the template's paths, shapes and dtypes; else the first differences."""
-    if saved == template:
+def _structure_difference(saved: dict, template: dict, partial: bool = False) -> str | None:
+    """None when the saved arrays match the template's paths, shapes and dtypes (`partial`: the template's
+    are among the saved ones); else the first differences."""
+    if saved == template or partial and all(saved.get(k) == v for k, v in template.items()):
         return None
     missing = [k for k in template if k not in saved]
-    extra = [k for k in saved if k not in template]
+    extra = [] if partial else [k for k in saved if k not in template]
     changed = [f"{k} {saved[k]} -> {template[k]}" for k in template if k in saved and saved[k] != template[k]]
     parts = [f"{label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
              for label, items in (("missing", missing), ("unexpected", extra), ("different", changed)) if items]
@@ -258,7 +264,7 @@ class Checkpointer:
     def steps(self, best: bool = False) -> list[int]:
         return sorted(self._manager_of(best).all_steps())
 
-    def _restore_one(self, manager, step: int, template: Any, check_meta):
+    def _restore_one(self, manager, step: int, template: Any, check_meta, partial: bool = False):
         """(state, meta) of one save; CheckpointDamaged when its files are damaged, CheckpointError when it
         is intact but not for this run or this code (structure)."""
         where = f"checkpoint {step} in {manager.directory}"
@@ -272,21 +278,30 @@ class Checkpointer:
             raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
         if saved_tree is None:
             raise CheckpointDamaged(f"{where} is unreadable: its array metadata is missing")
-        difference = _structure_difference(_array_specs(saved_tree), _array_specs(template))
+        difference = _structure_difference(_array_specs(saved_tree), _array_specs(template), partial)
         if difference:
             raise CheckpointError(f"{where} does not hold the arrays this version builds for its config "
                                   f"({difference}); it was written by another jaxcifar version or model code: "
                                   "evaluate it with that version, or train afresh in a new --workdir")
         abstract = jax.tree_util.tree_map(_abstract, template)
         try:
-            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+            state = manager.restore(step, args=ocp.args.Composite(state=self._restore_args(abstract, partial)))["state"]
         except Exception as e:  # the structure matched, so a failure to read is damage
             raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
-        verify_checksums(state, meta, where)
+        verify_checksums(state, meta, where, partial)
         return state, meta
 
+    def _restore_args(self, abstract, partial: bool = False):
+        if not self.read_only:
+            if partial:
+                raise ValueError("a partial restore needs a read-only Checkpointer")
+            return ocp.args.StandardRestore(abstract)
+        restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, dtype=s.dtype),
+                                              abstract)
+        return ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=partial)
+
     def restore(self, template: Any, step: int | None = None, best: bool = False, check_meta=None, log=print,
-                set_aside_damaged: bool = False):
+                set_aside_damaged: bool = False, partial: bool = False):
         """(state, meta, step) from the newest intact save (or `step`); None when there is none.
 
         `check_meta(meta)` runs before the arrays are read and may refuse the run by raising.
@@ -294,6 +309,7 @@ class Checkpointer:
         one before it is used; a run about to resume passes `set_aside_damaged` so that the skipped
         saves are moved to damaged-checkpoints/ (kept, not deleted). A given `step` that is damaged
         raises. Any other problem (a save of another run or code version) raises: nothing is set aside.
+        `partial` (read-only Checkpointers): `template` names some of the saved arrays; only those are read.
         """
         manager = self._manager_of(best)
         available = sorted(manager.all_steps(), reverse=True)
@@ -303,7 +319,7 @@ class Checkpointer:
         damaged = []
         for s in [step] if step is not None else available:
             try:
-                state, meta = self._restore_one(manager, s, template, check_meta)
+                state, meta = self._restore_one(manager, s, template, check_meta, partial)
             except CheckpointDamaged as e:
                 _silence_late_read_errors(str(manager.directory))
                 if step is not None:
@@ -382,7 +398,7 @@ def read_saved(workdir: str | Path, step: int | None = None, best: bool = False)
         manager = ckpt.best if best else ckpt.latest
         saved = manager.item_metadata(step)["state"]
         abstract = jax.tree_util.tree_map(_abstract, _metadata_template(getattr(saved, "tree", saved)))
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+        restored = manager.restore(step, args=ocp.args.Composite(state=ckpt._restore_args(abstract),
                                                                  meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"], step
     finally:

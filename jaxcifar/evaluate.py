@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxcifar import checkpoint, data, errors, metrics, models, preprocess
 from jaxcifar import step as step_lib
+from jaxcifar import trainer as trainer_lib
 from jaxcifar.errors import ConfigError
 
 
@@ -68,12 +69,9 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
         config = ml_collections.ConfigDict(meta["config"])
         model = step_lib.build_model(config)
         seeds = meta["seeds"]
-        # Shapes and dtypes only (nothing is initialized): orbax reads the arrays straight into them.
-        template = jax.eval_shape(lambda: checkpoint.to_tree({
-            "train_state": step_lib.init_replicas(seeds, model, step_lib.build_optimizer(config, 1), (32, 32, 3)),
-            "epoch_metrics": step_lib.zero_replica_metrics(config.num_classes, len(seeds))}))
-        try:
-            tree, meta, _ = ckpt.restore(template, step=step, best=best)
+        try:  # only what inference needs: the optimizer state and training metrics stay on disk
+            tree, meta, _ = ckpt.restore({"train_state": inference_template(model, len(seeds))}, step=step, best=best,
+                                         partial=True)
         except checkpoint.CheckpointDamaged as e:
             others = [s for s in steps if s != step]
             raise checkpoint.CheckpointDamaged(
@@ -86,6 +84,16 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
     return [TrainedModel(model, {"params": step_lib.replica(state["params"], k),
                                  "batch_stats": step_lib.replica(state["batch_stats"], k)}, config, stats, meta, step, s)
             for k, s in enumerate(seeds)]
+
+
+def inference_template(model, replicas: int) -> dict:
+    """Shapes and dtypes (nothing computed) of {params, batch_stats} with a leading axis of `replicas`."""
+    def variables():
+        v = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+        return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
+
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((replicas, *s.shape), s.dtype),
+                                  jax.eval_shape(variables))
 
 
 @functools.cache
@@ -159,12 +167,17 @@ def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = 
     if recompute_bn_batches:
         trained = trained._replace(variables=recompute_batch_stats(
             trained.model, trained.variables, dataset.train_images, recompute_bn_batches, cfg.batch_size))
-    logits = predict_logits(trained, images, cfg.eval_batch_size)
-    confusion = np.zeros((cfg.num_classes,) * 2, np.int64)
-    np.add.at(confusion, (labels, logits.argmax(-1)), 1)
+    mesh = trainer_lib.make_mesh(jax.devices())
+    evaluator = trainer_lib.Evaluator(trained.model, images, labels, num_classes=cfg.num_classes,
+                                      batch_size=cfg.eval_batch_size, replicas=1, mesh=mesh,
+                                      compiler_options=models.compiler_options())
+    one = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], trained.variables)  # a replica axis of 1
+    confusions, losses = evaluator(one["params"], one["batch_stats"])
+    confusion, loss = confusions[0].astype(np.int64), float(losses[0])
     summary = metrics.summarize(confusion)
     return {"workdir": None, "step": trained.step, "epoch": trained.meta["epoch"], "seed": trained.seed, "split": split,
             "images": int(len(labels)), "recomputed_bn_batches": recompute_bn_batches, "accuracy": summary["accuracy"],
+            "loss": loss,
             "average_row_correct": summary["average_row_correct"],
             "average_rowucol_correct": summary["average_rowucol_correct"], "confusion": confusion.tolist()}
 
@@ -178,7 +191,7 @@ def summarize_seeds(results: list[dict]) -> dict:
     out.update({"seeds": [r["seed"] for r in results], "accuracy": float(acc.mean()),
                 "accuracy_std": float(acc.std(ddof=1)),
                 "confusion": np.sum([r["confusion"] for r in results], axis=0).tolist(), "per_seed": results})
-    for k in ("average_row_correct", "average_rowucol_correct"):
+    for k in ("average_row_correct", "average_rowucol_correct", "loss"):
         out[k] = float(np.mean([r[k] for r in results]))
     return out
 

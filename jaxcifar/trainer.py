@@ -22,6 +22,52 @@ def replicate(x, sharding):
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+class Evaluator:
+    """Confusion counts and mean loss of K replicas' models over a labelled image set held on the devices.
+
+    The project's one evaluation: the Trainer runs it on the test split every epoch, `evaluate` on a
+    saved run. The images sit replicated on the mesh; each batch, split over the 'data' axis, is
+    picked inside the program (`step.eval_step`), so the loop passes only integers and works
+    whichever process holds which devices.
+    """
+
+    def __init__(self, model, images: np.ndarray, labels: np.ndarray, *, num_classes: int, batch_size: int,
+                 replicas: int, mesh: Mesh, compiler_options=None):
+        replicated = NamedSharding(mesh, P())
+        devices = mesh.devices.size
+        self.num_classes, self.replicas, self.count = num_classes, replicas, len(labels)
+        self.images = replicate(images, replicated)
+        self.labels = replicate(labels.astype(np.int32), replicated)
+        batch = -(-batch_size // devices) * devices  # a multiple of the device count; padding rows are masked out
+        indices, valid = data.eval_batches(len(labels), batch)
+        rows = NamedSharding(mesh, P(None, "data"))
+        self.indices, self.valid = replicate(indices, rows), replicate(valid, rows)
+        self._step = _eval_program(model, num_classes, replicas, mesh, tuple(sorted((compiler_options or {}).items())))
+
+    def __call__(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
+        """Per replica: (confusion (K, C, C), mean loss (K,)) over every image, exactly once."""
+        confusion = jnp.zeros((self.replicas, self.num_classes, self.num_classes), jnp.int32)
+        loss = jnp.zeros([self.replicas], jnp.float32)
+        for batch in range(self.indices.shape[0]):
+            conf, batch_loss = self._step(params, batch_stats, self.images, self.labels, self.indices, self.valid,
+                                          np.int32(batch))
+            confusion, loss = confusion + conf, loss + batch_loss
+        return np.asarray(confusion), np.asarray(loss, np.float64) / self.count
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_program(model, num_classes: int, replicas: int, mesh: Mesh, compiler_options: tuple):
+    """The jitted evaluation batch, one per (model, replicas, mesh): evaluators of the same model share its compile."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(over_replicas(functools.partial(eval_step, model=model, num_classes=num_classes),
+                                 (0, 0, None, None, None, None, None), replicas),
+                   out_shardings=(replicated, replicated), compiler_options=dict(compiler_options) or None)
+
+
+def make_mesh(devices) -> Mesh:
+    return Mesh(np.array(list(devices)), ("data",))
+
+
 class Trainer:
     """The compiled steps and device-resident data of K runs trained together, data-parallel over `devices`.
 
@@ -45,7 +91,7 @@ class Trainer:
             raise ConfigError(f"bad config: batch_size={config.batch_size} is not divisible by the {len(devices)} "
                              f"devices; use a multiple of {len(devices)}")
         self.choices = config_lib.step_choices(config, devices[0].platform)
-        self.mesh = Mesh(np.array(devices), ("data",))
+        self.mesh = make_mesh(devices)
         self.replicated = NamedSharding(self.mesh, P())
         batch_rows = NamedSharding(self.mesh, P(None, None, "data"))  # (replica, steps, batch) index tables
         self.model = build_model(config, self.choices)
@@ -53,22 +99,14 @@ class Trainer:
         # The whole preprocessed dataset lives on the devices, once for all replicas; batches are gathered inside jit.
         self.train_images = replicate(dataset.train_images, self.replicated)
         self.train_labels = replicate(dataset.train_labels.astype(np.int32), self.replicated)
-        self.test_images = replicate(dataset.test_images, self.replicated)
-        self.test_labels = replicate(dataset.test_labels.astype(np.int32), self.replicated)
-        self.num_test = len(dataset.test_labels)
-        eval_batch = -(-config.eval_batch_size // len(devices)) * len(devices)  # padding rows are masked out
-        indices, valid = data.eval_batches(len(dataset.test_labels), eval_batch)
-        eval_rows = NamedSharding(self.mesh, P(None, "data"))
-        self.eval_indices, self.eval_valid = replicate(indices, eval_rows), replicate(valid, eval_rows)
         self.compiler_options = models.compiler_options(devices[0].platform)
+        self.test_evaluator = Evaluator(self.model, dataset.test_images, dataset.test_labels,
+                                        num_classes=config.num_classes, batch_size=config.eval_batch_size,
+                                        replicas=self.replicas, mesh=self.mesh, compiler_options=self.compiler_options)
         self._train_calls = {}  # steps per call -> compiled program, built on first use
         self._train_step_kwargs = dict(model=self.model, tx=self.tx, flip=config.flip,
                                        label_smoothing=config.label_smoothing, num_classes=config.num_classes,
                                        batch_sharding=NamedSharding(self.mesh, P("data")))
-        self._eval_step = jax.jit(
-            over_replicas(functools.partial(eval_step, model=self.model, num_classes=config.num_classes),
-                          (0, 0, None, None, None, None, None), self.replicas),
-            out_shardings=(self.replicated, self.replicated), compiler_options=self.compiler_options)
         order = functools.partial(epoch_order, num_examples=self.num_train, batch_size=config.batch_size)
         self._epoch_order = jax.jit(over_replicas(order, (0, None), self.replicas), out_shardings=batch_rows)
 
@@ -132,10 +170,4 @@ class Trainer:
 
     def evaluate(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
         """Per replica: (confusion (K, C, C), mean loss (K,)) over every test image, exactly once."""
-        confusion = jnp.zeros((self.replicas, *(self.config.num_classes,) * 2), jnp.int32)
-        loss = jnp.zeros([self.replicas], jnp.float32)
-        for batch in range(self.eval_indices.shape[0]):
-            conf, batch_loss = self._eval_step(params, batch_stats, self.test_images, self.test_labels,
-                                               self.eval_indices, self.eval_valid, np.int32(batch))
-            confusion, loss = confusion + conf, loss + batch_loss
-        return np.asarray(confusion), np.asarray(loss, np.float64) / self.num_test
+        return self.test_evaluator(params, batch_stats)

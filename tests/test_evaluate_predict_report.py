@@ -38,6 +38,7 @@ def test_evaluate_reproduces_the_logged_accuracy(trained_run, prepared, capsys, 
     assert result["step"] == last["step"] and result["images"] == 50
     assert result["accuracy"] == pytest.approx(last["test_accuracy"])
     assert result["confusion"] == last["test_confusion"]
+    assert result["loss"] == pytest.approx(last["test_loss"], rel=1e-6)  # the same evaluation as training's
     out = capsys.readouterr().out
     assert "ConfusionMatrix:" in out and "global correct" in out
 

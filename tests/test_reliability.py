@@ -117,6 +117,22 @@ def test_a_given_damaged_step_is_refused_not_replaced(tmp_path):
     assert (tmp_path / "checkpoints" / "2").is_dir()
 
 
+def test_a_partial_restore_reads_and_verifies_only_what_it_names(tmp_path):
+    trees = {1: random_tree(1)}
+    save(tmp_path, trees)
+    ck = checkpoint.Checkpointer(tmp_path, read_only=True)
+    try:
+        state, _, _ = ck.restore({"b": np.zeros(7, np.float32)}, partial=True)
+        assert list(state) == ["b"]
+        np.testing.assert_array_equal(np.asarray(state["b"]), trees[1]["b"])
+        flip_bytes_in_largest_file(tmp_path / "checkpoints" / "1")  # damages "w", which a partial restore of "b" skips
+        assert list(ck.restore({"b": np.zeros(7, np.float32)}, partial=True)[0]) == ["b"]
+        with pytest.raises(checkpoint.CheckpointDamaged, match=r"fail their saved checksums \(w\)"):
+            ck.restore({"w": np.zeros((256, 256), np.float32)}, step=1, partial=True)
+    finally:
+        ck.close()
+
+
 def test_a_checkpoint_of_other_shapes_is_refused_and_not_set_aside(tmp_path):
     save(tmp_path, {1: random_tree(1)})
     other = {**random_tree(0), "w": np.zeros((128, 256), np.float32)}
