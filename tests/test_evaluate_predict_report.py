@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from jaxcifar import data, evaluate, predict, report, train
-from test_train import REPO, tiny_config
+from test_train import REPO, tiny_config, with_devices
 from test_reliability import png_header
 
 
@@ -109,7 +109,7 @@ def test_evaluate_with_recomputed_statistics_says_so(trained_run, prepared, caps
 
 
 def test_evaluate_on_another_device_count(trained_run, prepared):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=with_devices(4))
     r = subprocess.run([sys.executable, "-m", "jaxcifar.evaluate", "--workdir", str(trained_run), "--data-dir",
                         prepared[0], "--cache-dir", prepared[1]], capture_output=True, text=True, env=env, cwd=REPO,
                        timeout=300)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxcifar import checkpoint
-from test_train import REPO
+from test_train import REPO, with_devices
 
 TRAINER_SCRIPT = r"""
 import json, sys
@@ -63,7 +63,7 @@ def free_port() -> int:
 
 
 def environment(prepared, devices: int, process: int | None = None, port: int | None = None) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, XLA_FLAGS=with_devices(devices),
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
                TFDS_DATA_DIR=prepared[0], JAXCIFAR_CACHE_DIR=prepared[1], TQDM_DISABLE="1")
     if process is not None:
@@ -123,14 +123,20 @@ def train_args(workdir, prepared, *overrides) -> list[str]:
             "--config.steps_per_call=1", "--config.log_every_steps=1", *overrides]
 
 
-def test_two_processes_train_one_run_with_one_writer_and_resume(prepared, trajectories, tmp_path):
-    (_, _), (two, two_params) = trajectories
-    workdir = tmp_path / "w"
+@pytest.fixture(scope="module")
+def two_process_run(prepared, tmp_path_factory):
+    """The command line as 2 processes: one epoch, then both started again for a second."""
+    workdir = tmp_path_factory.mktemp("two-process") / "w"
     for epochs in (1, 2):  # stopped after an epoch, both restarted
         results = finish(start_pair(prepared, train_args(workdir, prepared, f"--config.num_epochs={epochs}")))
         for rc, out in results:
             assert rc == 0, out[-3000:]
-    (_, out0), (_, out1) = results
+    return workdir, results
+
+
+def test_two_processes_train_one_run_with_one_writer_and_resume(trajectories, two_process_run):
+    (_, _), (two, two_params) = trajectories
+    workdir, ((_, out0), (_, out1)) = two_process_run
     assert "resumed from checkpoint at step 6" in out0 and "on 4 cpu device(s)" in out0
     assert "Test accuracy" not in out1  # process 1 prints nothing of the run...
     log = (workdir / "log.txt").read_text()  # ...and writes none of the logs: each line once
@@ -154,16 +160,16 @@ def test_two_processes_train_one_run_with_one_writer_and_resume(prepared, trajec
         np.testing.assert_allclose(flat[k], two_params[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
-def test_a_lost_process_stops_the_other_and_a_restart_resumes(prepared, trajectories, tmp_path):
+def test_a_lost_process_stops_the_other_and_a_restart_resumes(prepared, two_process_run, tmp_path):
+    import shutil
     workdir = tmp_path / "w"
-    results = finish(start_pair(prepared, train_args(workdir, prepared, "--config.num_epochs=1")))
-    assert all(rc == 0 for rc, _ in results), results[0][1][-3000:]
+    shutil.copytree(two_process_run[0], workdir)  # two epochs done
     first, second = start_pair(prepared, train_args(workdir, prepared, "--config.num_epochs=3"))
     out0 = ""
     deadline = time.time() + 300
-    while "epoch 2/3" not in out0 and time.time() < deadline and first.poll() is None:
+    while "epoch 3/3" not in out0 and time.time() < deadline and first.poll() is None:
         out0 += first.stdout.readline()
-    second.send_signal(signal.SIGKILL)  # mid-epoch 2
+    second.send_signal(signal.SIGKILL)  # mid-epoch 3
     killed = time.time()
     rest, _ = first.communicate(timeout=120)
     second.communicate()
@@ -172,6 +178,6 @@ def test_a_lost_process_stops_the_other_and_a_restart_resumes(prepared, trajecto
     assert "tasks are unhealthy (stopped sending heartbeats):\n1\n" in rest, rest[-3000:]
     results = finish(start_pair(prepared, train_args(workdir, prepared, "--config.num_epochs=3")))
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:]
-    assert "resumed from checkpoint at step 6" in results[0][1]
+    assert "resumed from checkpoint at step 12" in results[0][1]
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from test_train import REPO
+from test_train import REPO, with_devices
 
 SCRIPT = r"""
 import json, sys
@@ -41,7 +41,7 @@ print(json.dumps(out))
 
 
 def test_four_devices_follow_the_one_device_trajectory(prepared):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=with_devices(4),
                PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
     r = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(list(prepared))], capture_output=True, text=True,
                        env=env, cwd=REPO, timeout=600)

@@ -24,6 +24,11 @@ def load_config_file(path):
     return module.get_config()
 
 
+def with_devices(count: int) -> str:
+    """XLA_FLAGS for a subprocess with `count` CPU devices, keeping the caller's flags (e.g. --xla_cpu_max_isa)."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+
+
 def tiny_config(prepared, **overrides):
     """configs/tiny.py on the prepared fake dataset, 1 epoch unless overridden."""
     data_dir, cache_dir, _, md5_file = prepared
