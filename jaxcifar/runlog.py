@@ -11,11 +11,10 @@ import numpy as np
 
 from jaxcifar import data, metrics
 
-# ---------------------------------------------------------------------------
-# Logs: plain text, CSV and JSON lines in the workdir.
-
 
 class RunLog:
+    """log.txt (every console line), metrics.csv and metrics.jsonl (a row per epoch) of one workdir."""
+
     CSV_FIELDS = ("epoch", "step", "learning_rate", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                   "test_average_row_correct", "test_average_rowucol_correct", "epoch_time_s", "train_images_per_s",
                   "eval_time_s")

@@ -25,8 +25,6 @@ from jaxcifar.runlog import RunLog
 from jaxcifar.step import TrainState
 from jaxcifar.trainer import Trainer
 
-# ---------------------------------------------------------------------------
-
 
 def load_dataset(config, log=print) -> data.Preprocessed:
     d = config.data
