@@ -61,11 +61,15 @@ logging.getLogger("absl").addFilter(lambda record: "Given directory is read only
 
 
 def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    # With several processes orbax synchronizes each save through barriers named after the step; the two
+    # managers (checkpoints/, best/) save the same step, so each gets its own barrier names.
+    processes = ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=directory.name)
     if read_only:  # writes nothing, creates nothing: safe beside a training run, and on an empty folder
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
-                                               enable_async_checkpointing=False)
+                                               enable_async_checkpointing=False, multiprocessing_options=processes)
     else:
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
+                                               multiprocessing_options=processes)
     # Handlers named up front so that item_metadata can read a save's array shapes before restoring it. Readers
     # get the PyTree handler (the same files as the Standard one writes), which can restore part of a tree.
     state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
@@ -210,8 +214,11 @@ class Checkpointer:
         """
         meta = {**meta, "checksums": tree_checksums(state_tree), "checksum_method": CHECKSUM_METHOD}
         for manager, wanted in ((self.latest, True), (self.best, is_best)):
-            manager.wait_until_finished()
-            manager.check_for_errors()  # a failed earlier save surfaces here, not silently
+            # Several processes: one save in flight in all (orbax's background threads of two concurrent
+            # multi-process saves meet at barriers of the same name and fail: measured, 2 processes on gloo).
+            for m in (self.latest, self.best) if jax.process_count() > 1 else (manager,):
+                m.wait_until_finished()
+                m.check_for_errors()  # a failed earlier save surfaces here, not silently
             if wanted and step not in manager.all_steps():
                 args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta))
                 manager.save(step, args=args, force=True)

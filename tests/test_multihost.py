@@ -125,25 +125,36 @@ def train_args(workdir, prepared, *overrides) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_process_run(prepared, tmp_path_factory):
-    """The command line as 2 processes: one epoch, then both started again for a second."""
+    """The command line as 2 processes for 2 epochs, stopped by a SIGTERM to process 1 alone in epoch 2, then both
+    started again. Returns (workdir, the stopped start's outputs, the second start's outputs)."""
     workdir = tmp_path_factory.mktemp("two-process") / "w"
-    for epochs in (1, 2):  # stopped after an epoch, both restarted
-        results = finish(start_pair(prepared, train_args(workdir, prepared, f"--config.num_epochs={epochs}")))
-        for rc, out in results:
-            assert rc == 0, out[-3000:]
-    return workdir, results
+    first, second = start_pair(prepared, train_args(workdir, prepared, "--config.num_epochs=2"))
+    out0 = ""
+    deadline = time.time() + 300
+    while "==> epoch 2/2" not in out0 and time.time() < deadline and first.poll() is None:
+        out0 += first.stdout.readline()
+    second.send_signal(signal.SIGTERM)
+    stopped = [(rc, out0 + out if i == 0 else out) for i, (rc, out) in enumerate(finish([first, second]))]
+    resumed = finish(start_pair(prepared, train_args(workdir, prepared, "--config.num_epochs=2")))
+    for rc, out in resumed:
+        assert rc == 0, out[-3000:]
+    return workdir, stopped, resumed
 
 
 def test_two_processes_train_one_run_with_one_writer_and_resume(trajectories, two_process_run):
     (_, _), (two, two_params) = trajectories
-    workdir, ((_, out0), (_, out1)) = two_process_run
-    assert "resumed from checkpoint at step 6" in out0 and "on 4 cpu device(s)" in out0
+    workdir, stopped, ((_, out0), (_, out1)) = two_process_run
+    # A signal to one process stops both, at the same step, after a common save.
+    assert [rc for rc, _ in stopped] == [128 + signal.SIGTERM] * 2, stopped[0][1][-3000:] + stopped[1][1][-3000:]
+    at = [int(out.split("stopped by SIGTERM at step ")[1].split()[0]) for _, out in stopped]
+    assert at[0] == at[1] and 6 < at[0] <= 12
+    assert f"resumed from checkpoint at step {at[0]}" in out0 and "on 4 cpu device(s)" in out0
     assert "Test accuracy" not in out1  # process 1 prints nothing of the run...
     log = (workdir / "log.txt").read_text()  # ...and writes none of the logs: each line once
-    assert log.count("jaxcifar: vgg_bn_drop") == 2 and log.count("==> epoch 2/2") == 1
+    assert log.count("jaxcifar: vgg_bn_drop") == 2 and log.count("Test accuracy") == 2
     assert len((workdir / "metrics.csv").read_text().splitlines()) == 1 + 2
     assert len(list((workdir / "tensorboard").iterdir())) == 2  # one event file per start, both process 0's
-    # The resumed two-process run is the uninterrupted one of the trainer script (same programs, same devices).
+    # Resumed mid-epoch, the two-process run is the uninterrupted one of the trainer script (same programs, devices).
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = two["losses"]
     assert [r["train_loss"] for r in records] == pytest.approx([np.mean(losses[:6]), np.mean(losses[6:])], rel=1e-6)
