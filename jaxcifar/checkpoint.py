@@ -10,7 +10,6 @@ file) is caught on restore by per-leaf checksums recorded in the meta at save ti
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -47,6 +46,8 @@ LAYOUT = "replicas-1"
 # Integer sums are exact in any order, so every device, sharding and CPU gets the same value; one
 # flipped bit changes it (odd weight times a power of two is never 0 mod 2^32).
 CHECKSUM_METHOD = "u32-weighted-sum-1"
+
+
 def check_layout(meta: dict, where) -> None:
     """Refuses a save whose arrays are not laid out as this version writes them."""
     if meta.get("layout") != LAYOUT:
@@ -84,6 +85,18 @@ def config_field(config, dotted: str):
     return value
 
 
+def incompatible_run(meta: dict, config, seeds: list[int], choices: dict) -> list[str]:
+    """'what: saved -> now' for each difference between a save's run and the run about to resume from it:
+    the config's fixed fields, the seeds, and the step choices that change the random stream."""
+    differing = incompatible_fields(meta["config"], config)
+    if meta["seeds"] != seeds:
+        differing.append(f"seeds: {meta['seeds']} -> {seeds}")
+    saved = meta.get("step_choices", {})
+    differing += [f"{k} (step choice): {saved[k]!r} -> {choices[k]!r}"
+                  for k in FIXED_STEP_CHOICES if k in saved and saved[k] != choices[k]]
+    return differing
+
+
 def incompatible_fields(saved_config: dict, config) -> list[str]:
     """'field: saved -> now' for each setting whose change would make a resumed run another run."""
     fields = FIXED_FIELDS
@@ -116,7 +129,7 @@ def _leaf_checksum(x):
     return jnp.sum(u * weights, dtype=jnp.uint32)
 
 
-@functools.partial(jax.jit)
+@jax.jit
 def _checksums(leaves):
     return [_leaf_checksum(x) for x in leaves]
 
@@ -159,11 +172,17 @@ def _abstract(x) -> jax.ShapeDtypeStruct:
     return target
 
 
-def _metadata_template(tree) -> dict:
-    """Nested dicts of shape/dtype structs from orbax's array metadata (no sharding: see `_abstract`)."""
-    if isinstance(tree, dict):
-        return {k: _metadata_template(v) for k, v in tree.items()}
-    return jax.ShapeDtypeStruct(tuple(tree.shape), tree.dtype)
+def _saved_arrays(manager, step: int) -> dict:
+    """Orbax's metadata (shape, dtype) of the arrays a save holds, as nested dicts; CheckpointDamaged if unreadable."""
+    where = f"checkpoint {step} in {manager.directory}"
+    try:
+        tree = manager.item_metadata(step)["state"]
+    except Exception as e:
+        raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
+    tree = getattr(tree, "tree", tree)
+    if tree is None:
+        raise CheckpointDamaged(f"{where} is unreadable: its array metadata is missing")
+    return tree
 
 
 def _array_specs(tree, prefix: str = "") -> dict[str, tuple]:
@@ -253,9 +272,7 @@ class Checkpointer:
 
     def read_meta(self, step: int, best: bool = False) -> dict:
         manager = self._manager_of(best)
-        if step not in manager.all_steps():
-            raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; "
-                                  f"available: {sorted(manager.all_steps()) or 'none'}")
+        _require_step(manager, step)
         return self._read_meta(manager, step)
 
     @staticmethod
@@ -278,14 +295,7 @@ class Checkpointer:
         meta = self._read_meta(manager, step)
         if check_meta is not None:
             check_meta(meta)
-        try:
-            saved_tree = manager.item_metadata(step)["state"]
-            saved_tree = getattr(saved_tree, "tree", saved_tree)
-        except Exception as e:
-            raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
-        if saved_tree is None:
-            raise CheckpointDamaged(f"{where} is unreadable: its array metadata is missing")
-        difference = _structure_difference(_array_specs(saved_tree), _array_specs(template), partial)
+        difference = _structure_difference(_array_specs(_saved_arrays(manager, step)), _array_specs(template), partial)
         if difference:
             raise CheckpointError(f"{where} does not hold the arrays this version builds for its config "
                                   f"({difference}); it was written by another jaxcifar version or model code: "
@@ -320,9 +330,8 @@ class Checkpointer:
         """
         manager = self._manager_of(best)
         available = sorted(manager.all_steps(), reverse=True)
-        if step is not None and step not in available:
-            raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; "
-                                  f"available: {sorted(available) or 'none'}")
+        if step is not None:
+            _require_step(manager, step)
         damaged = []
         for s in [step] if step is not None else available:
             try:
@@ -343,6 +352,12 @@ class Checkpointer:
             raise CheckpointDamaged(f"every checkpoint in {manager.directory} is damaged; move the folder away to "
                                     "start afresh, or use a fresh --workdir")
         return None
+
+
+def _require_step(manager, step: int) -> None:
+    if step not in manager.all_steps():
+        raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; "
+                              f"available: {sorted(manager.all_steps()) or 'none'}")
 
 
 _damaged_dirs: list[str] = []
@@ -403,8 +418,8 @@ def read_saved(workdir: str | Path, step: int | None = None, best: bool = False)
             raise CheckpointError(f"no checkpoints in {Path(workdir) / ('best' if best else 'checkpoints')}")
         step = max(steps) if step is None else step
         manager = ckpt.best if best else ckpt.latest
-        saved = manager.item_metadata(step)["state"]
-        abstract = jax.tree_util.tree_map(_abstract, _metadata_template(getattr(saved, "tree", saved)))
+        abstract = jax.tree_util.tree_map(lambda a: _abstract(jax.ShapeDtypeStruct(tuple(a.shape), a.dtype)),
+                                          _saved_arrays(manager, step))
         restored = manager.restore(step, args=ocp.args.Composite(state=ckpt._restore_args(abstract),
                                                                  meta=ocp.args.JsonRestore()))
         return restored["state"], restored["meta"], step

@@ -236,7 +236,7 @@ def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mappi
         if members is not None and source is not None and source["md5"] != _md5s_of(members):
             raise DataError(f"{b.data_dir} already holds a dataset prepared from another archive than {archive}; "
                             "give another --data-dir (--config.data.data_dir), or delete that folder to prepare this one")
-        check_prepared(b, md5s)
+        check_prepared(b, md5s, source)
         return b
     if members is not None:
         b = builder(data_dir, archive_members=members, md5s=md5s or OFFICIAL_MD5)
@@ -248,17 +248,13 @@ def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mappi
         )
     # tfds writes to a temporary folder and renames it when complete: no partial dataset survives a failure.
     b.download_and_prepare(file_format="array_record")
-    source = {"md5": b.source_md5s, "official": b.source_md5s == _official_subset()}
+    source = {"md5": b.source_md5s, "official": b.source_md5s == OFFICIAL_MD5}
     (Path(b.data_dir) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
     return b
 
 
 def _md5s_of(members: Mapping[str, bytes]) -> dict[str, str]:
     return {f: hashlib.md5(members[f]).hexdigest() for f in TRAIN_FILES + TEST_FILES}
-
-
-def _official_subset() -> dict[str, str]:
-    return {f: OFFICIAL_MD5[f] for f in TRAIN_FILES + TEST_FILES}
 
 
 def prepared_source(b) -> dict | None:
@@ -279,13 +275,14 @@ def split_sizes(b) -> dict[str, int]:
     return {split: int(b.info.splits[split].num_examples) for split in ("train", "test")}
 
 
-def check_prepared(b, md5s: Mapping[str, str] | None = OFFICIAL_MD5) -> None:
-    """Raises DataError when the prepared dataset is not the one `md5s` describe (None: any)."""
+def check_prepared(b, md5s: Mapping[str, str] | None, source: dict | None) -> None:
+    """Raises DataError when the prepared dataset (its `prepared_source` record: `source`) is not the one `md5s`
+    describe (None: any)."""
     if md5s is None:
         return
-    source, sizes = prepared_source(b), split_sizes(b)
+    sizes = split_sizes(b)
     want = {f: md5s.get(f) for f in TRAIN_FILES + TEST_FILES}
-    official = want == _official_subset()
+    official = want == OFFICIAL_MD5
     if source is None:  # prepared by tfds itself: its sizes are all there is to check
         if official and sizes != OFFICIAL_SIZES:
             raise DataError(f"{b.data_dir} holds a cifar10 of {sizes['train']:,} train / {sizes['test']:,} test images, "

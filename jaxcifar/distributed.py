@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 from jaxcifar.errors import ConfigError
 
@@ -58,7 +59,6 @@ def any_process(flag: bool) -> bool:
     """Whether `flag` is set in any process (every process must ask, in the same order)."""
     if jax.process_count() == 1:
         return flag
-    import numpy as np
     from jax.experimental import multihost_utils
 
     return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

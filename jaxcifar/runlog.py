@@ -124,8 +124,6 @@ def progress_bar(epoch: int, total: int, start: int):
     return bar, update
 
 
-
-
 def log_epoch(log: RunLog, r: dict) -> None:
     """The seed's per-epoch console lines (means over the seeds), then each seed's when there are several."""
     seeds = r["seeds"]

@@ -19,6 +19,7 @@ import optax
 from jaxcifar import config as config_lib
 from jaxcifar import data, metrics, models, optim
 
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # updates applied so far

@@ -158,12 +158,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
 
     def refuse_other_runs(meta):
         checkpoint.check_layout(meta, workdir)
-        differing = checkpoint.incompatible_fields(meta["config"], config)
-        if meta["seeds"] != seeds:
-            differing.append(f"seeds: {meta['seeds']} -> {seeds}")
-        saved_choices = meta.get("step_choices", {})
-        differing += [f"{k} (step choice): {saved_choices[k]!r} -> {trainer.choices[k]!r}"
-                      for k in checkpoint.FIXED_STEP_CHOICES if k in saved_choices and saved_choices[k] != trainer.choices[k]]
+        differing = checkpoint.incompatible_run(meta, config, seeds, trainer.choices)
         if differing:
             raise checkpoint.CheckpointError(
                 f"{workdir} holds checkpoints of a different run ({'; '.join(differing)}); "

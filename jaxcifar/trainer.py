@@ -16,6 +16,7 @@ from jaxcifar.errors import ConfigError, TrainingDiverged
 from jaxcifar.step import (TrainState, build_model, build_optimizer, call_plan, epoch_order, eval_step, init_replicas,
                            over_replicas, train_steps, zero_replica_metrics)
 
+
 def replicate(x, sharding):
     """A host array as a global array with `sharding`; works across hosts, where device_put cannot."""
     x = np.asarray(x)

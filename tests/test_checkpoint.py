@@ -171,16 +171,12 @@ def test_evaluate_refuses_a_damaged_checkpoint(reference_run, tmp_path, capsys):
     import shutil
 
     from jaxcifar import evaluate
+    from test_reliability import damage_every_data_file
     shutil.copytree(reference_run, tmp_path / "w")
     steps = checkpoint.Checkpointer(tmp_path / "w", read_only=True).steps()
     # Every data file damaged throughout, so that the parameters evaluate reads are hit too (it reads only
     # params and BatchNorm statistics; the checksum path of such a partial read: test_reliability.py).
-    for f in (tmp_path / "w" / "checkpoints" / str(steps[-1]) / "state").rglob("*"):
-        if f.is_file() and "/d/" in str(f):
-            blob = bytearray(f.read_bytes())
-            for i in range(len(blob) // 64, len(blob), max(1, len(blob) // 64)):
-                blob[i] ^= 0x5A
-            f.write_bytes(bytes(blob))
+    damage_every_data_file(tmp_path / "w" / "checkpoints" / str(steps[-1]))
     assert evaluate.main(["--workdir", str(tmp_path / "w")]) == 2
     err = capsys.readouterr().err
     assert re.search(f"checkpoint {steps[-1]} .*(fail their saved checksums|is unreadable)", err), err

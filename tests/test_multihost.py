@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from jaxcifar import checkpoint
+from test_checkpoint import flat
 from test_train import REPO, with_devices
 
 TRAINER_SCRIPT = r"""
@@ -158,17 +159,11 @@ def test_two_processes_train_one_run_with_one_writer_and_resume(trajectories, tw
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = two["losses"]
     assert [r["train_loss"] for r in records] == pytest.approx([np.mean(losses[:6]), np.mean(losses[6:])], rel=1e-6)
-    saved = checkpoint.read_saved(workdir)[0]["train_state"]["params"]
-    flat = {}
-
-    def walk(tree, prefix):
-        for k, v in tree.items():
-            walk(v, f"{prefix}{k}/") if isinstance(v, dict) else flat.__setitem__(f"{prefix}{k}", np.asarray(v)[0])
-
-    walk(saved, "")
-    assert flat.keys() == {k for k in two_params if not k.startswith("step3:")}
-    for k in flat:
-        np.testing.assert_allclose(flat[k], two_params[k], rtol=1e-6, atol=1e-7, err_msg=k)
+    saved = flat(checkpoint.read_saved(workdir)[0]["train_state"]["params"])
+    flat_params = {k.lstrip("/"): v[0] for k, v in saved.items()}  # replica 0, keys as the trainer script's
+    assert flat_params.keys() == {k for k in two_params if not k.startswith("step3:")}
+    for k in flat_params:
+        np.testing.assert_allclose(flat_params[k], two_params[k], rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 def test_a_lost_process_stops_the_other_and_a_restart_resumes(prepared, two_process_run, tmp_path):

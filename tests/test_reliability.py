@@ -17,7 +17,7 @@ import pytest
 
 from jaxcifar import checkpoint, data, errors, evaluate, predict
 from jaxcifar.workdir import WorkdirLock
-from test_train import REPO
+from test_train import REPO, set_fields
 
 # ---------------------------------------------------------------------------
 # The workdir lock
@@ -81,6 +81,16 @@ def flip_bytes_in_largest_file(step_dir: Path, count: int = 8) -> None:
     for i in range(len(blob) // 2, len(blob) // 2 + 8 * count, 8):
         blob[i] ^= 0xFF
     largest.write_bytes(bytes(blob))
+
+
+def damage_every_data_file(step_dir: Path) -> None:
+    """64 bytes flipped across each of a save's data files: every array's bytes are hit."""
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and "/d/" in str(f):
+            blob = bytearray(f.read_bytes())
+            for i in range(0, len(blob), max(1, len(blob) // 64)):
+                blob[i] ^= 0x5A
+            f.write_bytes(bytes(blob))
 
 
 def test_flipped_bits_are_detected_set_aside_and_fallen_back_from(tmp_path):
@@ -177,12 +187,7 @@ def test_falling_back_from_an_unreadable_save_prints_one_warning(tmp_path):
     rng = np.random.default_rng(0)
     trees = {s: {f"layer{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(48)} for s in (1, 2)}
     save(tmp_path, trees)
-    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
-        if f.is_file() and "/d/" in str(f):  # every data file, so that many concurrent reads fail
-            blob = bytearray(f.read_bytes())
-            for i in range(0, len(blob), max(1, len(blob) // 64)):
-                blob[i] ^= 0x5A
-            f.write_bytes(bytes(blob))
+    damage_every_data_file(tmp_path / "checkpoints" / "2")  # so that many concurrent reads fail
     r = subprocess.run([sys.executable, "-c", DAMAGED_RESTORE, str(tmp_path)], cwd=REPO, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -199,17 +204,8 @@ def configs(base: dict | None = None, **changes):
     """(saved config as a checkpoint's meta holds it, config now): base_config() with `base`, then `changes`."""
     from jaxcifar import config as config_lib
 
-    def with_fields(c, fields):
-        for dotted, value in fields.items():
-            target = c
-            *path, last = dotted.split(".")
-            for part in path:
-                target = target[part]
-            target[last] = value
-        return c
-
-    saved = with_fields(config_lib.base_config(), base or {})
-    return saved.to_dict(), with_fields(with_fields(config_lib.base_config(), base or {}), changes)
+    saved = set_fields(config_lib.base_config(), base or {})
+    return saved.to_dict(), set_fields(set_fields(config_lib.base_config(), base or {}), changes)
 
 
 @pytest.mark.parametrize("field,value", [

@@ -35,13 +35,18 @@ def tiny_config(prepared, **overrides):
     c = load_config_file(REPO / "configs/tiny.py")
     c.num_epochs, c.log_every_steps = 1, 2
     c.data.data_dir, c.data.cache_dir, c.data.md5_file = data_dir, cache_dir, md5_file
-    for k, v in overrides.items():
-        target = c
-        *path, last = k.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = v
-    return c
+    return set_fields(c, overrides)
+
+
+def set_fields(config, fields: dict):
+    """`config` with each dotted field of `fields` ("optimizer.learning_rate": 0.1) set; returns it."""
+    for dotted, value in fields.items():
+        target = config
+        *path, last = dotted.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
 
 
 def small_dataset(n=16):
