@@ -154,6 +154,32 @@ class Run:
     def load_flax(self, params: dict, batch_stats: dict) -> None:
         load_flax(self.model, params, batch_stats)
 
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Everything a resumed run needs to continue bit-identically, as plain arrays (saved as npz, no pickle):
+        weights and BatchNorm buffers, momentum buffers, the step, and both random generators (this port's
+        order and flips, torch's global one for dropout)."""
+        out = {f"model/{k}": v.detach().numpy().copy() for k, v in self.model.state_dict().items()}
+        for i, p in enumerate(self.model.parameters()):
+            buf = self.opt.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"momentum/{i}"] = buf.detach().numpy().copy()
+        out["step"] = np.array(self.step, np.int64)
+        out["rng/generator"] = self.generator.get_state().numpy().copy()
+        out["rng/global"] = torch.get_rng_state().numpy().copy()
+        return out
+
+    def load_state_arrays(self, arrays) -> None:
+        """The inverse of `state_arrays` (on a Run built with the same config and seed)."""
+        state = {k[len("model/"):]: torch.from_numpy(np.array(arrays[k])) for k in arrays if k.startswith("model/")}
+        self.model.load_state_dict(state, strict=True)
+        for i, p in enumerate(self.model.parameters()):
+            key = f"momentum/{i}"
+            if key in arrays:
+                self.opt.state[p]["momentum_buffer"] = torch.from_numpy(np.array(arrays[key]))
+        self.step = int(arrays["step"])
+        self.generator.set_state(torch.from_numpy(np.array(arrays["rng/generator"])))
+        torch.set_rng_state(torch.from_numpy(np.array(arrays["rng/global"])))
+
     @torch.no_grad()
     def accuracy(self, images: np.ndarray, labels: np.ndarray, batch: int = 500) -> float:
         """Eval-mode (running BatchNorm statistics, no dropout) accuracy in %."""

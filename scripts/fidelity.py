@@ -1,15 +1,19 @@
-"""One training run of a recipe on real CIFAR-10, in JAX (jaxcifar's trainer) or in the PyTorch port, with the
+"""Training runs of a recipe on real CIFAR-10, in JAX (jaxcifar's trainer) or in the PyTorch port, with the
 per-epoch numbers that compare them: train-mode loss and accuracy, eval-mode accuracy on the test set and on
-training images, their gap, and (at chosen epochs) eval accuracy with BatchNorm statistics re-estimated
-without dropout.
+training images, their gap G (train-mode training accuracy - eval-mode test accuracy), and (at chosen epochs)
+eval accuracy with BatchNorm statistics re-estimated without dropout.
 
     python scripts/fidelity.py --side jax --seed 0 --out results/fidelity/jax-s0.json
     python scripts/fidelity.py --side torch --seed 0 --out results/fidelity/torch-s0.json
     python scripts/fidelity.py --side jax --seed 0 --set conv_impl=xla --out ...   # one change, for bisection
+    python scripts/fidelity.py --side jax --seeds 0-7 --jobs 2 --out 'results/fidelity/jax-w0.25-s{seed}.json'
     python scripts/fidelity.py --table results/fidelity/*.json
+    python scripts/fidelity.py --gaps results/fidelity/*-w0.25-*.json --window 5-10   # G per seed, mean +- s.e.
 
 Defaults: configs/vgg_fast.py at width 0.25 over 10 epochs (its one-cycle schedule stretched to 10), one
-thread. The JSON is rewritten after every epoch, so a cut-short run keeps what it measured.
+thread. The JSON is rewritten after every epoch and the run's state is checkpointed in its workdir
+(`--workdir`, default $JAXCIFAR_CACHE_DIR/fidelity/<out name>): the same command resumes a run that was cut
+short from its last finished epoch, bit-identically (orbax on the JAX side, an npz of arrays on the PyTorch side).
 """
 
 from __future__ import annotations
@@ -56,16 +60,55 @@ def load_config(path: str, width: float, epochs: int, seed: int, overrides: list
     return c
 
 
-def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, record):
+class Resumable:
+    """One run's per-epoch rows and where its state is checkpointed; refuses a workdir of another run."""
+
+    def __init__(self, workdir: Path, identity: dict, record, stop_after: int | None = None):
+        self.workdir, self.identity, self._record = workdir, identity, record
+        self.stop_after = stop_after
+        self.rows: list[dict] = []
+
+    def epochs(self, num_epochs: int) -> range:
+        """The epochs still to train in this process (all, or up to --stop-after)."""
+        last = num_epochs if self.stop_after is None else min(num_epochs, self.stop_after)
+        return range(len(self.rows) + 1, last + 1)
+
+    def check(self, saved_identity: dict) -> None:
+        if saved_identity != self.identity:
+            differing = sorted(k for k in set(saved_identity) | set(self.identity)
+                               if saved_identity.get(k) != self.identity.get(k))
+            raise SystemExit(f"error: {self.workdir} holds the checkpoint of another run (differs in "
+                             f"{', '.join(differing)}); pass another --workdir, or delete that one to start afresh")
+
+    def resumed(self, rows: list[dict]) -> None:
+        """Rows of the epochs the checkpoint holds; the JSON is rewritten from them (later rows were not saved)."""
+        self.rows = list(rows)
+        print(f"resumed from {self.workdir} after epoch {len(rows)}", file=sys.stderr, flush=True)
+        self._record(self.rows, None)
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        self._record(self.rows, row)
+
+
+def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, run: Resumable):
     import jax
     import numpy as np
 
-    from jaxcifar import evaluate
+    from jaxcifar import checkpoint, evaluate
     from jaxcifar.trainer import Trainer
     from jaxcifar import step as step_lib
 
     trainer = Trainer(config, dataset)
     state = trainer.init_state()
+    ckpt = checkpoint.Checkpointer(run.workdir, keep=2)
+    template = checkpoint.to_tree({"train_state": state})
+    restored = ckpt.restore(template, check_meta=lambda meta: run.check(meta["run"]),
+                            log=lambda m: print(m, file=sys.stderr), set_aside_damaged=True)
+    if restored is not None:
+        tree, meta, _ = restored
+        state = trainer.place(checkpoint.from_tree(state, tree["train_state"]))
+        run.resumed(meta["rows"])
     logits_fn = jax.jit(lambda v, x: trainer.model.apply(v, x, train=False),
                         compiler_options=trainer.compiler_options)
 
@@ -76,27 +119,40 @@ def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, record
                             == labels[s:s + batch]).sum())
         return 100.0 * correct / len(labels)
 
-    for epoch in range(1, config.num_epochs + 1):
-        t0 = time.time()
-        state, acc, _ = trainer.train_epoch(state, epoch)
-        (loss,), (conf,) = trainer.epoch_summary(acc)
-        train_time = time.time() - t0
-        one = step_lib.replica(state, 0)
-        variables = {"params": one.params, "batch_stats": one.batch_stats}
-        row = {"epoch": epoch, "train_loss": loss, "train_accuracy": 100.0 * np.trace(conf) / conf.sum(),
-               "test_accuracy": accuracy(variables, dataset.test_images, dataset.test_labels),
-               "train_images_eval_accuracy": accuracy(variables, *train_eval), "train_time_s": train_time}
-        if epoch in recompute_at:
-            fresh = evaluate.recompute_batch_stats(trainer.model, variables, dataset.train_images, recompute_batches,
-                                                   config.batch_size)
-            row["test_accuracy_recomputed_bn"] = accuracy(fresh, dataset.test_images, dataset.test_labels)
-            by_var, by_inverse_std, spread = dropout_statistics(trainer.model, variables, dataset.train_images,
-                                                                recompute_batches, config.batch_size)
-            row["test_accuracy_dropout_bn_mean_var"] = accuracy(by_var, dataset.test_images, dataset.test_labels)
-            row["test_accuracy_dropout_bn_mean_inverse_std"] = accuracy(by_inverse_std, dataset.test_images,
-                                                                        dataset.test_labels)
-            row["max_inverse_std_vs_var_relative"] = spread
-        record(row)
+    try:
+        for epoch in run.epochs(config.num_epochs):
+            t0 = time.time()
+            state, acc, _ = trainer.train_epoch(state, epoch)
+            (loss,), (conf,) = trainer.epoch_summary(acc)
+            train_time = time.time() - t0
+            one = step_lib.replica(state, 0)
+            variables = {"params": one.params, "batch_stats": one.batch_stats}
+            row = epoch_row(epoch, loss, 100.0 * np.trace(conf) / conf.sum(),
+                            accuracy(variables, dataset.test_images, dataset.test_labels),
+                            accuracy(variables, *train_eval), train_time)
+            if epoch in recompute_at:
+                fresh = evaluate.recompute_batch_stats(trainer.model, variables, dataset.train_images,
+                                                       recompute_batches, config.batch_size)
+                row["test_accuracy_recomputed_bn"] = accuracy(fresh, dataset.test_images, dataset.test_labels)
+                by_var, by_inverse_std, spread = dropout_statistics(trainer.model, variables, dataset.train_images,
+                                                                    recompute_batches, config.batch_size)
+                row["test_accuracy_dropout_bn_mean_var"] = accuracy(by_var, dataset.test_images, dataset.test_labels)
+                row["test_accuracy_dropout_bn_mean_inverse_std"] = accuracy(by_inverse_std, dataset.test_images,
+                                                                            dataset.test_labels)
+                row["max_inverse_std_vs_var_relative"] = spread
+            run.record(row)
+            ckpt.save(int(state.step[0]), checkpoint.to_tree({"train_state": state}),
+                      {"run": run.identity, "rows": run.rows})
+            ckpt.wait()  # the row is durable only with its state
+    finally:
+        ckpt.close()
+
+
+def epoch_row(epoch: int, loss: float, train_accuracy: float, test_accuracy: float, train_images_eval: float,
+              train_time: float) -> dict:
+    return {"epoch": epoch, "train_loss": float(loss), "train_accuracy": float(train_accuracy),
+            "test_accuracy": float(test_accuracy), "gap": float(train_accuracy - test_accuracy),
+            "train_images_eval_accuracy": float(train_images_eval), "train_time_s": float(train_time)}
 
 
 def dropout_statistics(model, variables, images, num_batches: int, batch_size: int, seed: int = 0):
@@ -169,24 +225,39 @@ class JaxStream:
         return state.params, state.batch_stats
 
 
-def run_torch(config, dataset, train_eval, recompute_at, recompute_batches, record, same_stream=False):
+def run_torch(config, dataset, train_eval, recompute_at, recompute_batches, run: Resumable, same_stream=False):
+    import numpy as np
+
     from jaxcifar import torch_reference
 
     stream = JaxStream(config, len(dataset.train_labels)) if same_stream else None
-    run = torch_reference.Run(config, dataset.train_images, dataset.train_labels, config.seed, stream=stream)
+    port = torch_reference.Run(config, dataset.train_images, dataset.train_labels, config.seed, stream=stream)
     if stream is not None:
-        run.load_flax(*stream.initial_variables())
-    for epoch in range(1, config.num_epochs + 1):
+        port.load_flax(*stream.initial_variables())
+    saved = run.workdir / "state.npz"
+    if saved.exists():
+        with np.load(saved, allow_pickle=False) as arrays:
+            meta = json.loads(str(arrays["meta"]))
+            run.check(meta["run"])
+            port.load_state_arrays(arrays)
+        run.resumed(meta["rows"])
+    for epoch in run.epochs(config.num_epochs):
         t0 = time.time()
-        stats = run.train_epoch()
+        stats = port.train_epoch()
         train_time = time.time() - t0
-        row = {"epoch": epoch, "train_loss": stats["loss"], "train_accuracy": stats["accuracy"],
-               "test_accuracy": run.accuracy(dataset.test_images, dataset.test_labels),
-               "train_images_eval_accuracy": run.accuracy(*train_eval), "train_time_s": train_time}
+        row = epoch_row(epoch, stats["loss"], stats["accuracy"], port.accuracy(dataset.test_images, dataset.test_labels),
+                        port.accuracy(*train_eval), train_time)
         if epoch in recompute_at:
-            row["test_accuracy_recomputed_bn"] = run.recompute_bn_accuracy(
+            row["test_accuracy_recomputed_bn"] = port.recompute_bn_accuracy(
                 dataset.test_images, dataset.test_labels, recompute_batches)
-        record(row)
+        run.record(row)
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(".tmp")
+        with open(tmp, "wb") as f:  # arrays and a JSON string only: np.load needs no pickle
+            np.savez(f, meta=np.array(json.dumps({"run": run.identity, "rows": run.rows})), **port.state_arrays())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, saved)
 
 
 def _commit() -> str:
@@ -238,13 +309,98 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """'0-7' or '0,2,5' -> seeds."""
+    seeds = []
+    for part in text.split(","):
+        lo, dash, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    return seeds
+
+
+def run_seeds(argv: list[str], seeds: list[int], out: str, jobs: int) -> int:
+    """This script once per seed, `jobs` processes at a time (one thread each): K independent runs."""
+    if "{seed}" not in out:
+        raise SystemExit("error: with --seeds, --out needs a {seed} placeholder, e.g. results/fidelity/jax-s{seed}.json")
+    base = [a for a in _drop_options(argv, ("--seeds", "--jobs", "--out", "--seed", "--workdir"))]
+    pending = [[sys.executable, __file__, *base, "--seed", str(k), "--out", out.format(seed=k)] for k in seeds]
+    running, failed = [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            running.append(subprocess.Popen(pending.pop(0)))
+        time.sleep(2)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            if proc.returncode:
+                failed.append(" ".join(proc.args[2:]))
+    for f in failed:
+        print(f"error: failed: {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in names:
+            skip = True
+            continue
+        if any(a.startswith(n + "=") for n in names):
+            continue
+        out.append(a)
+    return out
+
+
+def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
+    """G per seed (mean over the window's epochs of train-mode training accuracy - eval-mode test accuracy) and
+    the final test accuracy, then mean +- standard error per (side, width, variant, epochs) group."""
+    lo, hi = window
+    groups: dict = {}
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        rows = {e["epoch"]: e for e in r["epochs"]}
+        if not all(e in rows for e in range(lo, hi + 1)):
+            continue  # not yet through the window
+        g = statistics.mean(rows[e]["train_accuracy"] - rows[e]["test_accuracy"] for e in range(lo, hi + 1))
+        last = r["epochs"][-1]
+        key = (r["side"], r["width"], r["variant"], r["num_epochs"])
+        groups.setdefault(key, []).append((r["seed"], g, last["test_accuracy"], last["epoch"]))
+    lines = [f"| side | width | variant | epochs | seeds | G per seed (epochs {lo}-{hi}) | G mean ± s.e. | "
+             "test accuracy at the last epoch, mean ± s.e. |", "|---|---|---|---|---|---|---|---|"]
+
+    def mean_se(values):
+        if len(values) < 2:
+            return f"{values[0]:.2f}"
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f}"
+
+    for (side, width, variant, epochs), runs in sorted(groups.items()):
+        runs.sort()
+        done = {e for *_, e in runs}
+        at = f"{epochs}" if done == {epochs} else "/".join(str(e) for e in sorted(done)) + f" of {epochs}"
+        lines.append(f"| {side} | {width:g} | {variant} | {at} | {len(runs)} | "
+                     f"{' / '.join(f'{g:.1f}' for _, g, _, _ in runs)} | {mean_se([g for _, g, _, _ in runs])} | "
+                     f"{mean_se([t for _, _, t, _ in runs])} |")
+    return "\n".join(lines)
+
+
+def default_workdir(out: Path) -> Path:
+    from jaxcifar import data
+
+    return Path(data.default_cache_dir()) / "fidelity" / out.stem
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--side", choices=("jax", "torch"))
     p.add_argument("--config", default=str(REPO / "configs/vgg_fast.py"))
     p.add_argument("--width", type=float, default=0.25)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="several runs, e.g. 0-7 or 0,3,5: one process per seed (--out needs {seed})")
+    p.add_argument("--jobs", type=int, default=1, help="with --seeds: processes at once (one thread each)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override (repeatable)")
     p.add_argument("--variant", default="", help="label of this run's change (default: the --set items)")
     p.add_argument("--train-eval-images", type=int, default=10_000, help="training images evaluated in eval mode")
@@ -255,14 +411,26 @@ def main(argv=None) -> int:
                         "(dropout masks and kernels stay PyTorch's)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--archive", help="cifar-10-binary.tar.gz, if tfds has not prepared cifar10 yet")
+    p.add_argument("--workdir", help="the run's checkpoints, for resuming (default $JAXCIFAR_CACHE_DIR/fidelity/<out "
+                                     "name>); keep it outside the repository")
+    p.add_argument("--stop-after", type=int, metavar="EPOCH",
+                   help="stop once this epoch is saved (a long run split over sessions); the same command resumes")
     p.add_argument("--out")
     p.add_argument("--table", nargs="+", metavar="JSON", help="print the comparison table of these results")
+    p.add_argument("--gaps", nargs="+", metavar="JSON", help="print G per seed and its mean +- s.e. per group")
+    p.add_argument("--window", default="5-10", help="with --gaps: the epochs G averages over, e.g. 5-10")
     args = p.parse_args(argv)
     if args.table:
         print(table(args.table))
         return 0
+    if args.gaps:
+        lo, _, hi = args.window.partition("-")
+        print(gap_summary(args.gaps, (int(lo), int(hi or lo))))
+        return 0
     if not (args.side and args.out):
         p.error("--side and --out are required to run")
+    if args.seeds:
+        return run_seeds(argv, parse_seeds(args.seeds), args.out, args.jobs)
 
     if args.side == "jax" and args.threads == 1:  # must precede JAX's start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -270,40 +438,62 @@ def main(argv=None) -> int:
     from jaxcifar import train
 
     config = load_config(args.config, args.width, args.epochs, args.seed, args.set)
+    if args.archive:
+        config.data.archive = args.archive
     if args.side == "torch":
         import torch
 
         torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    variant = args.variant or ",".join(args.set + (["same-stream"] if args.same_stream else [])) or "recipe"
+    workdir = Path(args.workdir) if args.workdir else default_workdir(out)
+    # What makes a checkpoint this run's: a resume under any other of these would splice two runs.
+    identity = {"side": args.side, "variant": variant, "seed": args.seed, "width": args.width,
+                "num_epochs": args.epochs, "config": config.to_dict(), "same_stream": args.same_stream,
+                "train_eval_images": args.train_eval_images, "recompute_bn_batches": args.recompute_bn_batches}
+    identity["config"]["data"] = {k: v for k, v in identity["config"]["data"].items() if k == "preprocess"}
     dataset = train.load_dataset(config, log=lambda m: print(m, file=sys.stderr))
     n = args.train_eval_images
     train_eval = (dataset.train_images[:n], dataset.train_labels[:n])
     recompute_at = (set(range(1, args.epochs + 1)) if args.recompute_at == "all" else {args.epochs}
                     if args.recompute_at == "last" else {int(e) for e in args.recompute_at.split(",")})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    variant = args.variant or ",".join(args.set + (["same-stream"] if args.same_stream else [])) or "recipe"
     result = {"side": args.side, "variant": variant, "seed": args.seed,
               "config_file": os.path.relpath(args.config, REPO), "overrides": args.set, "width": args.width,
-              "num_epochs": args.epochs, "threads": args.threads, "commit": _commit(),
-              "cpu": platform.processor() or platform.machine(), "train_eval_images": n,
-              "recompute_bn_batches": args.recompute_bn_batches, "config": config.to_dict(), "epochs": []}
+              "num_epochs": args.epochs, "threads": args.threads, "commit": _commit(), "cpu": cpu_name(),
+              "train_eval_images": n, "recompute_bn_batches": args.recompute_bn_batches, "config": config.to_dict(),
+              "epochs": []}
 
-    def record(row):
-        result["epochs"].append(row)
+    def record(rows, row):
+        result["epochs"] = rows
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1))
         os.replace(tmp, out)
+        if row is None:
+            return
         extra = "".join(f" {k.replace('test_accuracy_', '')} {row[k]:.2f}" for k in row
                         if k.startswith("test_accuracy_") or k.startswith("max_"))
-        print(f"[{args.side} s{args.seed} {result['variant']}] epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
+        print(f"[{args.side} s{args.seed} {variant}] epoch {row['epoch']}: train loss {row['train_loss']:.4f} "
               f"acc {row['train_accuracy']:.2f} | eval train-images {row['train_images_eval_accuracy']:.2f} "
-              f"test {row['test_accuracy']:.2f}{extra} ({row['train_time_s']:.0f} s)", flush=True)
+              f"test {row['test_accuracy']:.2f} | G {row['gap']:+.2f}{extra} ({row['train_time_s']:.0f} s)", flush=True)
 
+    run = Resumable(workdir, identity, record, args.stop_after)
     if args.side == "jax":
-        run_jax(config, dataset, train_eval, recompute_at, args.recompute_bn_batches, record)
+        run_jax(config, dataset, train_eval, recompute_at, args.recompute_bn_batches, run)
     else:
-        run_torch(config, dataset, train_eval, recompute_at, args.recompute_bn_batches, record, args.same_stream)
+        run_torch(config, dataset, train_eval, recompute_at, args.recompute_bn_batches, run, args.same_stream)
     return 0
+
+
+def cpu_name() -> str:
+    """The processor's model name (the CPU changes between sessions and sets the speed)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":
