@@ -10,9 +10,14 @@ file) is caught on restore by per-leaf checksums recorded in the meta at save ti
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcifar import distributed
-from jaxcifar.errors import CheckpointDamaged, CheckpointError
+from jaxcifar.errors import CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
 
@@ -44,8 +49,10 @@ FIXED_STEP_CHOICES = ("dropout_bits",)
 LAYOUT = "replicas-1"
 # Per-leaf checksums in the meta: the wrapping uint32 sum of the leaf's bits times odd position weights.
 # Integer sums are exact in any order, so every device, sharding and CPU gets the same value; one
-# flipped bit changes it (odd weight times a power of two is never 0 mod 2^32).
-CHECKSUM_METHOD = "u32-weighted-sum-1"
+# flipped bit changes it (odd weight times a power of two is never 0 mod 2^32). Method 2 adds the
+# SHA-256 of the meta itself ("meta_sha256"), which holds the normalization statistics and config.
+CHECKSUM_METHOD = "u32-weighted-sum-2"
+LEAVES_ONLY_METHOD = "u32-weighted-sum-1"  # saves of the version before: leaf checksums, meta unchecked
 
 
 def check_layout(meta: dict, where) -> None:
@@ -59,6 +66,10 @@ def check_layout(meta: dict, where) -> None:
 
 # Orbax warns on every read-only manager that it is read-only, which is what a reading tool asked for.
 logging.getLogger("absl").addFilter(lambda record: "Given directory is read only" not in record.getMessage())
+# Orbax logs a failed background save with a traceback from each thread it touched (measured: 4 for one
+# unwritable folder, 7 on a full disk); Checkpointer.check raises it once, as CheckpointSaveFailed, instead.
+logging.getLogger("absl").addFilter(
+    lambda record: not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname))
 
 
 def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -151,13 +162,35 @@ def verify_checksums(tree, meta: dict, where: str, partial: bool = False) -> Non
     `partial`: `tree` holds only some of the saved leaves; those are checked.
     """
     saved = meta.get("checksums")
-    if saved is None or meta.get("checksum_method") != CHECKSUM_METHOD:
-        return  # written before checksums existed: nothing to compare
+    if saved is None:
+        return  # written before checksums existed (check_meta_checksum refuses a meta that lost them)
     now = tree_checksums(tree)
     bad = [k for k in now if saved.get(k) != now[k]] + ([] if partial else [k for k in saved if k not in now])
     if bad:
         raise CheckpointDamaged(f"{where}: {len(bad)} of {len(now)} arrays fail their saved checksums "
                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); its files were damaged")
+
+
+def meta_sha256(meta: dict) -> str:
+    """SHA-256 of a meta (less its own digest) as JSON: the same before the save and after reading it back."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(json.loads(json.dumps(body)), sort_keys=True).encode()).hexdigest()
+
+
+def check_meta_checksum(meta: dict, where: str) -> None:
+    """Raises CheckpointDamaged when a meta fails its digest, or names a checksum method this version does not know
+    (a damaged name must not switch verification off). Saves from before checksums existed name none and pass."""
+    method = meta.get("checksum_method")
+    if method is None and "checksums" not in meta and "meta_sha256" not in meta:
+        return
+    if method == LEAVES_ONLY_METHOD and "meta_sha256" not in meta:
+        return
+    if method != CHECKSUM_METHOD:
+        raise CheckpointDamaged(f"{where}: its meta names the checksum method {method!r}, which this version does not "
+                                f"know ({CHECKSUM_METHOD!r}); the meta file is damaged, or a newer jaxcifar wrote it")
+    if meta.get("meta_sha256") != meta_sha256(meta):
+        raise CheckpointDamaged(f"{where}: its meta file (config, normalization statistics, history) fails its saved "
+                                "SHA-256; its files were damaged")
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
@@ -177,7 +210,9 @@ def _saved_arrays(manager, step: int) -> dict:
     where = f"checkpoint {step} in {manager.directory}"
     try:
         tree = manager.item_metadata(step)["state"]
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
+        if not unreadable(e):
+            raise
         raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
     tree = getattr(tree, "tree", tree)
     if tree is None:
@@ -220,8 +255,16 @@ class Checkpointer:
     def __init__(self, workdir: str | Path, keep: int = 3, read_only: bool = False):
         self.workdir = Path(workdir)
         self.read_only = read_only
+        if not read_only and distributed.is_writer():
+            for folder in ("checkpoints", "best"):  # before the first epoch, not after it
+                check_writable_folder(self.workdir / folder)
+        _silence_echoes(str(self.workdir.absolute()))
         self.latest = _manager(self.workdir / "checkpoints", keep, read_only)
         self.best = _manager(self.workdir / "best", 1, read_only)
+        self._saving: dict[int, int] = {}  # id(manager) -> the step of its last save
+        # A failed background save leaves orbax threads waiting for signals that never come; the process
+        # must then end with os._exit or it hangs at exit (measured: still alive after 60 s, three tries).
+        self.failed = False
 
     def save(self, step: int, state_tree: Any, meta: dict, is_best: bool = False) -> None:
         """Starts an asynchronous save; returns once the arrays are copied off the device.
@@ -232,25 +275,67 @@ class Checkpointer:
         The meta records each leaf's checksum (computed on the device, before the copy).
         """
         meta = {**meta, "checksums": tree_checksums(state_tree), "checksum_method": CHECKSUM_METHOD}
+        meta["meta_sha256"] = meta_sha256(meta)
         for manager, wanted in ((self.latest, True), (self.best, is_best)):
             # Several processes: one save in flight in all (orbax's background threads of two concurrent
             # multi-process saves meet at barriers of the same name and fail: measured, 2 processes on gloo).
             for m in (self.latest, self.best) if jax.process_count() > 1 else (manager,):
-                m.wait_until_finished()
-                m.check_for_errors()  # a failed earlier save surfaces here, not silently
+                self._finish(m, block=True)  # a failed earlier save surfaces here, not silently
             if wanted and step not in manager.all_steps():
                 args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree), meta=ocp.args.JsonSave(meta))
-                manager.save(step, args=args, force=True)
+                self._saving[id(manager)] = step
+                try:
+                    manager.save(step, args=args, force=True)
+                except OSError as e:  # the synchronous part (creating folders) may fail here already
+                    self._fail(manager, e)
 
     def wait(self) -> None:
-        """Blocks until pending saves are on disk; raises if one failed."""
+        """Blocks until pending saves are on disk; raises CheckpointSaveFailed if one failed."""
         for m in (self.latest, self.best):
-            m.wait_until_finished()
-            m.check_for_errors()
+            self._finish(m, block=True)
+
+    def check(self) -> None:
+        """Raises CheckpointSaveFailed if a background save has already failed (does not wait for one in flight)."""
+        for m in (self.latest, self.best):
+            self._finish(m, block=False)
+
+    def _finish(self, manager, block: bool) -> None:
+        if self.failed:  # raised once already; orbax would raise it again from every call
+            return
+        try:
+            if block:
+                manager.wait_until_finished()
+            manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001 - orbax re-raises whatever its background threads hit
+            self._fail(manager, e)
+
+    def _fail(self, manager, e: BaseException) -> None:
+        self.failed = True
+        directory = Path(manager.directory)
+        step = self._saving.get(id(manager), "?")
+        self._remove_partial_saves()
+        complete = complete_steps(self.workdir / "checkpoints")
+        last = (f"the last complete checkpoint is step {complete[-1]} in {self.workdir / 'checkpoints'}"
+                if complete else "no checkpoint of this run is complete yet")
+        raise CheckpointSaveFailed(f"{write_failure_cause(e)} while saving step {step} to {directory}; {last}. "
+                                   "Free space or make the folder writable, then run the same command to resume") \
+            from None
 
     def close(self) -> None:
         for m in (self.latest, self.best):
-            m.close()
+            try:
+                m.close()  # waits for a save in flight, and raises its failure
+            except Exception as e:  # noqa: BLE001 - orbax re-raises whatever its background threads hit
+                if not self.failed:
+                    self._fail(m, e)
+        if self.failed:  # the other folder's save of the same step may have failed after the first report
+            self._remove_partial_saves()
+
+    def _remove_partial_saves(self) -> None:
+        """Deletes the temporary folders of saves that failed (never a complete save)."""
+        for m in (self.latest, self.best):
+            for leftover in Path(m.directory).glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(leftover, ignore_errors=True)
 
     def _set_aside(self, damaged: list[int]) -> Path | None:
         """Moves damaged saves out of the way (a resumed run saves those steps again), deleting nothing."""
@@ -279,10 +364,13 @@ class Checkpointer:
     def _read_meta(manager, step: int) -> dict:
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # orbax reports a damaged or missing JSON file with many types
+        except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
+            if not unreadable(e):
+                raise
             raise CheckpointDamaged(f"checkpoint {step} in {manager.directory} is unreadable: {_one_line(e)}") from None
         if not isinstance(meta, dict):
             raise CheckpointDamaged(f"checkpoint {step} in {manager.directory} has a damaged meta file")
+        check_meta_checksum(meta, f"checkpoint {step} in {manager.directory}")
         return meta
 
     def steps(self, best: bool = False) -> list[int]:
@@ -303,7 +391,9 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(_abstract, template)
         try:
             state = manager.restore(step, args=ocp.args.Composite(state=self._restore_args(abstract, partial)))["state"]
-        except Exception as e:  # the structure matched, so a failure to read is damage
+        except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
+            if not unreadable(e):
+                raise
             raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
         verify_checksums(state, meta, where, partial)
         return state, meta
@@ -337,7 +427,6 @@ class Checkpointer:
             try:
                 state, meta = self._restore_one(manager, s, template, check_meta, partial)
             except CheckpointDamaged as e:
-                _silence_late_read_errors(str(manager.directory))
                 if step is not None:
                     raise
                 damaged.append(s)
@@ -354,24 +443,71 @@ class Checkpointer:
         return None
 
 
+def complete_steps(directory: Path) -> list[int]:
+    """The steps of the saves orbax finished (renamed from their temporary names) in `directory`."""
+    try:
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    except OSError:
+        return []
+
+
+def write_failure_cause(e: BaseException) -> str:
+    """What stopped a write, in words, from an exception and its causes (orbax and TensorStore wrap the OSError)."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return "no space left on device" if seen.errno == errno.ENOSPC else (seen.strerror or str(seen)).lower()
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    if "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+        return "no space left on device"
+    return _one_line(e)
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Raises WorkdirError unless `folder` is (or can be made) a folder this process can create saves in."""
+    if folder.exists() and not folder.is_dir():
+        raise WorkdirError(f"{folder} is a file, not a folder, so no checkpoint can be saved there; move it away, "
+                           "or train in another --workdir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=folder))
+    except OSError as e:
+        raise WorkdirError(f"cannot save checkpoints in {folder}: {write_failure_cause(e)}; make it writable, "
+                           "or train in another --workdir") from None
+
+
+def unreadable(e: BaseException) -> bool:
+    """Whether a restore failed on the saved bytes (damage) rather than on code. Measured by damaging each
+    file of a save (truncated, emptied, deleted, replaced by noise, a flipped byte, a folder in its place):
+    TensorStore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE are ValueErrors, a damaged JSON file a
+    JSONDecodeError or UnicodeDecodeError (ValueErrors too), missing files OSErrors, and orbax wraps a
+    failed array read in a bare Exception. Anything else (a TypeError, an AttributeError) is a bug."""
+    if isinstance(e, (OSError, ValueError, EOFError)):
+        return True
+    return type(e) is Exception and "Encountered error while reading array" in str(e)
+
+
 def _require_step(manager, step: int) -> None:
     if step not in manager.all_steps():
         raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; "
                               f"available: {sorted(manager.all_steps()) or 'none'}")
 
 
-_damaged_dirs: list[str] = []
+_watched_dirs: list[str] = []
 
 
-def _silence_late_read_errors(directory: str) -> None:
-    """Drops the echoes of a restore that failed on damaged files, which is reported once already.
+def _silence_echoes(directory: str) -> None:
+    """Drops the echoes of a failed restore or save in `directory`, which is reported once already.
 
-    When one array fails to read, orbax closes its event loop while TensorStore's other reads are
-    still running; each then reports to the closed loop from its own thread (sys.unraisablehook:
-    measured 61 read errors and 45 "Event loop is closed" tracebacks, ~570 lines, for one damaged
-    VGG save) or to asyncio's logger. Only those are dropped; every other report still prints.
+    When one array fails to read or write, orbax closes its event loop while TensorStore's other
+    operations are still running; each then reports to the closed loop from its own thread
+    (sys.unraisablehook: measured 61 read errors and 45 "Event loop is closed" tracebacks, ~570 lines,
+    for one damaged VGG save; ~1,300 lines for one save on a full disk) or to asyncio's logger.
+    Installed when a Checkpointer opens its workdir, before any failure, because the echoes can come
+    before the error they echo is raised. Only those are dropped; every other report still prints.
     """
-    if not _damaged_dirs:
+    if not _watched_dirs:
         previous = sys.unraisablehook
 
         def hook(unraisable):
@@ -382,14 +518,15 @@ def _silence_late_read_errors(directory: str) -> None:
         logging.getLogger("asyncio").addFilter(
             lambda record: not (record.exc_info and _is_echo(record.exc_info[1])
                                 or "exception was never retrieved" in record.getMessage()
-                                and any(d in record.getMessage() for d in _damaged_dirs)))
-    _damaged_dirs.append(directory)
+                                and any(d in record.getMessage() for d in _watched_dirs)))
+    if directory not in _watched_dirs:
+        _watched_dirs.append(directory)
 
 
 def _is_echo(exc) -> bool:
     text = str(exc)
     return ((isinstance(exc, RuntimeError) and text == "Event loop is closed")
-            or "Encountered error while reading array" in text or any(d in text for d in _damaged_dirs))
+            or "Encountered error while reading array" in text or any(d in text for d in _watched_dirs))
 
 
 def _one_line(e: Exception) -> str:

@@ -65,6 +65,9 @@ def read_md5_file(path: str | os.PathLike) -> dict[str, str]:
         text = Path(path).read_text()
     except OSError as e:
         raise DataError(f"cannot read MD5 file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not an MD5 list (it is not text: the archive itself?); give the list of the batch "
+                        "files' MD5s, one '<32 hex digits>  <file name>' line each, as `md5sum` writes them") from None
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -130,7 +133,9 @@ def _read_tarball(path: Path) -> dict[str, bytes]:
     except PermissionError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise DataError(f"{path} is truncated or not a valid tar.gz ({e}); download cifar-10-binary.tar.gz again") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")  # tarfile lists every method tried
+        raise DataError(f"{path} is truncated or not a valid tar.gz ({reason}); download cifar-10-binary.tar.gz "
+                        "again") from None
     return members
 
 
@@ -308,17 +313,39 @@ def describe(b) -> str:
 
 
 def load_uint8(data_dir: str | None = None) -> dict[str, np.ndarray]:
-    """Reads the prepared splits back with `tfds.data_source` (no TensorFlow)."""
+    """Reads the prepared splits back with `tfds.data_source` (no TensorFlow); DataError if their files are damaged."""
     import tensorflow_datasets as tfds
 
     _quiet_tfds()
     out = {}
     for split in ("train", "test"):
-        source = tfds.data_source("cifar10", split=split, data_dir=data_dir or default_data_dir(), download=False)
-        records = source.__getitems__(list(range(len(source))))
+        try:
+            source = tfds.data_source("cifar10", split=split, data_dir=data_dir or default_data_dir(), download=False)
+            records = source.__getitems__(list(range(len(source))))
+        except (RuntimeError, OSError, ValueError) as e:  # array_record: "Corrupted Riegeli/records file: ..."
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            folder = builder(data_dir).data_dir
+            raise DamagedDataset(
+                f"the prepared dataset in {folder} is damaged ({split} split: {reason}); prepare it again with "
+                "`python -m jaxcifar.data prepare --force --archive /path/to/cifar-10-binary.tar.gz` (the damaged "
+                "files are moved aside, not deleted), or train with --config.data.archive=PATH, which does it") from None
         out[f"{split}_images"] = np.stack([r["image"] for r in records]).astype(np.uint8)
         out[f"{split}_labels"] = np.array([r["label"] for r in records], dtype=np.int32)
     return out
+
+
+class DamagedDataset(DataError):
+    """The prepared tfds files fail to read back."""
+
+
+def set_aside_prepared(b) -> Path:
+    """Moves a prepared dataset's folder out of tfds's way (kept, not deleted); returns where it went."""
+    folder = Path(b.data_dir)
+    parent = folder.parent.parent / f"{folder.parent.name}-set-aside"
+    parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=parent))
+    os.replace(folder, aside)  # onto the empty folder just made: a unique name, taken atomically
+    return aside
 
 
 def dataset_fingerprint(b) -> str:
@@ -367,6 +394,7 @@ def _cache_key(fingerprint: str, method: str) -> str:
 
 def _load_cache(folder: Path, fingerprint: str) -> Preprocessed | None:
     """Returns the cached arrays, or None when absent; a cache that fails any check is removed."""
+    folder = folder.resolve()  # one version throughout, even if a writer swaps the link meanwhile
     manifest_path = folder / "manifest.json"
     if not manifest_path.exists():
         return None
@@ -390,7 +418,7 @@ def _load_cache(folder: Path, fingerprint: str) -> Preprocessed | None:
 
 def _write_cache(folder: Path, data: Preprocessed) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".version-", dir=folder.parent))
     try:
         sums = {}
         for name in _ARRAYS:
@@ -399,8 +427,18 @@ def _write_cache(folder: Path, data: Preprocessed) -> None:
         manifest = {"fingerprint": data.fingerprint, "stats": data.stats.to_json(), "sha256": sums,
                     "preprocess_version": preprocess.PREPROCESS_VERSION}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        # `folder` is a symbolic link to a complete version; renaming a new link over it is atomic, so a reader
+        # always finds a whole cache, the old or the new (removing the old first left a window with none).
+        link = folder.parent / f".{folder.name}.link-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        os.symlink(tmp.name, link)
+        old = folder.resolve() if folder.is_symlink() else None
+        if folder.is_dir() and not folder.is_symlink():  # a cache of the layout before links
+            old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(link, folder)
+        if old is not None and old != tmp.resolve():
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -413,10 +451,12 @@ def load_preprocessed(
     archive: str | None = None,
     md5s: Mapping[str, str] | None = OFFICIAL_MD5,
     log=print,
+    repair: bool = True,
 ) -> Preprocessed:
     """Prepared dataset -> preprocessed float32 arrays, computed once and cached.
 
-    `md5s`: the batch files the dataset must come from (None: whatever is prepared).
+    `md5s`: the batch files the dataset must come from (None: whatever is prepared). Prepared files
+    that fail to read are prepared again from `archive` when it is given (`repair`), else DamagedDataset.
     """
     if method not in preprocess.NORMALIZERS:
         raise DataError(f"unknown preprocessing {method!r}; choose one of {sorted(preprocess.NORMALIZERS)}")
@@ -429,7 +469,14 @@ def load_preprocessed(
         log(f"loaded preprocessed CIFAR-10 from {folder}")
         return cached
     t0 = time.time()
-    raw = load_uint8(data_dir)
+    try:
+        raw = load_uint8(data_dir)
+    except DamagedDataset as e:
+        if archive is None or not repair:
+            raise
+        log(f"warning: {str(e).split('; prepare it again')[0]}; moved it to {set_aside_prepared(b)} and preparing it "
+            f"again from {archive}")
+        return load_preprocessed(data_dir, cache_dir, method, archive, md5s, log, repair=False)
     log(f"preprocessing CIFAR-10 ({method}); this runs once and is cached in {folder}")
     train, test, stats = preprocess.NORMALIZERS[method](raw["train_images"], raw["test_images"])
     data = Preprocessed(train, raw["train_labels"], test, raw["test_labels"], stats, fingerprint)
@@ -507,12 +554,21 @@ def main(argv=None) -> int:
     p.add_argument("--archive", help="cifar-10-binary.tar.gz or an extracted cifar-10-batches-bin/ folder")
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--md5-file", help="md5sum-style list for a non-official archive (default: the official sums)")
+    p.add_argument("--force", action="store_true",
+                   help="prepare again even if prepared (a damaged dataset): the old files are moved aside, not deleted")
     p.add_argument("--preprocess", action="store_true", help="also build the preprocessed cache")
     p.add_argument("--cache-dir", default=None, help="preprocessed cache dir (default: $JAXCIFAR_CACHE_DIR or ~/.cache/jaxcifar)")
     args = parser.parse_args(argv)
     try:
         md5s = read_md5_file(args.md5_file) if args.md5_file else OFFICIAL_MD5
         t0 = time.time()
+        if args.force:
+            if not args.archive:
+                raise DataError("--force prepares the dataset again from --archive; give the archive too")
+            read_archive(args.archive, md5s)  # verified before anything is moved
+            existing = builder(args.data_dir)
+            if Path(existing.data_dir).exists():
+                print(f"moved the prepared dataset to {set_aside_prepared(existing)}")
         b = prepare(args.data_dir, args.archive, md5s)
         print(f"cifar10 {b.version} ready in {b.data_dir} ({time.time() - t0:.1f} s): {describe(b)}")
         _print_summary(args.data_dir)

@@ -32,5 +32,9 @@ class WorkdirError(JaxcifarError):
     """A workdir that cannot be created or written, or that another training run holds."""
 
 
+class CheckpointSaveFailed(WorkdirError):
+    """A save could not be written (a full disk, a folder made unwritable); earlier saves are intact."""
+
+
 class TrainingDiverged(JaxcifarError):
     """The loss became NaN or infinite."""

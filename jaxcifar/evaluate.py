@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from jaxcifar import checkpoint, data, errors, metrics, models, preprocess
+from jaxcifar import workdir as workdir_lib
 from jaxcifar import step as step_lib
 from jaxcifar import trainer as trainer_lib
 from jaxcifar.errors import ConfigError
@@ -53,9 +55,7 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
     Reads only (nothing is written into `workdir`), so it works while the run trains; a damaged
     checkpoint is refused, not fallen back from: name another with `step`.
     """
-    workdir = Path(workdir)
-    if not workdir.is_dir():
-        raise checkpoint.CheckpointError(f"workdir {workdir} does not exist")
+    workdir = workdir_lib.existing_workdir(workdir)
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.steps(best)
@@ -73,10 +73,12 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
             tree, meta, _ = ckpt.restore({"train_state": inference_template(model, len(seeds))}, step=step, best=best,
                                          partial=True)
         except checkpoint.CheckpointDamaged as e:
-            others = [s for s in steps if s != step]
+            others = ckpt.steps() if best else [s for s in steps if s != step]
+            instead = ("no other checkpoint" if not others else
+                       f"drop --best to use the latest in checkpoints/, or pass --step with one of {others}" if best
+                       else f"pass --step with one of {others}")
             raise checkpoint.CheckpointDamaged(
-                f"{e}; not using it: " + (f"pass --step with one of {others}" if others else "no other checkpoint")
-                + " (a resumed training run sets it aside and falls back by itself)") from None
+                f"{e}; not using it: {instead} (a resumed training run sets it aside and falls back by itself)") from None
     finally:
         ckpt.close()
     state = tree["train_state"]
@@ -203,6 +205,19 @@ def quiet_libraries() -> None:
     logging.set_verbosity(logging.ERROR)
 
 
+def check_writable_file(path: str) -> None:
+    """Raises ConfigError unless `path` can be written (its folder exists and is writable; the file, if any, too)."""
+    target = Path(path)
+    folder = target.parent
+    problem = ("is a folder" if target.is_dir() else
+               f"its folder {folder} does not exist" if not folder.is_dir() else
+               "it is not writable" if target.exists() and not os.access(target, os.W_OK) else
+               f"its folder {folder} is not writable" if not target.exists() and not os.access(folder, os.W_OK | os.X_OK)
+               else None)
+    if problem:
+        raise ConfigError(f"--json {path}: cannot write it ({problem}); give another path")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxcifar.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
@@ -222,6 +237,8 @@ def main(argv=None) -> int:
     try:
         if args.recompute_bn_stats < 0:
             raise ConfigError(f"--recompute-bn-stats {args.recompute_bn_stats} must be >= 0")
+        if args.json:
+            check_writable_file(args.json)  # before the evaluation, not after it
         runs = ([load_trained(args.workdir, args.step, args.best, args.seed)] if args.seed is not None
                 else load_all_seeds(args.workdir, args.step, args.best))
         results = []

@@ -1,13 +1,14 @@
 """The per-epoch report (the seed's logs/report.html, self-contained), its plot, and TensorBoard scalars.
 
 report.html embeds its plot as a base64 PNG, so it opens offline and can be copied anywhere;
-it is written under a temporary name and renamed, so a browser never sees half a file.
-TensorBoard event files are written directly (TFRecord framing + Event protos), no TensorFlow.
+it is written under a temporary name and renamed, so a browser never sees half a file (and a write that
+fails, on a full disk, leaves no temporary file behind). TensorBoard event files through tensorboardX.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import concurrent.futures
 import html
 import io
@@ -18,12 +19,23 @@ from typing import Sequence
 import numpy as np
 
 from jaxcifar import metrics
+from jaxcifar.errors import WorkdirError
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def workdir_write_failed(e: OSError, path) -> WorkdirError:
+    cause = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e)).lower()
+    return WorkdirError(f"{cause} while writing {path}; free space or make the folder writable, then run the same "
+                        "command to resume from the last checkpoint")
+
+
+def atomic_write(path: Path, payload: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise workdir_write_failed(e, path) from None
 
 
 def plot_curves(history: Sequence[dict]) -> bytes:
@@ -143,10 +155,10 @@ def write_report(workdir: str | Path, history: Sequence[dict], config: dict, opt
     """Rewrites workdir/report.html and workdir/accuracy.png from the history so far."""
     workdir = Path(workdir)
     png = plot_curves(history)
-    _atomic_write(workdir / "accuracy.png", png)
+    atomic_write(workdir / "accuracy.png", png)
     page = render_html(workdir=str(workdir), history=history, config=config, optimizer_state=optimizer_state,
                        model_summary=model_summary, class_names=class_names, png=png)
-    _atomic_write(workdir / "report.html", page.encode())
+    atomic_write(workdir / "report.html", page.encode())
 
 
 class BackgroundReporter:
@@ -210,15 +222,22 @@ class ScalarWriter:
     Flushed after every `write`, so TensorBoard (and a crash) sees each epoch as soon as it is logged.
     """
 
-    def __init__(self, logdir: str | Path):
+    def __init__(self, logdir: str | Path, purge_after: int | None = None):
+        """`purge_after`: the step of the checkpoint a run resumed from (0 when it starts afresh); TensorBoard hides
+        the events this logdir holds past it (logged after that save, before a crash), which the run logs again."""
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=3600)
+        self.logdir = logdir
+        purge = None if purge_after is None else purge_after + 1
+        self._writer = SummaryWriter(logdir=str(logdir), flush_secs=3600, purge_step=purge)
 
     def write(self, step: int, scalars: dict) -> None:
-        for tag, value in scalars.items():
-            self._writer.add_scalar(tag, float(value), step)
-        self._writer.flush()
+        try:
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, float(value), step)
+            self._writer.flush()
+        except OSError as e:
+            raise workdir_write_failed(e, self.logdir) from None
 
     def close(self) -> None:
         self._writer.close()

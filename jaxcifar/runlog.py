@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from jaxcifar import data, metrics
+from jaxcifar import data, metrics, report
 
 
 class RunLog:
@@ -34,20 +33,37 @@ class RunLog:
     def print(self, msg: str = "") -> None:
         if self.writer:
             print(msg, flush=True)
-            self._text.write(msg + "\n")
+            self._append(msg)
 
     def write(self, msg: str) -> None:
         """To log.txt only."""
         if self.writer:
+            self._append(msg)
+
+    def _append(self, msg: str) -> None:
+        if self._text.closed:  # log.txt failed once (a full disk): the console still gets every line
+            return
+        try:
             self._text.write(msg + "\n")
+        except OSError as e:
+            self._text_failed()
+            raise report.workdir_write_failed(e, self.workdir / "log.txt") from None
+
+    def _text_failed(self) -> None:
+        try:
+            self._text.close()
+        except OSError:  # the close flushes what could not be written
+            pass
 
     def epoch(self, record: dict) -> None:
         if not self.writer:
             return
-        with open(self.workdir / "metrics.csv", "a") as f:  # rewrite() wrote its header at the start
-            f.write(self._csv_row(record))
-        with open(self.workdir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        for name, line in (("metrics.csv", self._csv_row(record)), ("metrics.jsonl", json.dumps(record) + "\n")):
+            try:
+                with open(self.workdir / name, "a") as f:  # rewrite() wrote the CSV's header at the start
+                    f.write(line)
+            except OSError as e:
+                raise report.workdir_write_failed(e, self.workdir / name) from None
 
     def rewrite(self, history: list[dict]) -> None:
         """Makes metrics.csv/jsonl hold exactly `history` (atomic replace), keeping what it drops aside."""
@@ -61,16 +77,17 @@ class RunLog:
                     f.write("".join(line + "\n" for line in old[len(history):]))
         for name, text in (("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history)),
                            ("metrics.csv", ",".join(self.csv_fields) + "\n" + "".join(map(self._csv_row, history)))):
-            tmp = self.workdir / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, self.workdir / name)
+            report.atomic_write(self.workdir / name, text.encode())
 
     def _csv_row(self, record: dict) -> str:
         return ",".join(_csv_value(_csv_field(record, k)) for k in self.csv_fields) + "\n"
 
     def close(self) -> None:
-        if self._text is not None:
-            self._text.close()
+        if self._text is not None and not self._text.closed:
+            try:
+                self._text.close()
+            except OSError:
+                pass
 
 
 def _csv_value(v) -> str:

@@ -52,7 +52,11 @@ class TrainingInterrupted(RuntimeError):
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (a second signal still kills)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps: the run saves, then stops.
+
+    A second signal exits at once with one line, without waiting for that save: orbax writes a save
+    under a temporary name, so the interrupted one is simply absent and the previous one is intact.
+    """
 
     def __init__(self):
         self.signum = None
@@ -66,7 +70,10 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum is not None:
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            print(f"\njaxcifar: second {signal.Signals(signum).name}: exiting without waiting for the save in "
+                  "progress; the last complete checkpoint is kept, and the same command resumes from it",
+                  file=sys.stderr, flush=True)
+            hard_exit(128 + signum)
         self.signum = signum
 
     def __call__(self) -> bool:
@@ -187,12 +194,17 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     log.print(f"{models.count_params(one.params):,} parameters per run; {trainer.steps_per_epoch} steps of "
               f"{config.batch_size} per epoch; {config.num_epochs} epochs; step: {choices}")
     summary = report.model_summary(one.params, one.batch_stats)
-    scalars = report.ScalarWriter(workdir / "tensorboard") if log.writer else None
+    resumed_step = 0 if restored is None else restored[2]  # events logged after that save are hidden, then rewritten
+    scalars = report.ScalarWriter(workdir / "tensorboard", purge_after=resumed_step) if log.writer else None
     if scalars is not None:
         closing.callback(scalars.close)
 
     start_epoch = int(state.step[0]) // trainer.steps_per_epoch + 1
+    if history and start_epoch > config.num_epochs:
+        log.print(f"nothing to train: the run in {workdir} has already trained {len(history)} epochs, past "
+                  f"num_epochs={config.num_epochs}; raise --config.num_epochs to train further")
     for epoch in range(start_epoch, config.num_epochs + 1):
+        ckpt.check()  # a save that failed in the background stops the run here, not at its end
         lr = step_lib.learning_rate_at(config, trainer.steps_per_epoch, (epoch - 1) * trainer.steps_per_epoch)
         log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]")
         first = int(state.step[0]) - (epoch - 1) * trainer.steps_per_epoch
@@ -245,10 +257,25 @@ def main(argv) -> None:
         train_and_evaluate(cfg, workdir)
     except TrainingInterrupted as e:
         print(f"jaxcifar: {e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
+        exit_now(128 + e.signum)
     except errors.JaxcifarError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_now(2)
+
+
+def exit_now(code: int) -> None:
+    """sys.exit, unless a failed save left orbax threads waiting for signals that never come: a normal exit joins
+    them and hangs (measured: alive after 60 s), so the process ends without joining them."""
+    stuck = [t for t in threading.enumerate() if t.is_alive() and not t.daemon and t is not threading.main_thread()]
+    if stuck:
+        hard_exit(code)
+    sys.exit(code)
+
+
+def hard_exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _define_flags() -> None:
@@ -265,6 +292,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     from absl import flags
 
     config_file = _flag_value(argv, "--config")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    if config_file is None and overrides:
+        _usage_error(f"{overrides[0]} is given without --config; name the config file it overrides first, e.g. "
+                     f"--config configs/vgg.py {overrides[0]}=...")
     if config_file is not None and not Path(config_file.split(":")[0]).is_file():
         _usage_error(f"--config {config_file}: no such file; give a config file such as configs/vgg.py")
     try:
@@ -274,6 +305,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         missing = next((f for f in ("--config", "--workdir") if f"{f}=None" in text[0]), None)
         _usage_error(f"{missing} is required" if missing else text[0] + (f" ({text[-1].strip()})" if len(text) > 1 else ""))
     except AttributeError as e:  # ml_collections: an override naming no field of the config
+        if "get_config" in str(e):
+            _usage_error(f"--config {config_file}: the file defines no get_config(); a config file returns its "
+                         "ml_collections.ConfigDict from get_config(), as configs/vgg.py does")
         key = str(e.args[0]).strip("'\"") if e.args else "?"
         key = key.strip("'\"")
         bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)),

@@ -143,7 +143,8 @@ class Trainer:
                     should_stop=lambda: False):
         """Runs the remaining steps of `epoch` (1-based) from `state.step`, accumulating into `acc`.
 
-        Returns (state, acc, finished); `finished` is False when `should_stop()` cut the epoch short.
+        Returns (state, acc, finished); `finished` is False when `should_stop()`, asked at log boundaries, cut the
+        epoch short.
         """
         c = self.config
         order = self.epoch_order(state.rng, epoch)
@@ -152,15 +153,17 @@ class Trainer:
         for count in call_plan(done, self.steps_per_epoch, self.steps_per_call):
             state, acc = self.run_steps(state, acc, order, count)
             before, done = done, done + count
-            if done // c.log_every_steps > before // c.log_every_steps or done == self.steps_per_epoch:
-                last = np.asarray(acc["last_loss"])  # syncs: keeps the bar honest and catches divergence early
-                if not np.all(np.isfinite(last)):
-                    bad = ", ".join(f"{v} (seed {s})" for s, v in zip(self.seeds, last.tolist()) if not math.isfinite(v))
-                    raise TrainingDiverged(
-                        f"loss became {bad} at epoch {epoch}, step {int(state.step[0])}: training stopped; "
-                        "lower optimizer.learning_rate or check the input data")
-                if progress is not None:
-                    progress(done, float(last.mean()))
+            if not (done // c.log_every_steps > before // c.log_every_steps or done == self.steps_per_epoch):
+                continue  # no sync between log boundaries: the device queue stays full
+            last = np.asarray(acc["last_loss"])  # syncs: keeps the bar honest and catches divergence early
+            if not np.all(np.isfinite(last)):
+                bad = ", ".join(f"{v} (seed {s})" for s, v in zip(self.seeds, last.tolist()) if not math.isfinite(v))
+                raise TrainingDiverged(
+                    f"loss became {bad} at epoch {epoch}, step {int(state.step[0])}: training stopped; "
+                    "lower optimizer.learning_rate or check the input data")
+            if progress is not None:
+                progress(done, float(last.mean()))
+            # Asked at log boundaries only: with several processes it is a blocking all-gather across hosts.
             if done < self.steps_per_epoch and should_stop():
                 return state, acc, False
         return state, acc, True

@@ -22,9 +22,15 @@ from jaxcifar.errors import WorkdirError
 LOCK_NAME = "train.lock"
 
 
+def _not_empty(path: str | os.PathLike) -> Path:
+    if not str(path).strip():  # Path("") is ".": an unset $VAR would train into the current folder
+        raise WorkdirError("--workdir is empty (an unset variable?); give the run's folder, e.g. --workdir runs/vgg")
+    return Path(path)
+
+
 def make_workdir(path: str | os.PathLike) -> Path:
     """Creates the workdir if needed and checks it is a writable folder."""
-    path = Path(path)
+    path = _not_empty(path)
     if path.exists() and not path.is_dir():
         raise WorkdirError(f"--workdir {path} is a file, not a folder; give a folder path")
     try:
@@ -33,6 +39,17 @@ def make_workdir(path: str | os.PathLike) -> Path:
         raise WorkdirError(f"cannot create --workdir {path}: {e.strerror or e}; give a folder you can write to") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise WorkdirError(f"--workdir {path} is not writable; give a folder you can write to")
+    return path
+
+
+def existing_workdir(path: str | os.PathLike) -> Path:
+    """The workdir of a run to read (evaluate, predict): it must be an existing folder."""
+    path = _not_empty(path)
+    if not path.exists():
+        raise WorkdirError(f"workdir {path} does not exist; give the --workdir a training run wrote")
+    if not path.is_dir():
+        raise WorkdirError(f"--workdir {path} is a file, not a training run's folder; give the --workdir a training "
+                           "run wrote")
     return path
 
 

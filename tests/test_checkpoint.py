@@ -181,3 +181,136 @@ def test_evaluate_refuses_a_damaged_checkpoint(reference_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert re.search(f"checkpoint {steps[-1]} .*(fail their saved checksums|is unreadable)", err), err
     assert f"pass --step with one of {steps[:-1]}" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# Saves that cannot be written: one line, a non-zero exit, no hang, nothing lost
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_stops_the_run_before_training(prepared, tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("not a folder")
+    r = cli(workdir, prepared, "--config.num_epochs=1")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    err = r.stderr.strip()
+    assert err.count("\n") == 0 and "checkpoints is a file, not a folder" in err, err
+    assert "==> epoch" not in r.stdout and (workdir / "checkpoints").read_text() == "not a folder"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: a tiny run fills it a few epochs in (root only, where mounting is allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes_identically(prepared, reference_run, small_disk,
+                                                                             tmp_path):
+    import shutil
+    workdir = small_disk / "w"
+    r = cli(workdir, prepared, "--config.num_epochs=4", "--config.log_every_steps=100")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error")]  # the rest: progress bars
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert not re.search("Traceback|Exception|Error", r.stdout + r.stderr.replace(lines[0], "")), r.stderr[-3000:]
+    message = re.fullmatch(r"error: no space left on device while saving step (\d+) to (\S+); the last complete "
+                           r"checkpoint is step (\d+) in \S+\. Free space.*", lines[0])
+    assert message, lines[0]
+    assert int(message.group(3)) < int(message.group(1))
+    assert not [p for p in workdir.rglob("*") if "tmp" in p.name]  # no temporary files left behind
+    # nothing lost: the same command, with space again, ends where the uninterrupted run ended
+    shutil.copytree(workdir, tmp_path / "w")
+    r = cli(tmp_path / "w", prepared, "--config.num_epochs=4", "--config.log_every_steps=100")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from checkpoint at step {message.group(3)}" in r.stdout
+    assert_same_params(checkpoint.read_saved(reference_run)[0]["train_state"]["params"],
+                       checkpoint.read_saved(tmp_path / "w")[0]["train_state"]["params"])
+
+
+def test_tensorboard_holds_each_epoch_once_after_a_resume_from_an_earlier_save(prepared, reference_run, tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    steps = checkpoint.Checkpointer(workdir, read_only=True).steps()
+    for s in steps[-2:]:  # as if the run died after logging epochs whose saves never reached the disk
+        shutil.rmtree(workdir / "checkpoints" / str(s))
+    shutil.rmtree(workdir / "best")
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=4, log_every_steps=1), str(workdir))
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    for tag in events.Tags()["scalars"]:
+        logged = [e.step for e in events.Scalars(tag)]
+        assert logged == sorted(set(logged)) and len(logged) == 4, (tag, logged)
+
+
+# ---------------------------------------------------------------------------
+# The meta is verified too, and only damage counts as damage
+
+
+def _rewrite_meta(step_dir: Path, change) -> None:
+    path = step_dir / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", ["stats", "method", "method_name"])
+def test_damage_to_the_meta_is_refused_by_evaluate_and_predict(reference_run, tmp_path, capsys, damage):
+    import shutil
+
+    from PIL import Image
+
+    from jaxcifar import evaluate, predict
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    step = checkpoint.Checkpointer(workdir, read_only=True).steps()[-1]
+
+    def change(meta):
+        if damage == "stats":  # one bit of one normalization statistic
+            mean = np.float64(meta["stats"]["mean"][0])
+            meta["stats"]["mean"][0] = float(np.frombuffer((mean.view(np.uint64) ^ np.uint64(1)).tobytes(), np.float64)[0])
+        elif damage == "method":  # with damaged data too: the unknown method must not switch verification off
+            meta["checksum_method"] = "u32-weighted-sum-x"
+        else:
+            meta["checksum_methoe"] = meta.pop("checksum_method")
+
+    _rewrite_meta(workdir / "checkpoints" / str(step), change)
+    if damage == "method":
+        from test_reliability import damage_every_data_file
+        damage_every_data_file(workdir / "checkpoints" / str(step))
+    assert evaluate.main(["--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {step}" in err and ("SHA-256" in err or "checksum method" in err), err
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 30, 90)).save(image)
+    assert predict.main(["--workdir", str(workdir), str(image)]) == 2
+    assert f"checkpoint {step}" in capsys.readouterr().err
+
+
+def test_a_bug_in_the_restore_path_keeps_its_traceback_and_sets_nothing_aside(reference_run, tmp_path, monkeypatch):
+    import shutil
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    steps = checkpoint.Checkpointer(workdir, read_only=True).steps()
+
+    def broken(self, abstract, partial=False):
+        raise AttributeError("a bug in jaxcifar, not damage")
+
+    template = checkpoint.read_saved(workdir)[0]
+    monkeypatch.setattr(checkpoint.Checkpointer, "_restore_args", broken)
+    ck = checkpoint.Checkpointer(workdir)
+    try:
+        with pytest.raises(AttributeError, match="a bug in jaxcifar"):
+            ck.restore(template, set_aside_damaged=True)
+    finally:
+        ck.close()
+    assert checkpoint.Checkpointer(workdir, read_only=True).steps() == steps
+    assert not (workdir / "damaged-checkpoints").exists()

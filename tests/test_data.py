@@ -3,6 +3,7 @@ import os
 import shutil
 import tarfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -120,7 +121,7 @@ def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
     np.testing.assert_array_equal(first.train_images, second.train_images)
     assert first.stats == second.stats
     # flip bytes inside the cached training images: detected, rebuilt, never trusted
-    (folder,) = [p for p in os.scandir(cache_dir) if p.is_dir()]
+    (folder,) = [p for p in os.scandir(cache_dir) if p.is_symlink()]  # the cache's name links to its version
     path = os.path.join(folder.path, "train_images.npy")
     with open(path, "r+b") as f:
         f.seek(4000)
@@ -130,7 +131,7 @@ def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
     assert "corrupt" in capsys.readouterr().err
     assert any("preprocessing" in m for m in messages)
     np.testing.assert_array_equal(first.train_images, third.train_images)
-    assert not [n for n in os.listdir(cache_dir) if ".tmp-" in n]
+    assert len(os.listdir(cache_dir)) == 2  # the link and the one version it names: nothing left behind
 
 
 def test_cache_is_npy_and_json_only_and_loads_without_pickle(prepared, tmp_path):
@@ -194,3 +195,74 @@ def test_eval_batches_cover_every_example_once():
         idx, valid = data.eval_batches(n, b)
         seen = idx[valid]
         assert sorted(seen.tolist()) == list(range(n))
+
+
+# ---------------------------------------------------------------------------
+# Damaged inputs: one line that names the problem and the fix
+
+
+def test_an_md5_list_that_is_not_text_is_named_as_such(fake_archive, capsys):
+    with pytest.raises(data.DataError, match="is not an MD5 list .*not text"):
+        data.read_md5_file(fake_archive[0])  # the archive given in the list's place
+    assert data.main(["prepare", "--archive", str(fake_archive[0]), "--md5-file", str(fake_archive[0])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not an MD5 list" in err
+
+
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 40])
+def test_an_empty_or_random_archive_is_one_line(tmp_path, capsys, content):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(content)
+    assert data.main(["prepare", "--archive", str(bad), "--data-dir", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is truncated or not a valid tar.gz" in err, err
+
+
+def _flip_in_train_records(data_dir: str) -> None:
+    (train_file,) = [p for p in (Path(data_dir) / "cifar10").rglob("*train.array_record*")]
+    blob = bytearray(train_file.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    train_file.write_bytes(bytes(blob))
+
+
+def test_a_damaged_prepared_dataset_is_named_then_prepared_again_from_the_archive(fake_archive, tmp_path, capsys):
+    archive, md5_file = map(str, fake_archive)
+    md5s = data.read_md5_file(md5_file)
+    data_dir, cache = str(tmp_path / "tfds"), str(tmp_path / "cache")
+    data.prepare(data_dir, archive, md5s)
+    good = data.load_uint8(data_dir)
+    _flip_in_train_records(data_dir)
+    with pytest.raises(data.DataError, match=r"the prepared dataset in \S+ is damaged .*prepare --force --archive") as e:
+        data.load_preprocessed(data_dir, cache, md5s=md5s, log=lambda m: None)
+    assert "\n" not in str(e.value)
+    # with the archive known, it is moved aside (kept) and prepared again
+    messages = []
+    again = data.load_preprocessed(data_dir, cache, archive=archive, md5s=md5s, log=messages.append)
+    assert any("is damaged" in m and "moved it to" in m for m in messages), messages
+    np.testing.assert_array_equal(data.load_uint8(data_dir)["train_images"], good["train_images"])
+    assert len(again.train_labels) == 200
+    (aside,) = (tmp_path / "tfds" / "cifar10-set-aside").iterdir()
+    # the command line does the same on request
+    _flip_in_train_records(data_dir)
+    assert data.main(["prepare", "--force", "--archive", archive, "--md5-file", md5_file, "--data-dir", data_dir]) == 0
+    assert "moved the prepared dataset to" in capsys.readouterr().out
+    np.testing.assert_array_equal(data.load_uint8(data_dir)["train_images"], good["train_images"])
+    assert len(list((tmp_path / "tfds" / "cifar10-set-aside").iterdir())) == 2
+
+
+def test_the_cache_is_replaced_without_a_moment_without_one(prepared, tmp_path, monkeypatch):
+    data_dir, _, md5s, _ = prepared
+    cache_dir = tmp_path / "cache"
+    first = data.load_preprocessed(data_dir, str(cache_dir), md5s=md5s, log=lambda m: None)
+    (folder,) = [p for p in cache_dir.iterdir() if p.is_symlink()]
+    seen = []
+    real_replace, real_rmtree = os.replace, shutil.rmtree
+
+    def check(*args, **kwargs):  # at every step of the rewrite, a reader finds a whole cache
+        seen.append(data._load_cache(folder, first.fingerprint) is not None)
+
+    monkeypatch.setattr(data.os, "replace", lambda *a: (check(), real_replace(*a))[1])
+    monkeypatch.setattr(data.shutil, "rmtree", lambda *a, **k: (check(), real_rmtree(*a, **k))[1])
+    data._write_cache(folder, first)
+    check()
+    assert seen and all(seen), seen

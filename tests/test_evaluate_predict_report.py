@@ -232,3 +232,24 @@ def test_tensorboard_reads_every_epochs_scalars(trained_run):
     for tag in ("train_loss", "test_accuracy", "learning_rate"):
         got = [(e.step, e.value) for e in reader.Scalars(tag)]
         assert got == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in history], tag
+
+
+def test_evaluate_names_what_to_use_instead_and_checks_its_inputs_first(trained_run, tmp_path, capsys):
+    from jaxcifar import checkpoint
+    from test_reliability import damage_every_data_file
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_run, workdir)
+    (best,) = checkpoint.Checkpointer(workdir, read_only=True).steps(best=True)
+    damage_every_data_file(workdir / "best" / str(best))
+    assert evaluate.main(["--workdir", str(workdir), "--best"]) == 2
+    err = capsys.readouterr().err
+    latest = checkpoint.Checkpointer(workdir, read_only=True).steps()
+    assert "no other checkpoint" not in err and f"drop --best to use the latest in checkpoints/, or pass --step with " \
+                                                  f"one of {latest}" in err, err
+    (tmp_path / "file").write_text("")
+    assert evaluate.main(["--workdir", str(tmp_path / "file")]) == 2
+    assert "is a file, not a training run's folder" in capsys.readouterr().err
+    # an unwritable --json is refused before the evaluation runs
+    assert evaluate.main(["--workdir", str(trained_run), "--json", str(tmp_path / "absent" / "e.json")]) == 2
+    captured = capsys.readouterr()
+    assert "--json" in captured.err and "does not exist" in captured.err and "accuracy" not in captured.out

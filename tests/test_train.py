@@ -254,3 +254,78 @@ def test_tiny_config_runs_end_to_end_through_the_cli(tmp_path, fake_archive):
     assert "Train accuracy" in log and "Test accuracy" in log
     csv = (workdir / "metrics.csv").read_text().splitlines()
     assert csv[0].startswith("epoch,step,learning_rate") and len(csv) == 3
+
+
+# ---------------------------------------------------------------------------
+# Command-line mistakes and finished runs
+
+
+def _train_cli(args, tmp_path, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "jaxcifar.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, TFDS_DATA_DIR=str(tmp_path / "tfds"),
+                                                PYTHONPATH=str(REPO)))
+
+
+@pytest.mark.parametrize("case", ["empty workdir", "override without config", "no get_config"])
+def test_more_command_line_mistakes_are_one_line_and_write_nothing(tmp_path, case):
+    (tmp_path / "noget.py").write_text("from jaxcifar.config import base_config\n\ndef config():\n    return base_config()\n")
+    args, expected = {
+        "empty workdir": (["--config", str(REPO / "configs/tiny.py"), "--workdir", ""], "--workdir is empty"),
+        "override without config": (["--workdir", "w", "--config.data.archive=x.tar.gz"],
+                                    "--config.data.archive is given without --config"),
+        "no get_config": (["--config", str(tmp_path / "noget.py"), "--workdir", "w"], "defines no get_config()"),
+    }[case]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    r = _train_cli(args, tmp_path, cwd=cwd)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0 and expected in r.stderr, r.stderr
+    assert list(cwd.iterdir()) == []  # nothing written into the current folder
+
+
+def test_reading_tools_refuse_an_empty_workdir(tmp_path, capsys, monkeypatch):
+    from jaxcifar import evaluate, predict
+    monkeypatch.chdir(tmp_path)
+    assert evaluate.main(["--workdir", ""]) == 2
+    assert "--workdir is empty" in capsys.readouterr().err
+    from PIL import Image
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    assert predict.main(["--workdir", "", str(tmp_path / "x.png")]) == 2
+    assert "--workdir is empty" in capsys.readouterr().err
+
+
+def test_a_finished_run_asked_for_fewer_epochs_says_so(prepared, tmp_path, capsys):
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=2, **{"optimizer.schedule": "torch_step"}), str(tmp_path))
+    capsys.readouterr()
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=1, **{"optimizer.schedule": "torch_step"}), str(tmp_path))
+    out = capsys.readouterr().out
+    assert "nothing to train: the run in" in out and "already trained 2 epochs, past num_epochs=1" in out
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from jaxcifar import train
+with train.StopFlag() as stop:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.5)
+    print("first signal: flag", stop.signum == signal.SIGINT, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+print("not reached")
+"""
+
+
+def test_a_second_signal_exits_at_once_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 128 + 2, r.stderr
+    assert r.stdout.strip() == "first signal: flag True"
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "second SIGINT: exiting without waiting for the save" in lines[0], r.stderr
+
+
+def test_stopping_is_asked_at_log_boundaries_only(prepared):
+    c = tiny_config(prepared, log_every_steps=3, steps_per_call=1)  # 6 steps an epoch: boundaries after 3 and 6
+    trainer = Trainer(c, small_dataset(192))
+    asked = []
+    state, _, finished = trainer.train_epoch(trainer.init_state(), 1, should_stop=lambda: asked.append(1) or False)
+    assert finished and len(asked) == 1  # after step 3 (the epoch's end is not a place to stop mid-epoch)
