@@ -219,16 +219,18 @@ def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes_identically(prep
     lines = [line for line in r.stderr.splitlines() if line.startswith("error")]  # the rest: progress bars
     assert len(lines) == 1, r.stderr[-3000:]
     assert not re.search("Traceback|Exception|Error", r.stdout + r.stderr.replace(lines[0], "")), r.stderr[-3000:]
-    message = re.fullmatch(r"error: no space left on device while saving step (\d+) to (\S+); the last complete "
-                           r"checkpoint is step (\d+) in \S+\. Free space.*", lines[0])
-    assert message, lines[0]
-    assert int(message.group(3)) < int(message.group(1))
+    # the disk fills during a save or while the report is written, as the sizes fall
+    saving = re.fullmatch(r"error: no space left on device while saving step (\d+) to \S+; the last complete "
+                          r"checkpoint is step (\d+) in \S+\. Free space.*", lines[0])
+    writing = re.fullmatch(r"error: no space left on device while writing \S+; free space.*", lines[0])
+    assert saving or writing, lines[0]
+    assert not saving or int(saving.group(2)) < int(saving.group(1))
     assert not [p for p in workdir.rglob("*") if "tmp" in p.name]  # no temporary files left behind
     # nothing lost: the same command, with space again, ends where the uninterrupted run ended
     shutil.copytree(workdir, tmp_path / "w")
     r = cli(tmp_path / "w", prepared, "--config.num_epochs=4", "--config.log_every_steps=100")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"resumed from checkpoint at step {message.group(3)}" in r.stdout
+    assert f"resumed from checkpoint at step {saving.group(2) if saving else ''}" in r.stdout
     assert_same_params(checkpoint.read_saved(reference_run)[0]["train_state"]["params"],
                        checkpoint.read_saved(tmp_path / "w")[0]["train_state"]["params"])
 

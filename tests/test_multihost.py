@@ -29,7 +29,8 @@ from jaxcifar.trainer import Trainer
 from test_train import tiny_config
 prepared, out = tuple(json.loads(sys.argv[1])), sys.argv[2]
 dataset = train.load_dataset_once(tiny_config(prepared), log=lambda m: None)
-c = tiny_config(prepared, batch_size=32, eval_batch_size=30, steps_per_call=1)  # a loss per step
+c = tiny_config(prepared, batch_size=32, eval_batch_size=30, steps_per_call=1, log_every_steps=1)  # a loss per step
+# (train_epoch asks should_stop at log boundaries: every step here, so each call below runs one step)
 trainer = Trainer(c, dataset)
 state = trainer.init_state()
 losses, flat = [], {}

@@ -20,7 +20,8 @@ dataset = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log
 out = {"devices": jax.device_count()}
 for name, devices, seeds in (("one", jax.devices()[:1], ""), ("all", jax.devices(), ""),
                              ("replicas", jax.devices(), "0,7")):
-    c = tiny_config(prepared, batch_size=32, eval_batch_size=30, steps_per_call=1, seeds=seeds)  # a loss per step
+    c = tiny_config(prepared, batch_size=32, eval_batch_size=30, steps_per_call=1, log_every_steps=1,
+                    seeds=seeds)  # a loss per step: should_stop is asked at every step (a log boundary)
     trainer = Trainer(c, dataset, devices=devices)
     state = trainer.init_state()
     losses = []

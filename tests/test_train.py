@@ -170,7 +170,7 @@ def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepa
         acc = trainer.zero_metrics()
         if stop_after_first_call:
             state, acc, finished = trainer.train_epoch(state, 1, acc, should_stop=lambda: True)
-            assert not finished and int(state.step[0]) == 3  # the stop flag is honoured between calls
+            assert not finished and int(state.step[0]) == 3  # honoured at the first log boundary (step 2 of 2)
             state, acc, finished = trainer.train_epoch(state, 1, acc)
             assert finished
             return start, None, state, trainer.epoch_summary(acc)
