@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="2,3")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--control", default="bn_grad=autodiff", help="FIELD=VALUE: the same function built another way")
+    p.add_argument("--leaves-at", type=int, default=2, help="at this step, also each parameter leaf's difference")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -68,6 +69,18 @@ def main(argv=None) -> int:
     singles = [single.place(step_lib.init_replicas([s], single.model, single.tx, (32, 32, 3))) for s in seeds]
     controls = [control.place(step_lib.init_replicas([s], control.model, control.tx, (32, 32, 3))) for s in seeds]
     starts = [flat(s.params) for s in singles]
+    starts_tree = [jax.tree_util.tree_map(np.asarray, step_lib.replica(s.params, 0)) for s in singles]
+
+    def leaf_differences(got, want, start) -> dict:
+        """{leaf: |got - want| / |want - start|} over the parameter leaves, largest first."""
+        out = {}
+        for (path, g), w, s0 in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want),
+                                    jax.tree_util.tree_leaves(start)):
+            w = np.asarray(w)[0] if np.ndim(w) == np.ndim(g) + 1 else np.asarray(w)
+            moved = np.linalg.norm(w - s0)
+            if moved > 0:
+                out[jax.tree_util.keystr(path)] = float(np.linalg.norm(np.asarray(g) - w) / moved)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
     accs_s = [single.zero_metrics() for _ in seeds]
     accs_c = [control.zero_metrics() for _ in seeds]
     order_m = multi.epoch_order(state_m.rng, 1)
@@ -88,14 +101,20 @@ def main(argv=None) -> int:
                 "seed": seeds[k], "loss_single": loss_s,
                 "loss_replica_minus_single": float(acc_m["last_loss"][k]) - loss_s,
                 "loss_control_minus_single": float(accs_c[k]["last_loss"][0]) - loss_s,
-                "params_replica_vs_single": float(np.linalg.norm(flat(step_lib.replica(state_m.params, k)) - want)
-                                                  / travelled),
-                "params_control_vs_single": float(np.linalg.norm(flat(controls[k].params) - want) / travelled)})
+                # relative to the distance travelled (None before the first update moves anything: lr starts at 0)
+                "params_replica_vs_single": (float(np.linalg.norm(flat(step_lib.replica(state_m.params, k)) - want)
+                                                   / travelled) if travelled else None),
+                "params_control_vs_single": (float(np.linalg.norm(flat(controls[k].params) - want) / travelled)
+                                             if travelled else None)})
+        if step == args.leaves_at:
+            row["leaves"] = leaf_differences(step_lib.replica(state_m.params, 0), singles[0].params, starts_tree[0])
+            print("largest per-leaf relative differences, replica - single, seed", seeds[0], ":",
+                  "; ".join(f"{k} {v:.1e}" for k, v in list(row["leaves"].items())[:6]), flush=True)
         rows.append(row)
         mean_gap = abs(np.mean([r["loss_replica_minus_single"] for r in row["per_seed"]]))
         print(f"step {step}: |mean loss, replicas - singles| {mean_gap:.2e}; per seed (replica, control) - single: "
               + "; ".join(f"s{r['seed']} loss {r['loss_replica_minus_single']:+.1e} / {r['loss_control_minus_single']:+.1e}"
-                          f" params {r['params_replica_vs_single']:.1e} / {r['params_control_vs_single']:.1e}"
+                          f" params {r['params_replica_vs_single'] or 0:.1e} / {r['params_control_vs_single'] or 0:.1e}"
                           for r in row["per_seed"]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
