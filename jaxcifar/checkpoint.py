@@ -10,7 +10,6 @@ file) is caught on restore by per-leaf checksums recorded in the meta at save ti
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcifar import distributed
-from jaxcifar.errors import CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError
+from jaxcifar.errors import CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, os_error_cause
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
 
@@ -452,16 +451,11 @@ def complete_steps(directory: Path) -> list[int]:
 
 
 def write_failure_cause(e: BaseException) -> str:
-    """What stopped a write, in words, from an exception and its causes (orbax and TensorStore wrap the OSError)."""
-    seen = e
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return "no space left on device" if seen.errno == errno.ENOSPC else (seen.strerror or str(seen)).lower()
-        seen = seen.__cause__ or seen.__context__
-    text = str(e)
-    if "No space left" in text or "RESOURCE_EXHAUSTED" in text:
-        return "no space left on device"
-    return _one_line(e)
+    """What stopped a save, in words (TensorStore reports a full disk as a RESOURCE_EXHAUSTED ValueError)."""
+    cause = os_error_cause(e)
+    if cause is None and ("No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e)):
+        cause = "no space left on device"
+    return cause or _one_line(e)
 
 
 def check_writable_folder(folder: Path) -> None:

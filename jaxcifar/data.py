@@ -28,7 +28,7 @@ from typing import Iterable, Mapping, NamedTuple
 import numpy as np
 
 from jaxcifar import preprocess
-from jaxcifar.errors import DataError, JaxcifarError
+from jaxcifar.errors import DataError, JaxcifarError, first_line
 
 CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
@@ -133,7 +133,7 @@ def _read_tarball(path: Path) -> dict[str, bytes]:
     except PermissionError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(":")  # tarfile lists every method tried
+        reason = first_line(e).rstrip(":")  # tarfile lists every method it tried, one a line
         raise DataError(f"{path} is truncated or not a valid tar.gz ({reason}); download cifar-10-binary.tar.gz "
                         "again") from None
     return members
@@ -323,10 +323,9 @@ def load_uint8(data_dir: str | None = None) -> dict[str, np.ndarray]:
             source = tfds.data_source("cifar10", split=split, data_dir=data_dir or default_data_dir(), download=False)
             records = source.__getitems__(list(range(len(source))))
         except (RuntimeError, OSError, ValueError) as e:  # array_record: "Corrupted Riegeli/records file: ..."
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             folder = builder(data_dir).data_dir
             raise DamagedDataset(
-                f"the prepared dataset in {folder} is damaged ({split} split: {reason}); prepare it again with "
+                f"the prepared dataset in {folder} is damaged ({split} split: {first_line(e)}); prepare it again with "
                 "`python -m jaxcifar.data prepare --force --archive /path/to/cifar-10-binary.tar.gz` (the damaged "
                 "files are moved aside, not deleted), or train with --config.data.archive=PATH, which does it") from None
         out[f"{split}_images"] = np.stack([r["image"] for r in records]).astype(np.uint8)

@@ -4,6 +4,24 @@ The command-line tools turn exactly these into a one-line `error: ...` and exit 
 else (a bug here, or in jax/flax/orbax) keeps its traceback.
 """
 
+import errno
+
+
+def os_error_cause(e: BaseException) -> str | None:
+    """What stopped a file operation, in words, from `e` or the OSError it wraps (orbax and TensorStore wrap them);
+    None when no OSError with an errno is in the chain."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return "no space left on device" if seen.errno == errno.ENOSPC else (seen.strerror or str(seen)).lower()
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's message as one line (tarfile, array_record and orbax write several)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
 
 class JaxcifarError(Exception):
     """A problem with the user's input, files or environment; the message says how to fix it."""

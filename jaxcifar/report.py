@@ -8,7 +8,6 @@ fails, on a full disk, leaves no temporary file behind). TensorBoard event files
 from __future__ import annotations
 
 import base64
-import errno
 import concurrent.futures
 import html
 import io
@@ -19,12 +18,11 @@ from typing import Sequence
 import numpy as np
 
 from jaxcifar import metrics
-from jaxcifar.errors import WorkdirError
+from jaxcifar.errors import WorkdirError, os_error_cause
 
 
 def workdir_write_failed(e: OSError, path) -> WorkdirError:
-    cause = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e)).lower()
-    return WorkdirError(f"{cause} while writing {path}; free space or make the folder writable, then run the same "
+    return WorkdirError(f"{os_error_cause(e) or e} while writing {path}; free space or make the folder writable, then run the same "
                         "command to resume from the last checkpoint")
 
 

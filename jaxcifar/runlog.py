@@ -46,13 +46,13 @@ class RunLog:
         try:
             self._text.write(msg + "\n")
         except OSError as e:
-            self._text_failed()
+            self._close_text()
             raise report.workdir_write_failed(e, self.workdir / "log.txt") from None
 
-    def _text_failed(self) -> None:
+    def _close_text(self) -> None:
         try:
             self._text.close()
-        except OSError:  # the close flushes what could not be written
+        except OSError:  # the close flushes what could not be written (a full disk), which is reported already
             pass
 
     def epoch(self, record: dict) -> None:
@@ -84,10 +84,7 @@ class RunLog:
 
     def close(self) -> None:
         if self._text is not None and not self._text.closed:
-            try:
-                self._text.close()
-            except OSError:
-                pass
+            self._close_text()
 
 
 def _csv_value(v) -> str:

@@ -322,7 +322,7 @@ def run_seeds(argv: list[str], seeds: list[int], out: str, jobs: int) -> int:
     """This script once per seed, `jobs` processes at a time (one thread each): K independent runs."""
     if "{seed}" not in out:
         raise SystemExit("error: with --seeds, --out needs a {seed} placeholder, e.g. results/fidelity/jax-s{seed}.json")
-    base = [a for a in _drop_options(argv, ("--seeds", "--jobs", "--out", "--seed", "--workdir"))]
+    base = _drop_options(argv, ("--seeds", "--jobs", "--out", "--seed", "--workdir"))
     pending = [[sys.executable, __file__, *base, "--seed", str(k), "--out", out.format(seed=k)] for k in seeds]
     running, failed = [], []
     while pending or running:
