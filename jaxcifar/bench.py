@@ -22,7 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 MODELS = ("vgg_bn_drop", "nin")
 PHASES = ("forward", "backward", "forward+backward", "train step")
@@ -96,44 +95,54 @@ def matmul_peak_gflops(dtype: str = "float32", size: int | None = None, runs: in
 
 
 def _bench_trainer(model_name: str, batch: int, dtype: str, epoch_steps: int, overrides: dict | None = None,
-                   replicas: int = 1):
+                   replicas: int = 1, width: float = 1.0):
     """A Trainer of `replicas` seeds on random images: `epoch_steps` batches of `batch` per epoch."""
     from jaxcifar import config as config_lib
-    from jaxcifar import data, preprocess
+    from jaxcifar import fake_data
     from jaxcifar.trainer import Trainer
 
     c = config_lib.base_config()
-    c.model, c.batch_size, c.dtype = model_name, batch, dtype
+    c.model, c.batch_size, c.dtype, c.width = model_name, batch, dtype, width
     for k, v in (overrides or {}).items():
         c[k] = v
     if replicas > 1:
         c.seeds = ",".join(map(str, range(replicas)))
-    rng = np.random.default_rng(0)
-    n = batch * max(epoch_steps, 1)
-    images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
-    labels = (np.arange(n) % 10).astype(np.int32)
-    stats = preprocess.NormalizationStats("yuv", (0.0, 0.0), (1.0, 1.0))
-    return Trainer(c, data.Preprocessed(images, labels, images[:batch], labels[:batch], stats, "bench")), images, labels
+    dataset = fake_data.random_preprocessed(batch * max(epoch_steps, 1), num_test=batch)
+    return Trainer(c, dataset), dataset.train_images, dataset.train_labels
 
 
-def time_training(trainer, runs: int) -> dict:
-    """Seconds per update of every replica, as training runs them (the trainer's steps per call), and compile time."""
+def time_training(trainer, runs: int, count: int | None = None) -> dict:
+    """Seconds per update of every replica, `count` updates per call (default: as training runs them), and the
+    first call's extra seconds (compilation)."""
     import jax
 
-    state, acc = trainer.init_state(), trainer.zero_metrics()
-    order = trainer.epoch_order(state.rng, 1)
-    count = min(trainer.steps_per_call, trainer.steps_per_epoch)
-    holder = {"state": state, "acc": acc}
+    state, epoch_metrics = trainer.init_state(), trainer.zero_metrics()
+    order = trainer.epoch_order(state.key_data, 1)
+    count = count or min(trainer.steps_per_call, trainer.steps_per_epoch)
+    holder = {"state": state, "epoch_metrics": epoch_metrics}
 
     def steps():
-        holder["state"], holder["acc"] = trainer.run_steps(holder["state"], holder["acc"], order, count)
-        jax.block_until_ready(holder["acc"])
+        holder["state"], holder["epoch_metrics"] = trainer.run_steps(holder["state"], holder["epoch_metrics"], order,
+                                                                     count)
+        jax.block_until_ready(holder["epoch_metrics"])
 
     first, call_s = _timed(steps, runs)
     step_s = call_s / count
     return {"steps_per_call": count, "step_loop": trainer.choices["step_loop"], "replicas": trainer.replicas,
             "seconds_per_step": step_s, "compile_seconds": first - call_s,
             "images_per_s": trainer.replicas * trainer.config.batch_size / step_s}
+
+
+def time_passes(forward, forward_train, forward_backward, runs: int) -> tuple[dict, dict]:
+    """Median seconds of an eval-mode forward pass, a training forward and backward pass, and the backward alone
+    (less a training-mode forward); and the first call's extra seconds of the first two."""
+    seconds = {}
+    first_forward, seconds["forward"] = _timed(forward, runs)
+    _, forward_train_s = _timed(forward_train, runs)
+    first_both, seconds["forward+backward"] = _timed(forward_backward, runs)
+    seconds["backward"] = max(seconds["forward+backward"] - forward_train_s, 0.0)
+    return seconds, {"forward": first_forward - seconds["forward"],
+                     "forward+backward": first_both - seconds["forward+backward"]}
 
 
 # Each alternative of config.STEP_CHOICES, timed against the backend's defaults by `--step-variants`.
@@ -150,13 +159,14 @@ STEP_VARIANTS = {
 }
 
 
-def bench_variants(model_name: str, batch: int, runs: int, dtype: str, epoch_steps: int, names=None) -> dict:
+def bench_variants(model_name: str, batch: int, runs: int, dtype: str, epoch_steps: int, names=None,
+                   width: float = 1.0) -> dict:
     """Train-step time of the STEP_VARIANTS entries `names` (default all); `fastest` names the quickest settings."""
     out = {}
     for name, overrides in STEP_VARIANTS.items():
         if names and name not in names and name != "defaults":
             continue
-        trainer, _, _ = _bench_trainer(model_name, batch, dtype, epoch_steps, overrides)
+        trainer, _, _ = _bench_trainer(model_name, batch, dtype, epoch_steps, overrides, width=width)
         out[name] = {"overrides": overrides, **time_training(trainer, runs)}
     return {"variants": out, "fastest": fastest_overrides(out)}
 
@@ -182,92 +192,90 @@ def fastest_overrides(variants: dict) -> dict:
     return best
 
 
-def bench_replicas(model_name: str, batch: int, runs: int, dtype: str, epoch_steps: int, counts) -> dict:
+def bench_replicas(model_name: str, batch: int, runs: int, dtype: str, epoch_steps: int, counts,
+                   width: float = 1.0) -> dict:
     """Images/s summed over K seeds trained at once, batch `batch` each, for each K in `counts`."""
-    return {str(k): time_training(_bench_trainer(model_name, batch, dtype, epoch_steps, replicas=k)[0], runs)
-            for k in counts}
+    return {str(k): time_training(_bench_trainer(model_name, batch, dtype, epoch_steps, replicas=k, width=width)[0],
+                                  runs) for k in counts}
 
 
 def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", conv_impl: str = "auto",
-              epoch_steps: int = 8, steps_per_call: int | None = None) -> dict:
+              epoch_steps: int = 8, steps_per_call: int | None = None, width: float = 1.0) -> dict:
+    """Seconds of each pass and of a train step (as training calls it, and one per call), compile times, the
+    achieved GFLOP/s, and the training loop's own share of an epoch."""
+    overrides = {"conv_impl": conv_impl}
+    if steps_per_call is not None:
+        overrides["steps_per_call"] = steps_per_call
+    trainer, images, labels = _bench_trainer(model_name, batch, dtype, epoch_steps, overrides, width=width)
+    seconds, compile_s = time_passes(*_jax_passes(trainer, images[:batch], labels[:batch]), runs)
+    # "train step": one update as training runs it, `steps_per_call` of them per compiled call.
+    calls = time_training(trainer, runs)
+    per_call = calls["steps_per_call"]
+    single = time_training(trainer, runs, count=1) if per_call > 1 else calls
+    seconds["train step"], compile_s["train step"] = calls["seconds_per_step"], calls["compile_seconds"]
+    flops_per_image = train_flops(trainer.model)
+    return {
+        "seconds": seconds, "compile_seconds": compile_s, "steps_per_call": per_call,
+        "train_step_one_per_call": {"seconds": single["seconds_per_step"], "compile_seconds": single["compile_seconds"]},
+        "images_per_s": batch / seconds["train step"],
+        "train_gflops_per_image": flops_per_image / 1e9,
+        "achieved_gflops": flops_per_image * batch / seconds["train step"] / 1e9,
+        "epoch_loop": time_epoch_loop(trainer, per_call),
+    }
+
+
+def _jax_passes(trainer, images, labels):
+    """Zero-argument callables, each blocking until done: eval forward, training forward, forward and backward."""
     import jax
     import optax
 
     from jaxcifar import models
     from jaxcifar import step as step_lib
 
-    overrides = {"conv_impl": conv_impl}
-    if steps_per_call is not None:
-        overrides["steps_per_call"] = steps_per_call
-    trainer, images, labels = _bench_trainer(model_name, batch, dtype, epoch_steps, overrides)
-    state = step_lib.replica(trainer.init_state(), 0)
-    model = trainer.model
-    x = jax.device_put(images[:batch])
-    y = jax.device_put(labels[:batch])
+    state, model = step_lib.replica(trainer.init_state(), 0), trainer.model
+    x, y, key = jax.device_put(images), jax.device_put(labels), jax.random.key(1)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     jit = functools.partial(jax.jit, compiler_options=models.compiler_options())
-    forward = jit(lambda v, x: model.apply(v, x, train=False))
 
-    def loss_fn(params, batch_stats, x, y, key):
-        logits, upd = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
-                                  rngs={"dropout": key}, mutable=["batch_stats"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+    def loss_fn(params):
+        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
+                                      rngs={"dropout": key}, mutable=["batch_stats"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-    forward_train = jit(lambda p, b, x, y, k: loss_fn(p, b, x, y, k)[0])
-    fwd_bwd = jit(lambda p, b, x, y, k: jax.value_and_grad(
-        lambda p: loss_fn(p, b, x, y, k), has_aux=True)(p))
-    key = jax.random.key(1)
-    full = trainer.init_state()
-    order = trainer.epoch_order(full.rng, 1)
-    holder = {"state": full, "acc": trainer.zero_metrics()}
-    per_call = min(trainer.steps_per_call, trainer.steps_per_epoch)
+    forward = jit(lambda v: model.apply(v, x, train=False))
+    forward_train = jit(lambda p: loss_fn(p)[0])
+    forward_backward = jit(lambda p: jax.value_and_grad(loss_fn, has_aux=True)(p))
+    return (lambda: jax.block_until_ready(forward(variables)),
+            lambda: jax.block_until_ready(forward_train(state.params)),
+            lambda: jax.block_until_ready(forward_backward(state.params)))
 
-    def steps(count):
-        holder["state"], holder["acc"] = trainer.run_steps(holder["state"], holder["acc"], order, count)
-        holder["acc"]["last_loss"].block_until_ready()
 
-    out = {}
-    compile_fwd, out["forward"] = _timed(lambda: jax.block_until_ready(forward(variables, x)), runs)
-    _, fwd_train = _timed(lambda: jax.block_until_ready(forward_train(state.params, state.batch_stats, x, y, key)), runs)
-    compile_fb, out["forward+backward"] = _timed(
-        lambda: jax.block_until_ready(fwd_bwd(state.params, state.batch_stats, x, y, key)), runs)
-    out["backward"] = max(out["forward+backward"] - fwd_train, 0.0)
-    # "train step": one update as training runs it, `steps_per_call` of them per compiled call.
-    compile_call, call_s = _timed(lambda: steps(per_call), runs)
-    out["train step"] = call_s / per_call
-    compile_single, single_s = _timed(lambda: steps(1), runs) if per_call > 1 else (compile_call, call_s)
-    # The training loop's own cost (epoch order, progress syncs, metric fetches): a short epoch through
-    # `train_epoch` against the same steps called back to back, alternated so that the machine's drift
-    # hits both alike; the fastest of each is compared.
+def time_epoch_loop(trainer, per_call: int) -> dict:
+    """The training loop's own cost (epoch order, progress syncs, metric fetches): a short epoch through
+    `train_epoch` against the same steps called back to back, alternated so that the machine's drift hits
+    both alike; the fastest of each is compared. Shapes are compiled already (time_training ran)."""
+    import jax
+
+    from jaxcifar import step as step_lib
+
     loop_s, bare_s = [], []
     for _ in range(2):
-        fresh = trainer.init_state()  # step 0: the whole of epoch 1 runs, with shapes already compiled
+        fresh = trainer.init_state()  # step 0: the whole of epoch 1 runs
         jax.block_until_ready(fresh)
         t0 = time.perf_counter()
         trainer.train_epoch(fresh, 1, progress=lambda done, loss: None)
         loop_s.append(time.perf_counter() - t0)
-        fresh, acc = trainer.init_state(), trainer.zero_metrics()
-        jax.block_until_ready((fresh, acc))
+        fresh, epoch_metrics = trainer.init_state(), trainer.zero_metrics()
+        order = trainer.epoch_order(fresh.key_data, 1)
+        jax.block_until_ready((fresh, epoch_metrics, order))
         t0 = time.perf_counter()
         for count in step_lib.call_plan(0, trainer.steps_per_epoch, per_call):
-            fresh, acc = trainer.run_steps(fresh, acc, order, count)
-        jax.block_until_ready(acc)
+            fresh, epoch_metrics = trainer.run_steps(fresh, epoch_metrics, order, count)
+        jax.block_until_ready(epoch_metrics)
         bare_s.append(time.perf_counter() - t0)
     epoch_s, steps_s = min(loop_s), min(bare_s)
-    overhead = max(epoch_s - steps_s, 0.0) / epoch_s
-    flops_per_image = train_flops(model)
-    return {
-        "seconds": out,
-        "compile_seconds": {"forward": compile_fwd - out["forward"], "forward+backward": compile_fb - out["forward+backward"],
-                            "train step": compile_call - call_s},
-        "steps_per_call": per_call,
-        "train_step_one_per_call": {"seconds": single_s, "compile_seconds": compile_single - single_s},
-        "images_per_s": batch / out["train step"],
-        "train_gflops_per_image": flops_per_image / 1e9,
-        "achieved_gflops": flops_per_image * batch / out["train step"] / 1e9,
-        "epoch_loop": {"steps": trainer.steps_per_epoch, "seconds": epoch_s, "bare_steps_seconds": steps_s,
-                       "fraction_outside_steps": overhead},
-    }
+    return {"steps": trainer.steps_per_epoch, "seconds": epoch_s, "bare_steps_seconds": steps_s,
+            "fraction_outside_steps": max(epoch_s - steps_s, 0.0) / epoch_s}
 
 
 # ---------------------------------------------------------------------------
@@ -289,8 +297,6 @@ def torch_device(jax_platform: str) -> str:
 def bench_torch(model_name: str, batch: int, runs: int, threads: int, device: str = "cpu",
                 dtype: str = "float32") -> dict:
     """PyTorch's eager step on `device`; on CUDA with cudnn.benchmark, each timed call ending in a synchronize."""
-    import contextlib
-
     import torch
 
     torch.set_num_threads(threads)
@@ -301,52 +307,47 @@ def bench_torch(model_name: str, batch: int, runs: int, threads: int, device: st
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as XLA's default precision
     model = torch_reference.build_model(model_name).to(device=device, memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.9, weight_decay=5e-4)
     x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
+    *passes, step = _torch_passes(model, x, y, device, dtype)
+    seconds, _ = time_passes(*passes, runs)
+    _, seconds["train step"] = _timed(step, runs)
+    return {"seconds": seconds, "images_per_s": batch / seconds["train step"], "version": torch.__version__,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype}
+
+
+def _torch_passes(model, x, y, device: str, dtype: str):
+    """Zero-argument callables, each synchronized: eval forward, training forward, forward and backward, SGD step."""
+    import contextlib
+
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.9, weight_decay=5e-4)
     loss_fn = torch.nn.CrossEntropyLoss()
     # bf16 as jaxcifar does it: convolutions and matmuls in bf16, parameters and BatchNorm in fp32.
     autocast = ((lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if dtype == "bfloat16"
                 else contextlib.nullcontext)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
-    def forward():
-        model.eval()
+    def forward(train: bool):
+        model.train(train)
         with torch.no_grad(), autocast():
-            model(x)
+            out = model(x)
+            if train:
+                loss_fn(out, y)
         sync()
 
-    def forward_train():
-        model.train()
-        with torch.no_grad(), autocast():
-            loss_fn(model(x), y)
-        sync()
-
-    def fwd_bwd():
+    def backward(update: bool):
         model.train()
         model.zero_grad(set_to_none=True)
         with autocast():
             loss = loss_fn(model(x), y)
         loss.backward()
+        if update:
+            opt.step()
         sync()
 
-    def step():
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        sync()
-
-    out = {}
-    _, out["forward"] = _timed(forward, runs)
-    _, fwd_train = _timed(forward_train, runs)
-    _, out["forward+backward"] = _timed(fwd_bwd, runs)
-    out["backward"] = max(out["forward+backward"] - fwd_train, 0.0)
-    _, out["train step"] = _timed(step, runs)
-    return {"seconds": out, "images_per_s": batch / out["train step"], "version": torch.__version__,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype}
+    return (lambda: forward(False), lambda: forward(True), lambda: backward(False), lambda: backward(True))
 
 
 # ---------------------------------------------------------------------------
@@ -418,20 +419,20 @@ def format_table(result: dict) -> str:
 
 def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = False, dtype: str = "float32",
         threads: int | None = None, conv_impl: str = "auto", epoch_steps: int = 8,
-        steps_per_call: int | None = None, replicas=(), step_variants=False) -> dict:
+        steps_per_call: int | None = None, replicas=(), step_variants=False, width: float = 1.0) -> dict:
     import jax
 
     threads = threads or os.cpu_count()
-    result = {"batch": batch, "runs": runs, "dtype": dtype, "threads": threads, "machine": machine_info(),
-              "matmul_peak_gflops": matmul_peak_gflops(dtype), "models": {}}
+    result = {"batch": batch, "width": width, "runs": runs, "dtype": dtype, "threads": threads,
+              "machine": machine_info(), "matmul_peak_gflops": matmul_peak_gflops(dtype), "models": {}}
     for name in models:
-        entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl, epoch_steps, steps_per_call)}
+        entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl, epoch_steps, steps_per_call, width)}
         entry["jax"]["fraction_of_matmul_peak"] = entry["jax"]["achieved_gflops"] / result["matmul_peak_gflops"]
         if replicas:
-            entry["replicas"] = bench_replicas(name, batch, runs, dtype, epoch_steps, replicas)
+            entry["replicas"] = bench_replicas(name, batch, runs, dtype, epoch_steps, replicas, width)
         if step_variants:
             names = None if step_variants is True else step_variants
-            entry["step_variants"] = bench_variants(name, batch, runs, dtype, epoch_steps, names)
+            entry["step_variants"] = bench_variants(name, batch, runs, dtype, epoch_steps, names, width)
         if compare_torch:
             entry["torch"] = bench_torch(name, batch, runs, threads, torch_device(jax.default_backend()), dtype)
             entry["jax_over_torch"] = {p: entry["jax"]["seconds"][p] / entry["torch"]["seconds"][p] for p in PHASES
@@ -445,6 +446,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxcifar.bench", description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: vgg_bn_drop,nin")
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (the recipe's: 1)")
     p.add_argument("--runs", type=int, default=5, help="timed calls per measurement (median reported)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--conv-impl", choices=("auto", "xla", "matmul"), default="auto")
@@ -485,7 +487,7 @@ def main(argv=None) -> int:
         print(f"error: --step-variants: unknown {unknown}; choose from {', '.join(STEP_VARIANTS)}", file=sys.stderr)
         return 2
     result = run(models, args.batch, args.runs, args.compare_torch, args.dtype, args.threads, args.conv_impl,
-                 args.epoch_steps, args.steps_per_call, replicas, variants)
+                 args.epoch_steps, args.steps_per_call, replicas, variants, args.width)
     print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

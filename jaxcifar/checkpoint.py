@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxcifar import distributed
+from jaxcifar import distributed, trees
 from jaxcifar.errors import CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, os_error_cause
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
@@ -144,15 +144,10 @@ def _checksums(leaves):
     return [_leaf_checksum(x) for x in leaves]
 
 
-def _paths(tree) -> list[str]:
-    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def tree_checksums(tree) -> dict[str, int]:
     """{leaf path: checksum} of a tree of arrays (on any devices; computed where the arrays are)."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    return dict(zip(_paths(tree), (int(v) for v in jax.device_get(_checksums(leaves)))))
+    flat = trees.flat_dict(tree)
+    return dict(zip(flat, (int(v) for v in jax.device_get(_checksums(list(flat.values()))))))
 
 
 def verify_checksums(tree, meta: dict, where: str, partial: bool = False) -> None:
@@ -219,14 +214,9 @@ def _saved_arrays(manager, step: int) -> dict:
     return tree
 
 
-def _array_specs(tree, prefix: str = "") -> dict[str, tuple]:
+def _array_specs(tree) -> dict[str, tuple]:
     """{path: (shape, dtype)} of a nested dict of arrays or of orbax's array metadata."""
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_array_specs(v, f"{prefix}{k}/"))
-        return out
-    return {prefix.rstrip("/"): (tuple(tree.shape), np.dtype(tree.dtype).name)}
+    return {path: (tuple(a.shape), np.dtype(a.dtype).name) for path, a in trees.flat_dict(tree).items()}
 
 
 def _structure_difference(saved: dict, template: dict, partial: bool = False) -> str | None:
@@ -269,8 +259,9 @@ class Checkpointer:
         """Starts an asynchronous save; returns once the arrays are copied off the device.
 
         A step already saved is not written again: a resumed run reproduces the same state there.
-        At most one save is in flight: a new one first waits for the previous to be on disk, so
-        when an epoch is logged after its save starts, the epoch before it is durable.
+        At most one save per folder (checkpoints/, best/) is in flight, one in all with several
+        processes: a new one first waits for the previous to be on disk, so when an epoch is logged
+        after its save starts, the epoch before it is durable.
         The meta records each leaf's checksum (computed on the device, before the copy).
         """
         meta = {**meta, "checksums": tree_checksums(state_tree), "checksum_method": CHECKSUM_METHOD}

@@ -132,7 +132,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.pool_grad in ("auto", *models.POOL_GRADS),
          f"pool_grad={c.pool_grad!r}; choose one of auto, {', '.join(models.POOL_GRADS)}")
     need(c.bn_grad in ("auto", *models.BN_GRADS), f"bn_grad={c.bn_grad!r}; choose one of auto, {', '.join(models.BN_GRADS)}")
-    need(c.dropout_bits in (0, 16, 32), f"dropout_bits={c.dropout_bits}; choose 16, 32 or 0 (the backend's)")
+    need(c.dropout_bits in (0, *models.DROPOUT_BITS), f"dropout_bits={c.dropout_bits}; choose 16, 32 or 0 (the backend's)")
     need(int(c.steps_per_call) == c.steps_per_call and c.steps_per_call >= 0,
          f"steps_per_call={c.steps_per_call} must be a positive integer, or 0 for the backend's")
     seed_list(c)

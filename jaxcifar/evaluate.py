@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxcifar import checkpoint, data, errors, metrics, models, preprocess
+from jaxcifar import archive, cache, checkpoint, errors, metrics, models, preprocess
 from jaxcifar import workdir as workdir_lib
 from jaxcifar import step as step_lib
-from jaxcifar import trainer as trainer_lib
+from jaxcifar import evaluator as evaluator_lib
+from jaxcifar import mesh as mesh_lib
 from jaxcifar.errors import ConfigError
 
 
@@ -159,7 +160,7 @@ def recompute_batch_stats(model, variables: dict, images: np.ndarray, num_batche
 def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = None,
              cache_dir: str | None = None, recompute_bn_batches: int = 0) -> dict:
     cfg = trained.config
-    dataset = data.load_preprocessed(data_dir or cfg.data.data_dir or None, cache_dir or cfg.data.cache_dir or None,
+    dataset = cache.load_preprocessed(data_dir or cfg.data.data_dir or None, cache_dir or cfg.data.cache_dir or None,
                                      cfg.data.preprocess, md5s=None, log=lambda m: print(m, file=sys.stderr))
     if dataset.stats != trained.stats:
         print("warning: the dataset's normalization statistics differ from the checkpoint's; "
@@ -169,8 +170,8 @@ def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = 
     if recompute_bn_batches:
         trained = trained._replace(variables=recompute_batch_stats(
             trained.model, trained.variables, dataset.train_images, recompute_bn_batches, cfg.batch_size))
-    mesh = trainer_lib.make_mesh(jax.devices())
-    evaluator = trainer_lib.Evaluator(trained.model, images, labels, num_classes=cfg.num_classes,
+    mesh = mesh_lib.make_mesh(jax.devices())
+    evaluator = evaluator_lib.Evaluator(trained.model, images, labels, num_classes=cfg.num_classes,
                                       batch_size=cfg.eval_batch_size, replicas=1, mesh=mesh,
                                       compiler_options=models.compiler_options())
     one = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], trained.variables)  # a replica axis of 1
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
                   f"{len(runs)} seeds); confusion summed over the seeds:")
         else:
             print(f"accuracy: {result['accuracy']:.2f} %")
-        print(metrics.format_confusion(np.asarray(result["confusion"]), data.CLASS_NAMES))
+        print(metrics.format_confusion(np.asarray(result["confusion"]), archive.CLASS_NAMES))
         if args.json:
             try:
                 Path(args.json).write_text(json.dumps(result, indent=1))

@@ -1,6 +1,6 @@
-"""Small CIFAR-10-shaped archives for tests and smoke runs (never the real data).
+"""Small CIFAR-10-shaped archives for tests and smoke runs (never the real data), and random preprocessed sets.
 
-Images are noise plus a class-dependent colour gradient, so a tiny model can learn them.
+Archive images are noise plus a class-dependent colour gradient, so a tiny model can learn them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcifar.data import ARCHIVE_PREFIX, CLASS_NAMES, TEST_FILES, TRAIN_FILES
+from jaxcifar.archive import ARCHIVE_PREFIX, CLASS_NAMES, TEST_FILES, TRAIN_FILES
 
 
 def fake_batch(num_records: int, seed: int) -> bytes:
@@ -45,3 +45,16 @@ def write_fake_archive(folder, train_per_batch: int = 40, test_records: int = 50
     md5_file = folder / "md5sums.txt"
     md5_file.write_text("".join(f"{hashlib.md5(members[n]).hexdigest()}  {n}\n" for n in TRAIN_FILES + TEST_FILES))
     return archive, md5_file
+
+
+def random_preprocessed(num_train: int, num_test: int | None = None, seed: int = 0):
+    """A cache.Preprocessed of standard-normal images, labels cycling through the classes; the test split is the
+    first `num_test` training images (default: all). For benchmarks and tests where only shapes matter."""
+    from jaxcifar import cache, preprocess
+
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(num_train, 32, 32, 3)).astype(np.float32)
+    labels = (np.arange(num_train) % len(CLASS_NAMES)).astype(np.int32)
+    stats = preprocess.NormalizationStats("yuv", (0.0, 0.0), (1.0, 1.0))
+    test = slice(0, num_train if num_test is None else num_test)
+    return cache.Preprocessed(images, labels, images[test], labels[test], stats, "random")

@@ -26,6 +26,7 @@ MODEL_NAMES = ("vgg_bn_drop", "nin")
 CONV_IMPLS = ("xla", "matmul", "small")  # "small": matmuls on maps of <= AUTO_MATMUL_MAX_PIXELS and 1x1 kernels
 POOL_GRADS = ("first_max", "xla")
 BN_GRADS = ("closed_form", "autodiff")
+DROPOUT_BITS = (16, 32)
 # XLA:CPU's convolution is ~40x slower than the same work as a matmul on 2x2 maps; from 4x4 up
 # its (Eigen) convolution wins.
 AUTO_MATMUL_MAX_PIXELS = 4
@@ -98,17 +99,16 @@ def compiler_options(backend: str | None = None) -> dict | None:
     return options
 
 
-def backend_choice(field: str, value):
-    """`value`, or for "auto" / 0 the current backend's entry of config.STEP_CHOICES."""
-    if value not in ("auto", 0, None):
-        return value
-    from jaxcifar import config  # config imports this module
-
-    return config.STEP_CHOICES[config.backend_row(jax.default_backend())][field]
+def _choice(field: str, value, allowed: tuple):
+    """`value`, checked: the models take concrete choices; "auto" is resolved by config.step_choices alone."""
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r}; choose one of {', '.join(map(str, allowed))} (config.step_choices "
+                         "resolves a config's \"auto\" for a backend)")
+    return value
 
 
 def use_matmul_conv(impl: str, spatial_pixels: int, kernel_size: int) -> bool:
-    impl = backend_choice("conv_impl", impl)
+    impl = _choice("conv_impl", impl, CONV_IMPLS)
     if impl == "matmul":
         return True
     if impl == "xla":
@@ -123,7 +123,7 @@ class Conv(nn.Module):
     kernel_size: int
     padding: int
     kernel_std: float
-    impl: str = "auto"
+    impl: str = "xla"  # one of CONV_IMPLS
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -186,7 +186,7 @@ class TorchBatchNorm(nn.Module):
 
     epsilon: float = 1e-5
     momentum: float = 0.1  # torch's: running = (1 - m) * running + m * batch
-    grad: str = "auto"  # one of BN_GRADS
+    grad: str = "closed_form"  # one of BN_GRADS
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -198,7 +198,7 @@ class TorchBatchNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         if not train:
             return _normalize(x32, running_mean.value, running_var.value, scale, bias, self.epsilon).astype(x.dtype)
-        normalize = batch_normalize if backend_choice("bn_grad", self.grad) == "closed_form" else batch_normalize_autodiff
+        normalize = batch_normalize if _choice("bn_grad", self.grad, BN_GRADS) == "closed_form" else batch_normalize_autodiff
         y, mean, var = normalize(x32, scale, bias, self.epsilon)
         if not self.is_initializing():
             n = x.size // c
@@ -216,14 +216,14 @@ class Dropout(nn.Module):
     """
 
     rate: float
-    bits: int = 0  # 16 or 32; 0: the backend's
+    bits: int = 16  # one of DROPOUT_BITS
 
     @nn.compact
     def __call__(self, x, train: bool):
         if not train or self.rate == 0:
             return x
         key = self.make_rng("dropout")
-        if backend_choice("dropout_bits", self.bits) == 32:
+        if _choice("dropout_bits", self.bits, DROPOUT_BITS) == 32:
             keep = jax.random.bits(key, x.shape, jnp.uint32) >= jnp.uint32(round(self.rate * 2.0 ** 32))
         else:
             n = x.size
@@ -309,9 +309,9 @@ def max_pool_ceil_xla(x, window: int, stride: int):
                              (1, stride, stride, 1), pads)
 
 
-def max_pool(x, window: int, stride: int, grad: str = "auto"):
+def max_pool(x, window: int, stride: int, grad: str = "first_max"):
     """torch's ceil-mode max pooling, its gradient as `grad` (one of POOL_GRADS) chooses."""
-    pool = max_pool_ceil if backend_choice("pool_grad", grad) == "first_max" else max_pool_ceil_xla
+    pool = max_pool_ceil if _choice("pool_grad", grad, POOL_GRADS) == "first_max" else max_pool_ceil_xla
     return pool(x, window, stride)
 
 
@@ -329,7 +329,8 @@ def _ceil_pad(size: int, window: int, stride: int) -> int:
     return max((out - 1) * stride + window - size, 0)
 
 
-def _scaled(channels: int, width: float) -> int:
+def scaled(channels: int, width: float) -> int:
+    """A layer's channel count at width multiplier `width` (at least one)."""
     return max(1, int(round(channels * width)))
 
 
@@ -341,7 +342,7 @@ class ConvBNReLU(nn.Module):
     batch_norm: bool
     conv_impl: str
     dtype: Any
-    bn_grad: str = "auto"
+    bn_grad: str = "closed_form"
 
     @nn.compact
     def __call__(self, x, train: bool):
@@ -368,11 +369,13 @@ class CifarNet(nn.Module):
     width: float = 1.0
     batch_norm: bool = True
     dropout: bool = True
-    conv_impl: str = "auto"  # "auto" entries: the backend's (config.STEP_CHOICES)
+    # How the step is computed: each alternative gives the same function, only speed differs. The defaults are
+    # the portable ones; the Trainer builds with its backend's (config.step_choices).
+    conv_impl: str = "xla"
     dtype: Any = jnp.float32
-    pool_grad: str = "auto"
-    bn_grad: str = "auto"
-    dropout_bits: int = 0
+    pool_grad: str = "first_max"
+    bn_grad: str = "closed_form"
+    dropout_bits: int = 16
 
 
 class VGGBNDrop(CifarNet):
@@ -386,13 +389,13 @@ class VGGBNDrop(CifarNet):
                 x = max_pool(x, 2, 2, self.pool_grad)
                 continue
             channels, rate = layer
-            c = _scaled(channels, self.width)
+            c = scaled(channels, self.width)
             x = ConvBNReLU(c, 3, 1, math.sqrt(2.0 / (9 * c)), self.batch_norm, self.conv_impl, self.dtype,
                            self.bn_grad)(x, train)
             if rate:
                 x = drop(rate)(x)
         x = x.reshape(x.shape[0], -1)
-        hidden = _scaled(512, self.width)
+        hidden = scaled(512, self.width)
         x = drop(0.5)(x)
         x = self._linear(hidden, x)
         if self.batch_norm:
@@ -425,7 +428,7 @@ class NIN(CifarNet):
                     x = Dropout(0.5, self.dropout_bits)(x, train)
                 continue
             channels, k, pad = layer
-            c = self.num_classes if channels is None else _scaled(channels, self.width)
+            c = self.num_classes if channels is None else scaled(channels, self.width)
             x = ConvBNReLU(c, k, pad, 0.05, self.batch_norm, self.conv_impl, self.dtype, self.bn_grad)(x, train)
         x = avg_pool_ceil(x, 8, 1)
         return x.reshape(x.shape[0], -1).astype(jnp.float32)

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from jaxcifar import data, errors, evaluate, preprocess
+from jaxcifar import archive, errors, evaluate, preprocess
 
 
 def load_image(path: str) -> np.ndarray:
@@ -71,7 +71,7 @@ def classify_images(trained: evaluate.TrainedModel, images: dict) -> dict:
         return {}
     x = preprocess.apply_stats(np.stack(list(images.values())), trained.stats)
     probs = softmax(evaluate.predict_logits(trained, x, batch_size=min(len(x), 64)).astype(np.float64))
-    return {path: {name: float(v) for name, v in zip(data.CLASS_NAMES, p)} for path, p in zip(images, probs)}
+    return {path: {name: float(v) for name, v in zip(archive.CLASS_NAMES, p)} for path, p in zip(images, probs)}
 
 
 def classify(trained: evaluate.TrainedModel, paths: list[str]):

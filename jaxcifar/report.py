@@ -190,13 +190,14 @@ def model_summary(params, batch_stats=None) -> str:
     """One line per layer: its parameter shapes and count, then the total."""
     import jax
 
+    from jaxcifar import trees
+
     lines = []
     total = 0
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
     by_layer: dict[str, list] = {}
-    for path, leaf in flat:
-        keys = [getattr(p, "key", str(p)) for p in path]
-        by_layer.setdefault("/".join(keys[:-1]), []).append((keys[-1], tuple(leaf.shape)))
+    for path, leaf in trees.flat_dict(params).items():
+        layer, _, name = path.rpartition("/")
+        by_layer.setdefault(layer, []).append((name, tuple(leaf.shape)))
     width = max((len(k) for k in by_layer), default=10)
     for layer, entries in by_layer.items():
         count = sum(int(np.prod(s)) for _, s in entries)

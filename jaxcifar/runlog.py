@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcifar import data, metrics, report
+from jaxcifar import archive, metrics, report
 
 
 class RunLog:
@@ -87,6 +87,16 @@ class RunLog:
             self._close_text()
 
 
+# The fields of an epoch record that measure time, and so differ between two runs of the same computation.
+TIMED_FIELDS = ("epoch_time_s", "train_images_per_s", "eval_time_s")
+
+
+def untimed_records(workdir: Path) -> list[dict]:
+    """The epoch records of workdir/metrics.jsonl without TIMED_FIELDS: equal for runs that computed the same."""
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMED_FIELDS} for line in lines if line.strip()]
+
+
 def _csv_value(v) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
@@ -153,7 +163,7 @@ def log_epoch(log: RunLog, r: dict) -> None:
             log.print(f"  seed {s}: train loss {p['train_loss'][i]:.4f}, train {p['train_accuracy'][i]:.2f} %, "
                       f"test {p['test_accuracy'][i]:.2f} % (loss {p['test_loss'][i]:.4f})")
         log.print(f"test confusion summed over the {len(seeds)} seeds:")
-    log.print(metrics.format_confusion(np.asarray(r["test_confusion"]), data.CLASS_NAMES))
+    log.print(metrics.format_confusion(np.asarray(r["test_confusion"]), archive.CLASS_NAMES))
 
 
 def scalar_summary(r: dict) -> dict:

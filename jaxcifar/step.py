@@ -8,6 +8,7 @@ axis (one entry per seed, `over_replicas`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxcifar import config as config_lib
-from jaxcifar import data, metrics, models, optim
+from jaxcifar import batches, metrics, models, optim
 
 
 @flax.struct.dataclass
@@ -26,7 +27,25 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
-    rng: jax.Array  # raw key data of the run's base key (uint32), so checkpoints hold plain arrays
+    key_data: jax.Array  # the raw data (uint32) of the run's base key, so checkpoints hold plain arrays
+
+
+# Checkpoints (layout replicas-1) store `key_data` under the field's earlier name, "rng".
+_SAVED_NAMES = {"key_data": "rng"}
+
+
+def _state_to_dict(state: TrainState) -> dict:
+    return {_SAVED_NAMES.get(f.name, f.name): flax.serialization.to_state_dict(getattr(state, f.name))
+            for f in dataclasses.fields(state)}
+
+
+def _state_from_dict(state: TrainState, saved: dict) -> TrainState:
+    return state.replace(**{f.name: flax.serialization.from_state_dict(getattr(state, f.name),
+                                                                          saved[_SAVED_NAMES.get(f.name, f.name)])
+                            for f in dataclasses.fields(state)})
+
+
+flax.serialization.register_serialization_state(TrainState, _state_to_dict, _state_from_dict, override=True)
 
 
 def build_model(config, choices: dict | None = None) -> flax.linen.Module:
@@ -70,12 +89,12 @@ def init_train_state(seed: int, model, tx, image_shape) -> TrainState:
 @functools.lru_cache(maxsize=8)
 def _compiled_init(model, tx, image_shape):
     """One compiled initializer per (model, optimizer, shape), the key an argument: K seeds, one compile."""
-    def init(rng):
-        variables = model.init({"params": stream_key(rng, INIT_STREAM)}, jnp.zeros((1, *image_shape), jnp.float32),
+    def init(key_data):
+        variables = model.init({"params": stream_key(key_data, INIT_STREAM)}, jnp.zeros((1, *image_shape), jnp.float32),
                                train=False)
         params = variables["params"]
         return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
-                          opt_state=tx.init(params), rng=rng)
+                          opt_state=tx.init(params), key_data=key_data)
 
     return jax.jit(init)
 
@@ -123,30 +142,30 @@ def zero_train_metrics(num_classes: int) -> dict:
 INIT_STREAM, ORDER_STREAM, STEP_STREAM = 0, 1, 2
 
 
-def stream_key(rng, stream: int):
-    return jax.random.fold_in(jax.random.wrap_key_data(rng), stream)
+def stream_key(key_data, stream: int):
+    return jax.random.fold_in(jax.random.wrap_key_data(key_data), stream)
 
 
 def step_keys(state: TrainState):
     """(flip key, dropout key) of the update about to be applied: a function of (seed, step) only."""
-    return step_keys_at(state.rng, state.step)
+    return step_keys_at(state.key_data, state.step)
 
 
-def step_keys_at(rng, step):
-    return jax.random.split(jax.random.fold_in(stream_key(rng, STEP_STREAM), step))
+def step_keys_at(key_data, step):
+    return jax.random.split(jax.random.fold_in(stream_key(key_data, STEP_STREAM), step))
 
 
-def epoch_order(rng, epoch, num_examples: int, batch_size: int):
+def epoch_order(key_data, epoch, num_examples: int, batch_size: int):
     """The epoch's batches: a function of (seed, epoch) only."""
-    return data.epoch_batch_indices(stream_key(rng, ORDER_STREAM), epoch, num_examples, batch_size)
+    return batches.epoch_batch_indices(stream_key(key_data, ORDER_STREAM), epoch, num_examples, batch_size)
 
 
-def train_step(state: TrainState, acc: dict, images, labels, epoch_indices, *, model, tx, flip: str,
+def train_step(state: TrainState, epoch_metrics: dict, images, labels, epoch_indices, *, model, tx, flip: str,
                label_smoothing: float, num_classes: int, batch_sharding=None):
     """One torch7-SGD update on the batch `epoch_indices[step % steps]`; accumulates epoch metrics."""
     steps = epoch_indices.shape[0]
     flip_key, dropout_key = step_keys(state)
-    x, y = data.gather_batch(images, labels, epoch_indices[state.step % steps], flip_key, flip)
+    x, y = batches.gather_batch(images, labels, epoch_indices[state.step % steps], flip_key, flip)
     if batch_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
 
@@ -160,13 +179,13 @@ def train_step(state: TrainState, acc: dict, images, labels, epoch_indices, *, m
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           batch_stats=batch_stats, opt_state=opt_state)
-    acc = {"loss_sum": acc["loss_sum"] + loss, "last_loss": loss,
-           "confusion": acc["confusion"] + metrics.confusion_update(logits, y, num_classes)}
-    return state, acc
+    epoch_metrics = {"loss_sum": epoch_metrics["loss_sum"] + loss, "last_loss": loss,
+                     "confusion": epoch_metrics["confusion"] + metrics.confusion_update(logits, y, num_classes)}
+    return state, epoch_metrics
 
 
-def train_steps(state: TrainState, acc: dict, images, labels, epoch_indices, *, count: int, loop: str = "unroll",
-                **step_kwargs):
+def train_steps(state: TrainState, epoch_metrics: dict, images, labels, epoch_indices, *, count: int,
+                loop: str = "unroll", **step_kwargs):
     """`count` consecutive `train_step`s in one program: traced one after another, or as a `lax.scan`.
 
     Why several per call, and which loop, depends on the backend: config.STEP_CHOICES.
@@ -176,10 +195,10 @@ def train_steps(state: TrainState, acc: dict, images, labels, epoch_indices, *, 
         def body(carry, _):
             return step(*carry), None
 
-        return jax.lax.scan(body, (state, acc), length=count)[0]
+        return jax.lax.scan(body, (state, epoch_metrics), length=count)[0]
     for _ in range(count):
-        state, acc = step(state, acc)
-    return state, acc
+        state, epoch_metrics = step(state, epoch_metrics)
+    return state, epoch_metrics
 
 
 def call_plan(first: int, steps: int, steps_per_call: int) -> list[int]:

@@ -43,12 +43,12 @@ def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm
                 layers.append(tnn.MaxPool2d(2, 2, ceil_mode=True))
                 continue
             channels, rate = layer
-            cout = models._scaled(channels, width)
+            cout = models.scaled(channels, width)
             layers += block(cin, cout, 3, 1, math.sqrt(2.0 / (9 * cout)))
             if rate and dropout:
                 layers.append(tnn.Dropout(rate))
             cin = cout
-        hidden = models._scaled(512, width)
+        hidden = models.scaled(512, width)
         drop = (lambda: [tnn.Dropout(0.5)]) if dropout else (lambda: [])
         layers += [tnn.Flatten(), *drop(), _linear(cin, hidden)]
         if batch_norm:
@@ -63,7 +63,7 @@ def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm
                     layers.append(tnn.Dropout(0.5))
                 continue
             channels, k, pad = layer
-            cout = num_classes if channels is None else models._scaled(channels, width)
+            cout = num_classes if channels is None else models.scaled(channels, width)
             layers += block(cin, cout, k, pad, 0.05)
             cin = cout
         layers += [tnn.AvgPool2d(8, 1, ceil_mode=True), tnn.Flatten()]

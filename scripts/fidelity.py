@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
     for cast in (int, float):
         try:
             return cast(text)
@@ -56,7 +56,7 @@ def load_config(path: str, width: float, epochs: int, seed: int, overrides: list
             target = target[p]
         if last not in target:
             raise SystemExit(f"error: --set {item}: the config has no field {key!r}")
-        target[last] = _parse_value(value)
+        target[last] = parse_value(value)
     return c
 
 
@@ -122,8 +122,8 @@ def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, run: R
     try:
         for epoch in run.epochs(config.num_epochs):
             t0 = time.time()
-            state, acc, _ = trainer.train_epoch(state, epoch)
-            (loss,), (conf,) = trainer.epoch_summary(acc)
+            state, epoch_metrics, _ = trainer.train_epoch(state, epoch)
+            (loss,), (conf,) = trainer.epoch_summary(epoch_metrics)
             train_time = time.time() - t0
             one = step_lib.replica(state, 0)
             variables = {"params": one.params, "batch_stats": one.batch_stats}
@@ -160,34 +160,27 @@ def dropout_statistics(model, variables, images, num_batches: int, batch_size: i
     ways: the variance (today's torch and jaxcifar) and, as torch7's 2015 BatchNormalization did, the inverse
     standard deviation. Returns both variable sets and the largest relative difference in the implied std.
     """
-    import jax
     import numpy as np
+    from flax import traverse_util
 
-    from jaxcifar import evaluate
+    from jaxcifar import evaluate, trees
 
-    batches = [jax.tree_util.tree_map(np.asarray, stats) for stats in evaluate.batch_statistics(
+    batches = [trees.flat_dict(stats) for stats in evaluate.batch_statistics(
         model, variables, images, num_batches, batch_size, seed, dropout_seed=seed + 1000)]
 
     def epsilon(path):  # the convolutions' BatchNorm has eps 1e-3, the classifier's 1e-5 (models.py)
-        return 1e-3 if "ConvBNReLU" in jax.tree_util.keystr(path) else 1e-5
+        return 1e-3 if "ConvBNReLU" in path else 1e-5
 
-    def average(*leaves):
-        return np.mean(np.stack(leaves), 0)
-
-    mean_var = jax.tree_util.tree_map(average, *batches)
-    spread = 0.0
-    flat, treedef = jax.tree_util.tree_flatten_with_path(mean_var)
-    leaves = []
-    for (path, leaf), per_batch in zip(flat, zip(*[jax.tree_util.tree_leaves(b) for b in batches])):
-        if jax.tree_util.keystr(path).endswith("['var']"):
+    mean_var, by_inverse_std, spread = {}, {}, 0.0
+    for path in batches[0]:
+        per_batch = [np.asarray(b[path]) for b in batches]
+        mean_var[path] = by_inverse_std[path] = np.mean(np.stack(per_batch), 0)
+        if path.endswith("/var"):
             eps = epsilon(path)
             inverse_std = np.mean([1 / np.sqrt(v + eps) for v in per_batch], 0)
-            torch7_var = 1 / inverse_std ** 2 - eps
-            spread = max(spread, float(np.max(np.abs(np.sqrt(torch7_var + eps) / np.sqrt(leaf + eps) - 1))))
-            leaves.append(torch7_var)
-        else:
-            leaves.append(leaf)
-    by_inverse_std = jax.tree_util.tree_unflatten(treedef, leaves)
+            by_inverse_std[path] = torch7_var = 1 / inverse_std ** 2 - eps
+            spread = max(spread, float(np.max(np.abs(np.sqrt(torch7_var + eps) / np.sqrt(mean_var[path] + eps) - 1))))
+    mean_var, by_inverse_std = (traverse_util.unflatten_dict(t, sep="/") for t in (mean_var, by_inverse_std))
     return ({"params": variables["params"], "batch_stats": mean_var},
             {"params": variables["params"], "batch_stats": by_inverse_std}, spread)
 
@@ -198,13 +191,13 @@ class JaxStream:
     def __init__(self, config, num_examples: int):
         import jax
 
-        from jaxcifar import data
+        from jaxcifar import batches
         from jaxcifar import step as step_lib
 
         self.config, self.n = config, num_examples
         self.rng = jax.random.key_data(jax.random.key(config.seed))
         self._order = jax.jit(step_lib.epoch_order, static_argnums=(2, 3))
-        self._flips = jax.jit(lambda rng, step: data.flip_mask(step_lib.step_keys_at(rng, step)[0], config.batch_size,
+        self._flips = jax.jit(lambda rng, step: batches.flip_mask(step_lib.step_keys_at(rng, step)[0], config.batch_size,
                                                                config.flip))
 
     def order(self, epoch):
@@ -260,7 +253,7 @@ def run_torch(config, dataset, train_eval, recompute_at, recompute_batches, run:
         os.replace(tmp, saved)
 
 
-def _commit() -> str:
+def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -322,7 +315,7 @@ def run_seeds(argv: list[str], seeds: list[int], out: str, jobs: int) -> int:
     """This script once per seed, `jobs` processes at a time (one thread each): K independent runs."""
     if "{seed}" not in out:
         raise SystemExit("error: with --seeds, --out needs a {seed} placeholder, e.g. results/fidelity/jax-s{seed}.json")
-    base = _drop_options(argv, ("--seeds", "--jobs", "--out", "--seed", "--workdir"))
+    base = drop_options(argv, ("--seeds", "--jobs", "--out", "--seed", "--workdir"))
     pending = [[sys.executable, __file__, *base, "--seed", str(k), "--out", out.format(seed=k)] for k in seeds]
     running, failed = [], []
     while pending or running:
@@ -338,7 +331,7 @@ def run_seeds(argv: list[str], seeds: list[int], out: str, jobs: int) -> int:
     return 1 if failed else 0
 
 
-def _drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     out, skip = [], False
     for a in argv:
         if skip:
@@ -386,9 +379,9 @@ def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
 
 
 def default_workdir(out: Path) -> Path:
-    from jaxcifar import data
+    from jaxcifar import cache
 
-    return Path(data.default_cache_dir()) / "fidelity" / out.stem
+    return Path(cache.default_cache_dir()) / "fidelity" / out.stem
 
 
 def main(argv=None) -> int:
@@ -435,7 +428,7 @@ def main(argv=None) -> int:
     if args.side == "jax" and args.threads == 1:  # must precede JAX's start
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
-    from jaxcifar import train
+    from jaxcifar import cache
 
     config = load_config(args.config, args.width, args.epochs, args.seed, args.set)
     if args.archive:
@@ -453,14 +446,14 @@ def main(argv=None) -> int:
                 "num_epochs": args.epochs, "config": config.to_dict(), "same_stream": args.same_stream,
                 "train_eval_images": args.train_eval_images, "recompute_bn_batches": args.recompute_bn_batches}
     identity["config"]["data"] = {k: v for k, v in identity["config"]["data"].items() if k == "preprocess"}
-    dataset = train.load_dataset(config, log=lambda m: print(m, file=sys.stderr))
+    dataset = cache.load_dataset(config, log=lambda m: print(m, file=sys.stderr))
     n = args.train_eval_images
     train_eval = (dataset.train_images[:n], dataset.train_labels[:n])
     recompute_at = (set(range(1, args.epochs + 1)) if args.recompute_at == "all" else {args.epochs}
                     if args.recompute_at == "last" else {int(e) for e in args.recompute_at.split(",")})
     result = {"side": args.side, "variant": variant, "seed": args.seed,
               "config_file": os.path.relpath(args.config, REPO), "overrides": args.set, "width": args.width,
-              "num_epochs": args.epochs, "threads": args.threads, "commit": _commit(), "cpu": cpu_name(),
+              "num_epochs": args.epochs, "threads": args.threads, "commit": git_commit(), "cpu": cpu_name(),
               "train_eval_images": n, "recompute_bn_batches": args.recompute_bn_batches, "config": config.to_dict(),
               "epochs": []}
 

@@ -2,7 +2,7 @@
 
     python scripts/kill_test.py --rounds 20
 
-1. prepares a fake archive once and trains it uninterrupted (the reference);
+1. prepares a fake archive (or the given one) once and trains it uninterrupted (the reference);
 2. for each round starts the same command in a second workdir, waits until it trains,
    kills it with SIGKILL after a random delay (often during a checkpoint save), and checks
    that the next start resumes with at most the epoch in progress lost;
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TIMED_FIELDS = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
 
 
 def train_command(workdir: Path, archive: Path, md5_file: Path, epochs: int) -> list[str]:
@@ -52,23 +51,11 @@ def completed_epochs(workdir: Path) -> int:
 
 
 def final_params(workdir: Path) -> dict:
-    from jaxcifar import checkpoint
+    """{path: array} of the run's latest saved parameters."""
+    from jaxcifar import checkpoint, trees
 
-    return checkpoint.read_saved(workdir)[0]["train_state"]["params"]
-
-
-def flatten(tree, prefix="") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(flatten(v, f"{prefix}/{k}"))
-        return out
-    return {prefix: np.asarray(tree)}
-
-
-def untimed_metrics(workdir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMED_FIELDS} for r in records]
+    params = checkpoint.read_saved(workdir)[0]["train_state"]["params"]
+    return {path: np.asarray(leaf) for path, leaf in trees.flat_dict(params).items()}
 
 
 def main(argv=None) -> int:
@@ -78,16 +65,22 @@ def main(argv=None) -> int:
     parser.add_argument("--max-delay", type=float, default=5.0, help="longest wait after training starts, seconds")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--root", help="working folder (default: a temporary one)")
+    parser.add_argument("--archive", help="a CIFAR-10-shaped archive to train on (default: a fake one, written here)")
+    parser.add_argument("--md5-file", help="with --archive: its md5sum list")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
 
-    from jaxcifar import data, fake_data
+    from jaxcifar import archive as archive_lib
+    from jaxcifar import fake_data, tfds_cifar10
 
     root = Path(args.root or tempfile.mkdtemp(prefix="jaxcifar-kill-"))
     env = dict(os.environ, TFDS_DATA_DIR=str(root / "tfds"), JAXCIFAR_CACHE_DIR=str(root / "cache"))
     env.setdefault("JAXCIFAR_COMPILE_CACHE", str(root / "xla"))
-    archive, md5_file = fake_data.write_fake_archive(root / "archive", train_per_batch=60, test_records=60)
-    data.prepare(str(root / "tfds"), str(archive), data.read_md5_file(md5_file))
+    if args.archive:
+        archive, md5_file = Path(args.archive), Path(args.md5_file)
+    else:
+        archive, md5_file = fake_data.write_fake_archive(root / "archive", train_per_batch=60, test_records=60)
+    tfds_cifar10.prepare(str(root / "tfds"), str(archive), archive_lib.read_md5_file(md5_file))
 
     reference = root / "reference"
     t0 = time.time()
@@ -129,11 +122,13 @@ def main(argv=None) -> int:
     if final.returncode != 0:
         failures.append(f"final run failed: {final.stderr[-2000:]}")
     else:
-        ref_params, got_params = flatten(final_params(reference)), flatten(final_params(workdir))
+        ref_params, got_params = final_params(reference), final_params(workdir)
         differing = [k for k in ref_params if not np.array_equal(ref_params[k], got_params.get(k))]
         if differing or ref_params.keys() != got_params.keys():
             failures.append(f"final parameters differ from the uninterrupted run in {differing[:5]}")
-        if untimed_metrics(reference) != untimed_metrics(workdir):
+        from jaxcifar import runlog
+
+        if runlog.untimed_records(reference) != runlog.untimed_records(workdir):
             failures.append("per-epoch metrics differ from the uninterrupted run")
     status = "PASS" if not failures else "FAIL"
     print(f"{status}: {args.rounds} rounds, {kills} SIGKILLs; final parameters "

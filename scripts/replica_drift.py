@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO / "scripts"))
     import fidelity
 
-    from jaxcifar import train
+    from jaxcifar import cache, trees
     from jaxcifar import step as step_lib
     from jaxcifar.trainer import Trainer
 
@@ -57,54 +57,51 @@ def main(argv=None) -> int:
             c[k] = v
         return c
 
-    dataset = train.load_dataset(config(), log=lambda m: print(m, file=sys.stderr))
+    dataset = cache.load_dataset(config(), log=lambda m: print(m, file=sys.stderr))
     multi = Trainer(config(seeds=args.seeds), dataset)
     single = Trainer(config(), dataset)
-    control = Trainer(config(**{field: fidelity._parse_value(value)}), dataset)
+    control = Trainer(config(**{field: fidelity.parse_value(value)}), dataset)
 
-    def flat(tree):
-        return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(tree)])
-
-    state_m, acc_m = multi.init_state(), multi.zero_metrics()
+    state_m, metrics_m = multi.init_state(), multi.zero_metrics()
     singles = [single.place(step_lib.init_replicas([s], single.model, single.tx, (32, 32, 3))) for s in seeds]
     controls = [control.place(step_lib.init_replicas([s], control.model, control.tx, (32, 32, 3))) for s in seeds]
-    starts = [flat(s.params) for s in singles]
+    starts = [trees.flat_vector(s.params) for s in singles]
     starts_tree = [jax.tree_util.tree_map(np.asarray, step_lib.replica(s.params, 0)) for s in singles]
 
     def leaf_differences(got, want, start) -> dict:
         """{leaf: |got - want| / |want - start|} over the parameter leaves, largest first."""
         out = {}
-        for (path, g), w, s0 in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree_util.tree_leaves(want),
-                                    jax.tree_util.tree_leaves(start)):
-            w = np.asarray(w)[0] if np.ndim(w) == np.ndim(g) + 1 else np.asarray(w)
-            moved = np.linalg.norm(w - s0)
+        want, start = trees.flat_dict(want), trees.flat_dict(start)
+        for path, g in trees.flat_dict(got).items():
+            w = np.asarray(want[path])[0] if np.ndim(want[path]) == np.ndim(g) + 1 else np.asarray(want[path])
+            moved = np.linalg.norm(w - start[path])
             if moved > 0:
-                out[jax.tree_util.keystr(path)] = float(np.linalg.norm(np.asarray(g) - w) / moved)
+                out[path] = float(np.linalg.norm(np.asarray(g) - w) / moved)
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
-    accs_s = [single.zero_metrics() for _ in seeds]
-    accs_c = [control.zero_metrics() for _ in seeds]
-    order_m = multi.epoch_order(state_m.rng, 1)
-    orders = [single.epoch_order(s.rng, 1) for s in singles]
+    metrics_s = [single.zero_metrics() for _ in seeds]
+    metrics_c = [control.zero_metrics() for _ in seeds]
+    order_m = multi.epoch_order(state_m.key_data, 1)
+    orders = [single.epoch_order(s.key_data, 1) for s in singles]
     for k in range(len(seeds)):  # the same batches: the stream is the seed's
         assert np.array_equal(np.asarray(order_m[k]), np.asarray(orders[k][0])), seeds[k]
     rows = []
     for step in range(1, args.steps + 1):
-        state_m, acc_m = multi.run_steps(state_m, acc_m, order_m, 1)
+        state_m, metrics_m = multi.run_steps(state_m, metrics_m, order_m, 1)
         row = {"step": step, "per_seed": []}
         for k in range(len(seeds)):
-            singles[k], accs_s[k] = single.run_steps(singles[k], accs_s[k], orders[k], 1)
-            controls[k], accs_c[k] = control.run_steps(controls[k], accs_c[k], orders[k], 1)
-            want = flat(singles[k].params)
+            singles[k], metrics_s[k] = single.run_steps(singles[k], metrics_s[k], orders[k], 1)
+            controls[k], metrics_c[k] = control.run_steps(controls[k], metrics_c[k], orders[k], 1)
+            want = trees.flat_vector(singles[k].params)
             travelled = np.linalg.norm(want - starts[k])
-            loss_s = float(accs_s[k]["last_loss"][0])
+            loss_s = float(metrics_s[k]["last_loss"][0])
             row["per_seed"].append({
                 "seed": seeds[k], "loss_single": loss_s,
-                "loss_replica_minus_single": float(acc_m["last_loss"][k]) - loss_s,
-                "loss_control_minus_single": float(accs_c[k]["last_loss"][0]) - loss_s,
+                "loss_replica_minus_single": float(metrics_m["last_loss"][k]) - loss_s,
+                "loss_control_minus_single": float(metrics_c[k]["last_loss"][0]) - loss_s,
                 # relative to the distance travelled (None before the first update moves anything: lr starts at 0)
-                "params_replica_vs_single": (float(np.linalg.norm(flat(step_lib.replica(state_m.params, k)) - want)
+                "params_replica_vs_single": (float(np.linalg.norm(trees.flat_vector(step_lib.replica(state_m.params, k)) - want)
                                                    / travelled) if travelled else None),
-                "params_control_vs_single": (float(np.linalg.norm(flat(controls[k].params) - want) / travelled)
+                "params_control_vs_single": (float(np.linalg.norm(trees.flat_vector(controls[k].params) - want) / travelled)
                                              if travelled else None)})
         if step == args.leaves_at:
             row["leaves"] = leaf_differences(step_lib.replica(state_m.params, 0), singles[0].params, starts_tree[0])
@@ -119,7 +116,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config_file": os.path.relpath(args.config, REPO), "width": args.width, "seeds": seeds,
-                               "control": args.control, "cpu": fidelity.cpu_name(), "commit": fidelity._commit(),
+                               "control": args.control, "cpu": fidelity.cpu_name(), "commit": fidelity.git_commit(),
                                "steps_per_call": 1, "rows": rows}, indent=1))
     return 0
 

@@ -1,8 +1,21 @@
-import os
+"""Fixtures and helpers shared by the test modules (which import the helpers from here, never from each other).
 
+The fake dataset is prepared once per worker; one XLA compilation cache serves the whole session, subprocesses
+included, so a program compiles once however many tests build it.
+"""
+
+import importlib.util
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
 import pytest
 
-from jaxcifar import data, fake_data
+from jaxcifar import archive, fake_data, tfds_cifar10, trees
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +29,19 @@ def prepared(tmp_path_factory, fake_archive):
     """A tfds data dir with the fake archive prepared, and a cache dir; returns (data_dir, cache_dir, md5s, md5_file)."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     cache_dir = str(tmp_path_factory.mktemp("cache"))
-    md5s = data.read_md5_file(fake_archive[1])
-    data.prepare(data_dir, str(fake_archive[0]), md5s)
+    md5s = archive.read_md5_file(fake_archive[1])
+    tfds_cifar10.prepare(data_dir, str(fake_archive[0]), md5s)
     return data_dir, cache_dir, md5s, str(fake_archive[1])
+
+
+@pytest.fixture(scope="session")
+def trained_run(prepared, tmp_path_factory):
+    """The tiny config trained 3 epochs (for the reading tools: evaluate, predict, the report)."""
+    from jaxcifar import train
+
+    workdir = tmp_path_factory.mktemp("trained")
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=3), str(workdir))
+    return workdir
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,3 +58,102 @@ def _no_home_writes(tmp_path, monkeypatch):
     # Tests never touch the user's tfds folder or cache.
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds-default"))
     monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(tmp_path / "cache-default"))
+
+
+# ---------------------------------------------------------------------------
+# Configs and data
+
+
+def load_config_file(path):
+    spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_config(prepared, **overrides):
+    """configs/tiny.py on the prepared fake dataset, 1 epoch unless overridden."""
+    data_dir, cache_dir, _, md5_file = prepared
+    c = load_config_file(REPO / "configs/tiny.py")
+    c.num_epochs, c.log_every_steps = 1, 2
+    c.data.data_dir, c.data.cache_dir, c.data.md5_file = data_dir, cache_dir, md5_file
+    return set_fields(c, overrides)
+
+
+def set_fields(config, fields: dict):
+    """`config` with each dotted field of `fields` ("optimizer.learning_rate": 0.1) set; returns it."""
+    for dotted, value in fields.items():
+        target = config
+        *path, last = dotted.split(".")
+        for part in path:
+            target = target[part]
+        target[last] = value
+    return config
+
+
+def small_dataset(n=16):
+    """`n` random training images, the same ones as the test split."""
+    return fake_data.random_preprocessed(n)
+
+
+def import_torch():
+    """torch, or a skip where it is not installed; with JAXCIFAR_REQUIRE_TORCH set (.ci/run) its absence fails."""
+    if os.environ.get("JAXCIFAR_REQUIRE_TORCH"):
+        import torch
+
+        return torch
+    return pytest.importorskip("torch", reason="PyTorch is not installed (the README's test command installs it)")
+
+
+def with_devices(count: int) -> str:
+    """XLA_FLAGS for a subprocess with `count` CPU devices, keeping the caller's flags (e.g. --xla_cpu_max_isa)."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+
+
+# ---------------------------------------------------------------------------
+# Comparing and damaging saved runs
+
+
+def assert_same_leaves(a, b):
+    """Two trees with the same paths and bit-identical leaves."""
+    fa, fb = trees.flat_dict(a), trees.flat_dict(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+def flip_bytes_in_largest_file(step_dir: Path, count: int = 8) -> None:
+    files = [f for f in (step_dir / "state").rglob("*") if f.is_file()]
+    largest = max(files, key=lambda f: f.stat().st_size)
+    blob = bytearray(largest.read_bytes())
+    for i in range(len(blob) // 2, len(blob) // 2 + 8 * count, 8):
+        blob[i] ^= 0xFF
+    largest.write_bytes(bytes(blob))
+
+
+def damage_every_data_file(step_dir: Path) -> None:
+    """64 bytes flipped across each of a save's data files: every array's bytes are hit."""
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and "/d/" in str(f):
+            blob = bytearray(f.read_bytes())
+            for i in range(0, len(blob), max(1, len(blob) // 64)):
+                blob[i] ^= 0x5A
+            f.write_bytes(bytes(blob))
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that declares `width` x `height` pixels (Pillow decides from the header alone)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from jaxcifar import bench, models
+from conftest import import_torch
 
 
 def test_flop_count_matches_the_layer_arithmetic():
@@ -16,9 +17,10 @@ def test_flop_count_matches_the_layer_arithmetic():
 
 def test_bench_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench.main(["--models", "nin", "--batch", "4", "--runs", "1", "--epoch-steps", "2", "--steps-per-call", "2",
-                       "--replicas", "2", "--json", str(out)]) == 0
+    assert bench.main(["--models", "nin", "--width", "0.125", "--batch", "4", "--runs", "1", "--epoch-steps", "2",
+                       "--steps-per-call", "2", "--replicas", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["width"] == 0.125
     nin = result["models"]["nin"]["jax"]
     assert set(nin["seconds"]) == set(bench.PHASES) and all(v >= 0 for v in nin["seconds"].values())
     assert nin["images_per_s"] > 0 and 0 < nin["fraction_of_matmul_peak"]
@@ -45,7 +47,7 @@ def test_fastest_step_settings_need_a_clear_win():
 
 
 def test_pytorch_runs_where_jax_runs():
-    torch = pytest.importorskip("torch")
+    torch = import_torch()
     assert bench.torch_device("cpu") == "cpu"
     if torch.cuda.is_available():
         assert bench.torch_device("gpu") == "cuda"

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcifar import data
+from jaxcifar import archive as archive_lib
+from jaxcifar import batches, cache, data, errors, tfds_cifar10
 
 
 def test_good_archive_verifies(fake_archive):
     archive, md5_file = fake_archive
-    members = data.read_archive(archive, data.read_md5_file(md5_file))
-    images, labels = data.parse_batches(members[f] for f in data.TRAIN_FILES)
+    members = archive_lib.read_archive(archive, archive_lib.read_md5_file(md5_file))
+    images, labels = archive_lib.parse_batches(members[f] for f in archive_lib.TRAIN_FILES)
     assert images.shape == (200, 32, 32, 3) and images.dtype == np.uint8
     assert set(labels) == set(range(10))
 
@@ -25,21 +26,21 @@ def test_extracted_folder_is_accepted(fake_archive, tmp_path):
     archive, md5_file = fake_archive
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path, filter="data")
-    for folder in (tmp_path, tmp_path / data.ARCHIVE_PREFIX):
-        assert len(data.read_archive(folder, data.read_md5_file(md5_file))) == 7
+    for folder in (tmp_path, tmp_path / archive_lib.ARCHIVE_PREFIX):
+        assert len(archive_lib.read_archive(folder, archive_lib.read_md5_file(md5_file))) == 7
 
 
 def test_official_sums_reject_a_fake_archive(fake_archive):
-    with pytest.raises(data.DataError, match=r"data_batch_1.bin .* has MD5 [0-9a-f]{32}, expected 5dd7e06a"):
-        data.read_archive(fake_archive[0])
+    with pytest.raises(errors.DataError, match=r"data_batch_1.bin .* has MD5 [0-9a-f]{32}, expected 5dd7e06a"):
+        archive_lib.read_archive(fake_archive[0])
 
 
 def test_truncated_archive(fake_archive, tmp_path):
     blob = fake_archive[0].read_bytes()
     bad = tmp_path / "truncated.tar.gz"
     bad.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(data.DataError, match="truncated or not a valid tar.gz"):
-        data.read_archive(bad, data.read_md5_file(fake_archive[1]))
+    with pytest.raises(errors.DataError, match="truncated or not a valid tar.gz"):
+        archive_lib.read_archive(bad, archive_lib.read_md5_file(fake_archive[1]))
 
 
 def test_missing_member(fake_archive, tmp_path):
@@ -49,34 +50,34 @@ def test_missing_member(fake_archive, tmp_path):
         for info in tin:
             if not info.name.endswith("test_batch.bin"):
                 tout.addfile(info, tin.extractfile(info))
-    with pytest.raises(data.DataError, match="no member cifar-10-batches-bin/test_batch.bin"):
-        data.read_archive(bad, data.read_md5_file(md5_file))
+    with pytest.raises(errors.DataError, match="no member cifar-10-batches-bin/test_batch.bin"):
+        archive_lib.read_archive(bad, archive_lib.read_md5_file(md5_file))
 
 
 def test_unreadable_and_absent_paths(tmp_path, fake_archive):
-    with pytest.raises(data.DataError, match="does not exist"):
-        data.read_archive(tmp_path / "nope.tar.gz")
+    with pytest.raises(errors.DataError, match="does not exist"):
+        archive_lib.read_archive(tmp_path / "nope.tar.gz")
     if os.geteuid() != 0:  # root reads anything
         locked = tmp_path / "locked.tar.gz"
         shutil.copy(fake_archive[0], locked)
         locked.chmod(0)
-        with pytest.raises(data.DataError, match="cannot read"):
-            data.read_archive(locked)
+        with pytest.raises(errors.DataError, match="cannot read"):
+            archive_lib.read_archive(locked)
 
 
 def test_offline_without_archive_fails_fast(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DOWNLOAD_HOST", ("127.0.0.1", 9))  # nothing listens: the probe fails at once
+    monkeypatch.setattr(tfds_cifar10, "DOWNLOAD_HOST", ("127.0.0.1", 9))  # nothing listens: the probe fails at once
     t0 = time.time()
-    with pytest.raises(data.DataError, match=r"--archive /path/to/cifar-10-binary.tar.gz"):
-        data.prepare(str(tmp_path / "tfds"))
+    with pytest.raises(errors.DataError, match=r"--archive /path/to/cifar-10-binary.tar.gz"):
+        tfds_cifar10.prepare(str(tmp_path / "tfds"))
     assert time.time() - t0 < 15
 
 
 def test_failed_prepare_leaves_no_partial_dataset(tmp_path, fake_archive):
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(fake_archive[0].read_bytes()[:5000])
-    with pytest.raises(data.DataError):
-        data.prepare(str(tmp_path / "tfds"), str(bad), data.read_md5_file(fake_archive[1]))
+    with pytest.raises(errors.DataError):
+        tfds_cifar10.prepare(str(tmp_path / "tfds"), str(bad), archive_lib.read_md5_file(fake_archive[1]))
     leftovers = list((tmp_path / "tfds").rglob("*")) if (tmp_path / "tfds").exists() else []
     assert not [p for p in leftovers if p.is_file()]
 
@@ -98,9 +99,9 @@ def test_prepare_cli_error_is_one_line(tmp_path, capsys):
 
 def test_tfds_roundtrip_preserves_images(prepared, fake_archive):
     data_dir, _, md5s, _ = prepared
-    raw = data.load_uint8(data_dir)
-    members = data.read_archive(fake_archive[0], md5s)
-    want_images, want_labels = data.parse_batches(members[f] for f in data.TRAIN_FILES)
+    raw = tfds_cifar10.load_uint8(data_dir)
+    members = archive_lib.read_archive(fake_archive[0], md5s)
+    want_images, want_labels = archive_lib.parse_batches(members[f] for f in archive_lib.TRAIN_FILES)
     # tfds stores its own (deterministic) order: compare as multisets keyed by bytes
     got = sorted(zip(raw["train_labels"].tolist(), (im.tobytes() for im in raw["train_images"])))
     want = sorted(zip(want_labels.tolist(), (im.tobytes() for im in want_images)))
@@ -113,10 +114,10 @@ def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
     import tempfile
     cache_dir = tempfile.mkdtemp()
     messages = []
-    first = data.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
+    first = cache.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
     assert any("preprocessing" in m for m in messages)
     messages.clear()
-    second = data.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
+    second = cache.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
     assert any("loaded preprocessed" in m for m in messages)
     np.testing.assert_array_equal(first.train_images, second.train_images)
     assert first.stats == second.stats
@@ -127,7 +128,7 @@ def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
         f.seek(4000)
         f.write(b"\xff" * 64)
     messages.clear()
-    third = data.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
+    third = cache.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
     assert "corrupt" in capsys.readouterr().err
     assert any("preprocessing" in m for m in messages)
     np.testing.assert_array_equal(first.train_images, third.train_images)
@@ -137,7 +138,7 @@ def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
 def test_cache_is_npy_and_json_only_and_loads_without_pickle(prepared, tmp_path):
     data_dir, _, md5s, _ = prepared
     cache_dir = tmp_path / "cache"
-    data.load_preprocessed(data_dir, str(cache_dir), md5s=md5s, log=lambda m: None)
+    cache.load_preprocessed(data_dir, str(cache_dir), md5s=md5s, log=lambda m: None)
     files = sorted(p for p in cache_dir.rglob("*") if p.is_file())
     assert sorted(p.name for p in files) == sorted([f"{a}.npy" for a in ("train_images", "train_labels",
                                                                          "test_images", "test_labels")]
@@ -152,10 +153,10 @@ def test_cache_is_npy_and_json_only_and_loads_without_pickle(prepared, tmp_path)
 
 def test_epoch_order_is_a_function_of_seed_and_epoch():
     key = jax.random.key(0)
-    a = data.epoch_batch_indices(key, 3, 1000, 128)
-    b = data.epoch_batch_indices(key, 3, 1000, 128)
-    c = data.epoch_batch_indices(key, 4, 1000, 128)
-    d = data.epoch_batch_indices(jax.random.key(1), 3, 1000, 128)
+    a = batches.epoch_batch_indices(key, 3, 1000, 128)
+    b = batches.epoch_batch_indices(key, 3, 1000, 128)
+    c = batches.epoch_batch_indices(key, 4, 1000, 128)
+    d = batches.epoch_batch_indices(jax.random.key(1), 3, 1000, 128)
     assert a.shape == (7, 128)  # 1000 // 128 full batches, the partial one dropped
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, d)
@@ -169,7 +170,7 @@ def test_batchflip_mirrors_exactly_half(batch):
     idx = jnp.arange(batch)
     counts = []
     for seed in range(5):
-        x, y = data.gather_batch(images, labels, idx, jax.random.key(seed), "batchflip")
+        x, y = batches.gather_batch(images, labels, idx, jax.random.key(seed), "batchflip")
         flipped = np.array([np.array_equal(x[i], images[i, :, ::-1]) for i in range(batch)])
         unchanged = np.array([np.array_equal(x[i], images[i]) for i in range(batch)])
         assert np.all(flipped ^ unchanged)
@@ -183,16 +184,16 @@ def test_independent_flips_and_no_flips():
     idx = jnp.arange(256)
     counts = set()
     for seed in range(4):
-        x, _ = data.gather_batch(images, idx, idx, jax.random.key(seed), "independent")
+        x, _ = batches.gather_batch(images, idx, idx, jax.random.key(seed), "independent")
         counts.add(sum(np.array_equal(x[i], images[i, :, ::-1]) for i in range(256)))
     assert all(80 < n < 176 for n in counts) and len(counts) > 1  # binomial(256, 1/2), not forced to half
-    x, _ = data.gather_batch(images, idx, idx, jax.random.key(0), "none")
+    x, _ = batches.gather_batch(images, idx, idx, jax.random.key(0), "none")
     np.testing.assert_array_equal(x, images)
 
 
 def test_eval_batches_cover_every_example_once():
     for n, b in [(10_000, 500), (10_000, 128), (50, 64), (7, 3)]:
-        idx, valid = data.eval_batches(n, b)
+        idx, valid = batches.eval_batches(n, b)
         seen = idx[valid]
         assert sorted(seen.tolist()) == list(range(n))
 
@@ -202,8 +203,8 @@ def test_eval_batches_cover_every_example_once():
 
 
 def test_an_md5_list_that_is_not_text_is_named_as_such(fake_archive, capsys):
-    with pytest.raises(data.DataError, match="is not an MD5 list .*not text"):
-        data.read_md5_file(fake_archive[0])  # the archive given in the list's place
+    with pytest.raises(errors.DataError, match="is not an MD5 list .*not text"):
+        archive_lib.read_md5_file(fake_archive[0])  # the archive given in the list's place
     assert data.main(["prepare", "--archive", str(fake_archive[0]), "--md5-file", str(fake_archive[0])]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is not an MD5 list" in err
@@ -227,42 +228,65 @@ def _flip_in_train_records(data_dir: str) -> None:
 
 def test_a_damaged_prepared_dataset_is_named_then_prepared_again_from_the_archive(fake_archive, tmp_path, capsys):
     archive, md5_file = map(str, fake_archive)
-    md5s = data.read_md5_file(md5_file)
-    data_dir, cache = str(tmp_path / "tfds"), str(tmp_path / "cache")
-    data.prepare(data_dir, archive, md5s)
-    good = data.load_uint8(data_dir)
+    md5s = archive_lib.read_md5_file(md5_file)
+    data_dir, cache_dir = str(tmp_path / "tfds"), str(tmp_path / "cache")
+    tfds_cifar10.prepare(data_dir, archive, md5s)
+    good = tfds_cifar10.load_uint8(data_dir)
     _flip_in_train_records(data_dir)
-    with pytest.raises(data.DataError, match=r"the prepared dataset in \S+ is damaged .*prepare --force --archive") as e:
-        data.load_preprocessed(data_dir, cache, md5s=md5s, log=lambda m: None)
+    with pytest.raises(errors.DataError, match=r"the prepared dataset in \S+ is damaged .*prepare --force --archive") as e:
+        cache.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=lambda m: None)
     assert "\n" not in str(e.value)
     # with the archive known, it is moved aside (kept) and prepared again
     messages = []
-    again = data.load_preprocessed(data_dir, cache, archive=archive, md5s=md5s, log=messages.append)
+    again = cache.load_preprocessed(data_dir, cache_dir, archive=archive, md5s=md5s, log=messages.append)
     assert any("is damaged" in m and "moved it to" in m for m in messages), messages
-    np.testing.assert_array_equal(data.load_uint8(data_dir)["train_images"], good["train_images"])
+    np.testing.assert_array_equal(tfds_cifar10.load_uint8(data_dir)["train_images"], good["train_images"])
     assert len(again.train_labels) == 200
     (aside,) = (tmp_path / "tfds" / "cifar10-set-aside").iterdir()
     # the command line does the same on request
     _flip_in_train_records(data_dir)
     assert data.main(["prepare", "--force", "--archive", archive, "--md5-file", md5_file, "--data-dir", data_dir]) == 0
     assert "moved the prepared dataset to" in capsys.readouterr().out
-    np.testing.assert_array_equal(data.load_uint8(data_dir)["train_images"], good["train_images"])
+    np.testing.assert_array_equal(tfds_cifar10.load_uint8(data_dir)["train_images"], good["train_images"])
     assert len(list((tmp_path / "tfds" / "cifar10-set-aside").iterdir())) == 2
 
 
 def test_the_cache_is_replaced_without_a_moment_without_one(prepared, tmp_path, monkeypatch):
     data_dir, _, md5s, _ = prepared
     cache_dir = tmp_path / "cache"
-    first = data.load_preprocessed(data_dir, str(cache_dir), md5s=md5s, log=lambda m: None)
+    first = cache.load_preprocessed(data_dir, str(cache_dir), md5s=md5s, log=lambda m: None)
     (folder,) = [p for p in cache_dir.iterdir() if p.is_symlink()]
     seen = []
     real_replace, real_rmtree = os.replace, shutil.rmtree
 
     def check(*args, **kwargs):  # at every step of the rewrite, a reader finds a whole cache
-        seen.append(data._load_cache(folder, first.fingerprint) is not None)
+        seen.append(cache._load_cache(folder, first.fingerprint) is not None)
 
-    monkeypatch.setattr(data.os, "replace", lambda *a: (check(), real_replace(*a))[1])
-    monkeypatch.setattr(data.shutil, "rmtree", lambda *a, **k: (check(), real_rmtree(*a, **k))[1])
-    data._write_cache(folder, first)
+    monkeypatch.setattr(cache.os, "replace", lambda *a: (check(), real_replace(*a))[1])
+    monkeypatch.setattr(cache.shutil, "rmtree", lambda *a, **k: (check(), real_rmtree(*a, **k))[1])
+    cache._write_cache(folder, first)
     check()
     assert seen and all(seen), seen
+
+
+def test_a_given_archive_that_does_not_exist_is_an_error_even_when_prepared(prepared, capsys):
+    data_dir, _, _, md5_file = prepared
+    rc = data.main(["prepare", "--archive", "/nonexistent.tar.gz", "--data-dir", data_dir, "--md5-file", md5_file])
+    assert rc == 2 and "/nonexistent.tar.gz does not exist" in capsys.readouterr().err
+
+
+def test_a_prepared_set_is_checked_against_the_expected_archive(prepared, capsys):
+    data_dir, _, _, md5_file = prepared
+    assert data.main(["prepare", "--data-dir", data_dir]) == 2  # the official set expected, a fake one prepared
+    err = capsys.readouterr().err
+    assert "another archive than the official CIFAR-10 archive" in err and "200 train / 50 test images" in err
+    assert data.main(["prepare", "--data-dir", data_dir, "--md5-file", md5_file]) == 0
+    assert "NOT the official CIFAR-10" in capsys.readouterr().out
+
+
+def test_an_md5_file_line_error_names_the_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "sums.md5"
+    bad.write_text(f"{'0' * 32}  data_batch_1.bin\nnot-a-digest\n")
+    assert data.main(["prepare", "--md5-file", str(bad), "--data-dir", str(tmp_path / "tfds")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 2: 'not-a-digest'" in err and "Traceback" not in err

@@ -1,28 +1,19 @@
 """scripts/fidelity.py: a run cut short resumes from its workdir to the rows of an uninterrupted run (both sides),
 a workdir of another run is refused, several seeds run from one command, and G is summarised per group."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, import_torch, load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("fidelity", REPO / "scripts" / "fidelity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fidelity = _load_script()
+fidelity = load_script("fidelity")
 
 
 def _argv(prepared, side, out, workdir, *extra):
     data_dir, cache_dir, _, md5_file = prepared
-    return ["--side", side, "--config", str(REPO / "configs/tiny.py"), "--width", "0.0625", "--epochs", "3",
+    return ["--side", side, "--config", str(REPO / "configs/tiny.py"), "--width", "0.0625", "--epochs", "2",
             "--train-eval-images", "40", "--recompute-bn-batches", "2", "--threads", "2",
             "--set", f"data.data_dir={data_dir}", "--set", f"data.cache_dir={cache_dir}",
             "--set", f"data.md5_file={md5_file}", "--out", str(out), "--workdir", str(workdir), *extra]
@@ -36,7 +27,7 @@ def _rows(path):
 @pytest.mark.parametrize("side", ["jax", "torch"])
 def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, tmp_path):
     if side == "torch":
-        pytest.importorskip("torch")
+        import_torch()
     whole = tmp_path / "whole.json"
     assert fidelity.main(_argv(prepared, side, whole, tmp_path / "w-whole")) == 0
     split = tmp_path / "split.json"
@@ -48,7 +39,7 @@ def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, 
     split.write_text(json.dumps(stale))
     assert fidelity.main(_argv(prepared, side, split, tmp_path / "w-split")) == 0
     want = _rows(whole)
-    assert [r["epoch"] for r in want] == [1, 2, 3]
+    assert [r["epoch"] for r in want] == [1, 2]
     assert "test_accuracy_recomputed_bn" in want[-1] and all("gap" in r for r in want)
     assert _rows(split) == want  # bit-identical: every loss and accuracy equal
 
@@ -63,7 +54,7 @@ def test_seeds_run_one_process_each_and_gaps_summarise_them(prepared, tmp_path, 
     out = tmp_path / "jax-s{seed}.json"
     monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(tmp_path / "cache"))  # the runs' default workdirs
     argv = _argv(prepared, "jax", out, tmp_path / "unused", "--seeds", "0-1", "--jobs", "2")
-    argv = fidelity._drop_options(argv, ("--workdir",)) + ["--stop-after", "2"]
+    argv = fidelity.drop_options(argv, ("--workdir",)) + ["--stop-after", "1"]
     assert fidelity.main(argv) == 0
     runs = [json.loads((tmp_path / f"jax-s{k}.json").read_text()) for k in (0, 1)]
     assert [r["seed"] for r in runs] == [0, 1]
@@ -71,14 +62,14 @@ def test_seeds_run_one_process_each_and_gaps_summarise_them(prepared, tmp_path, 
     assert (tmp_path / "cache" / "fidelity" / "jax-s1" / "checkpoints").is_dir()
 
     paths = [str(tmp_path / f"jax-s{k}.json") for k in (0, 1)]
-    summary = fidelity.gap_summary(paths, (1, 2))
-    gaps = [sum(e["train_accuracy"] - e["test_accuracy"] for e in r["epochs"][:2]) / 2 for r in runs]
+    summary = fidelity.gap_summary(paths, (1, 1))
+    gaps = [runs[k]["epochs"][0]["train_accuracy"] - runs[k]["epochs"][0]["test_accuracy"] for k in (0, 1)]
     mean = sum(gaps) / 2
     se = abs(gaps[0] - gaps[1]) / 2  # two values: stdev / sqrt(2) = |a - b| / 2
     row = summary.splitlines()[-1]
     assert f"{gaps[0]:.1f} / {gaps[1]:.1f}" in row and f"{mean:.2f} ± {se:.2f}" in row
-    assert "2 of 3" in row  # the runs stopped before their last epoch
-    assert len(fidelity.gap_summary(paths, (2, 3)).splitlines()) == 2  # no run has reached epoch 3
+    assert "1 of 2" in row  # the runs stopped before their last epoch
+    assert len(fidelity.gap_summary(paths, (2, 2)).splitlines()) == 2  # no run has reached epoch 2
 
 
 def test_seeds_need_a_placeholder_in_out():

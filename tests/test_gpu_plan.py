@@ -1,13 +1,10 @@
 """scripts/gpu_plan.py: the budget arithmetic and step settings gpu_run.sh takes from the benchmark."""
 
-import importlib.util
 import json
 
-from test_train import REPO
+from conftest import load_script
 
-spec = importlib.util.spec_from_file_location("gpu_plan", REPO / "scripts/gpu_plan.py")
-gpu_plan = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(gpu_plan)
+gpu_plan = load_script("gpu_plan")
 
 
 def test_estimates_come_from_the_measured_throughput_of_that_many_seeds(tmp_path):

@@ -17,31 +17,37 @@ def conv_params(cin, cout, k):
     return cin * cout * k * k + cout
 
 
+def shapes(model, batch=2):
+    """`init`'s variables and input as shapes alone (nothing computed): enough to count parameters."""
+    x = jax.ShapeDtypeStruct((batch, 32, 32, 3), jnp.float32)
+    return jax.eval_shape(lambda x: model.init({"params": jax.random.key(0)}, x, train=False), x), x
+
+
 def test_vgg_parameter_count_and_output():
-    variables, x = init(models.VGGBNDrop())
+    variables, x = shapes(models.VGGBNDrop())
     channels = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
     convs = sum(conv_params(a, b, 3) for a, b in zip(channels[:-1], channels[1:]))
     bn = 2 * sum(channels[1:]) + 2 * 512
     linear = (512 * 512 + 512) + (512 * 10 + 10)
     assert models.count_params(variables["params"]) == convs + bn + linear == 14_991_946
     assert convs + linear == 14_982_474  # the 14.98 M weights of the convolutions and linear layers
-    out = models.VGGBNDrop().apply(variables, x, train=False)
+    out = jax.eval_shape(lambda v, x: models.VGGBNDrop().apply(v, x, train=False), variables, x)
     assert out.shape == (2, 10) and out.dtype == jnp.float32
 
 
 def test_nin_parameter_count_and_output():
-    variables, x = init(models.NIN())
+    variables, x = shapes(models.NIN())
     layers = [(3, 192, 5), (192, 160, 1), (160, 96, 1), (96, 192, 5), (192, 192, 1), (192, 192, 1),
               (192, 192, 3), (192, 192, 1), (192, 10, 1)]
     expected = sum(conv_params(a, b, k) + 2 * b for a, b, k in layers)
     assert models.count_params(variables["params"]) == expected
-    assert models.NIN().apply(variables, x, train=False).shape == (2, 10)
+    assert jax.eval_shape(lambda v, x: models.NIN().apply(v, x, train=False), variables, x).shape == (2, 10)
 
 
 def test_ablations_and_width():
-    no_bn, _ = init(models.VGGBNDrop(batch_norm=False, width=0.25))
+    no_bn, _ = shapes(models.VGGBNDrop(batch_norm=False, width=0.25))
     assert "batch_stats" not in no_bn or not jax.tree_util.tree_leaves(no_bn["batch_stats"])
-    narrow, _ = init(models.VGGBNDrop(width=0.25))
+    narrow, _ = shapes(models.VGGBNDrop(width=0.25))
     assert models.count_params(narrow["params"]) < 14_991_946 / 10
     variables, x = init(models.VGGBNDrop(dropout=False, width=0.25))
     a = models.VGGBNDrop(dropout=False, width=0.25).apply(variables, x, train=True, mutable=["batch_stats"])[0]
@@ -131,6 +137,14 @@ def test_avg_pool_ceil_averages_only_the_part_inside():
     np.testing.assert_allclose(got, want)
     got_max = np.asarray(models.max_pool_ceil(x, 3, 2))[0, :, :, 0]
     np.testing.assert_allclose(got_max, [[img[r:r + 3, c:c + 3].max() for c in (0, 2)] for r in (0, 2)])
+
+
+@pytest.mark.parametrize("field,value", [("conv_impl", "auto"), ("pool_grad", "auto"), ("bn_grad", "auto"),
+                                         ("dropout_bits", 0)])
+def test_a_model_takes_concrete_step_choices_only(field, value):
+    model = models.VGGBNDrop(width=1 / 16, **{field: value})  # "auto" is config.step_choices' to resolve
+    with pytest.raises(ValueError, match=rf"{field}={value!r}; choose one of .*config.step_choices"):
+        model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((2, 32, 32, 3)), train=True)
 
 
 def test_unknown_model_name():
@@ -285,6 +299,6 @@ def test_pointwise_conv_matches_lax_with_gradients(shape):
 
 
 def test_nin_is_the_same_function_with_either_conv():
-    a, b = models.NIN(width=0.125, conv_impl="xla"), models.NIN(width=0.125, conv_impl="auto")
+    a, b = models.NIN(width=0.125, conv_impl="xla"), models.NIN(width=0.125, conv_impl="small")
     variables, img = init(a)
     np.testing.assert_allclose(a.apply(variables, img), b.apply(variables, img), rtol=1e-4, atol=1e-4)

@@ -1,14 +1,11 @@
-import importlib.util
 import json
 
 import pytest
 
 from jaxcifar import train
-from test_train import REPO, tiny_config
+from conftest import load_script, tiny_config
 
-spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts/reproduce.py")
-reproduce = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reproduce)
+reproduce = load_script("reproduce")
 
 
 def test_results_and_table_come_from_run_files(prepared, tmp_path):

@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from jaxcifar import models, torch_reference
+from conftest import import_torch
 
-from jaxcifar import models, torch_reference  # noqa: E402
+torch = import_torch()
 
 
 @pytest.mark.parametrize("name", ["vgg_bn_drop", "nin"])

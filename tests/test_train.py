@@ -1,60 +1,16 @@
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
-from jaxcifar import data, metrics, preprocess, train
-from jaxcifar.trainer import Trainer
-from jaxcifar import errors
+from jaxcifar import cache, errors, metrics, preprocess, train, trees
 from jaxcifar import step as step_lib
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_config_file(path):
-    spec = importlib.util.spec_from_file_location("config_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
-def with_devices(count: int) -> str:
-    """XLA_FLAGS for a subprocess with `count` CPU devices, keeping the caller's flags (e.g. --xla_cpu_max_isa)."""
-    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
-
-
-def tiny_config(prepared, **overrides):
-    """configs/tiny.py on the prepared fake dataset, 1 epoch unless overridden."""
-    data_dir, cache_dir, _, md5_file = prepared
-    c = load_config_file(REPO / "configs/tiny.py")
-    c.num_epochs, c.log_every_steps = 1, 2
-    c.data.data_dir, c.data.cache_dir, c.data.md5_file = data_dir, cache_dir, md5_file
-    return set_fields(c, overrides)
-
-
-def set_fields(config, fields: dict):
-    """`config` with each dotted field of `fields` ("optimizer.learning_rate": 0.1) set; returns it."""
-    for dotted, value in fields.items():
-        target = config
-        *path, last = dotted.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
-    return config
-
-
-def small_dataset(n=16):
-    rng = np.random.default_rng(0)
-    images = rng.normal(size=(n, 32, 32, 3)).astype(np.float32)
-    labels = (np.arange(n) % 10).astype(np.int32)
-    stats = preprocess.NormalizationStats("yuv", (0.0, 0.0), (1.0, 1.0))
-    return data.Preprocessed(images, labels, images, labels, stats, "none")
+from jaxcifar.trainer import Trainer
+from conftest import REPO, small_dataset, tiny_config
 
 
 def test_a_few_steps_overfit_a_tiny_batch(prepared):
@@ -64,8 +20,8 @@ def test_a_few_steps_overfit_a_tiny_batch(prepared):
     state = trainer.init_state()
     losses = []
     for epoch in range(1, 41):
-        state, acc, finished = trainer.train_epoch(state, epoch)
-        (loss,), (conf,) = trainer.epoch_summary(acc)
+        state, epoch_metrics, finished = trainer.train_epoch(state, epoch)
+        (loss,), (conf,) = trainer.epoch_summary(epoch_metrics)
         assert finished
         losses.append(loss)
     assert losses[-1] < 0.1 * losses[0]
@@ -81,7 +37,7 @@ def test_a_steps_randomness_is_a_function_of_seed_and_step(prepared):
     images = np.broadcast_to(image, (32, 32, 32, 3)).copy()
     labels = np.full(32, 3, np.int32)
     stats = preprocess.NormalizationStats("yuv", (0.0, 0.0), (1.0, 1.0))
-    dataset = data.Preprocessed(images, labels, images, labels, stats, "none")
+    dataset = cache.Preprocessed(images, labels, images, labels, stats, "none")
 
     trainers = {}
 
@@ -93,8 +49,8 @@ def test_a_steps_randomness_is_a_function_of_seed_and_step(prepared):
         state = trainer.init_state()  # the same parameters and optimizer state every time
         state = state.replace(step=trainer.place(np.full(1, step, np.int32)))
         if rng_seed is not None:
-            state = state.replace(rng=trainer.place(jax.random.key_data(jax.random.key(rng_seed))[None]))
-        order = trainer.epoch_order(state.rng, 1)
+            state = state.replace(key_data=trainer.place(jax.random.key_data(jax.random.key(rng_seed))[None]))
+        order = trainer.epoch_order(state.key_data, 1)
         state, _ = trainer.run_steps(state, trainer.zero_metrics(), order, 1)
         return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(state.params)])
 
@@ -114,10 +70,10 @@ def test_an_epoch_runs_every_full_batch_once_and_drops_the_remainder(prepared):
     state = trainer.init_state()
     seen = set()
     for epoch in (1, 2, 3):
-        state, acc, finished = trainer.train_epoch(state, epoch)
+        state, epoch_metrics, finished = trainer.train_epoch(state, epoch)
         assert finished and int(state.step[0]) == 6 * epoch
-        assert trainer.epoch_summary(acc)[1].sum() == 96  # every trained image counted once
-        order = np.asarray(trainer.epoch_order(state.rng, epoch))
+        assert trainer.epoch_summary(epoch_metrics)[1].sum() == 96  # every trained image counted once
+        order = np.asarray(trainer.epoch_order(state.key_data, epoch))
         assert order.shape == (1, 6, 16) and len(set(order.ravel().tolist())) == 96
         seen |= set(order.ravel().tolist())
     assert len(seen) > 96  # the dropped remainder changes from epoch to epoch
@@ -141,20 +97,16 @@ def test_scanned_steps_train_like_unrolled_steps(prepared):
     for loop in ("unroll", "scan"):
         trainer = Trainer(tiny_config(prepared, batch_size=16, steps_per_call=3, step_loop=loop), dataset)
         state = trainer.init_state()
-        start = _flat(state.params)
-        state, acc, finished = trainer.train_epoch(state, 1)
+        start = trees.flat_vector(state.params)
+        state, epoch_metrics, finished = trainer.train_epoch(state, 1)
         assert finished and int(state.step[0]) == 3
-        runs[loop] = (_flat(state.params), float(acc["loss_sum"][0]))
+        runs[loop] = (trees.flat_vector(state.params), float(epoch_metrics["loss_sum"][0]))
     (unrolled, loss_u), (scanned, loss_s) = runs["unroll"], runs["scan"]
     # Measured (Sapphire Rapids, native and AVX2): losses identical, parameters 1.1e-6 of the distance
     # travelled apart (the loop body is compiled apart from its neighbours). A skipped, repeated or
     # reordered step moves them by O(1) of it.
     assert abs(loss_s - loss_u) <= 1e-5 * abs(loss_u)
     assert np.linalg.norm(scanned - unrolled) <= 1e-4 * np.linalg.norm(unrolled - start)
-
-
-def _flat(tree):
-    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
 
 
 def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepared):
@@ -165,20 +117,20 @@ def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepa
         c = tiny_config(prepared, batch_size=16, width=0.25, steps_per_call=steps_per_call)
         trainer = Trainer(c, dataset)
         state = trainer.init_state()
-        start = _flat(state.params)
-        order = trainer.epoch_order(state.rng, 1)
-        acc = trainer.zero_metrics()
+        start = trees.flat_vector(state.params)
+        order = trainer.epoch_order(state.key_data, 1)
+        epoch_metrics = trainer.zero_metrics()
         if stop_after_first_call:
-            state, acc, finished = trainer.train_epoch(state, 1, acc, should_stop=lambda: True)
+            state, epoch_metrics, finished = trainer.train_epoch(state, 1, epoch_metrics, should_stop=lambda: True)
             assert not finished and int(state.step[0]) == 3  # honoured at the first log boundary (step 2 of 2)
-            state, acc, finished = trainer.train_epoch(state, 1, acc)
+            state, epoch_metrics, finished = trainer.train_epoch(state, 1, epoch_metrics)
             assert finished
-            return start, None, state, trainer.epoch_summary(acc)
+            return start, None, state, trainer.epoch_summary(epoch_metrics)
         after_calls = []
         for count in step_lib.call_plan(0, trainer.steps_per_epoch, steps_per_call):
-            state, acc = trainer.run_steps(state, acc, order, count)
-            after_calls.append((int(state.step[0]), _flat(state.params), float(acc["loss_sum"][0])))
-        return start, after_calls, state, trainer.epoch_summary(acc)
+            state, epoch_metrics = trainer.run_steps(state, epoch_metrics, order, count)
+            after_calls.append((int(state.step[0]), trees.flat_vector(state.params), float(epoch_metrics["loss_sum"][0])))
+        return start, after_calls, state, trainer.epoch_summary(epoch_metrics)
 
     start, single_calls, _, (_, single_conf) = run(1)
     _, grouped_calls, grouped, (grouped_loss, grouped_conf) = run(3)
@@ -300,27 +252,6 @@ def test_a_finished_run_asked_for_fewer_epochs_says_so(prepared, tmp_path, capsy
     train.train_and_evaluate(tiny_config(prepared, num_epochs=1, **{"optimizer.schedule": "torch_step"}), str(tmp_path))
     out = capsys.readouterr().out
     assert "nothing to train: the run in" in out and "already trained 2 epochs, past num_epochs=1" in out
-
-
-SECOND_SIGNAL = """
-import os, signal, sys, time
-from jaxcifar import train
-with train.StopFlag() as stop:
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(0.5)
-    print("first signal: flag", stop.signum == signal.SIGINT, flush=True)
-    os.kill(os.getpid(), signal.SIGINT)
-    time.sleep(5)
-print("not reached")
-"""
-
-
-def test_a_second_signal_exits_at_once_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-c", SECOND_SIGNAL], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 128 + 2, r.stderr
-    assert r.stdout.strip() == "first signal: flag True"
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "second SIGINT: exiting without waiting for the save" in lines[0], r.stderr
 
 
 def test_stopping_is_asked_at_log_boundaries_only(prepared):

@@ -7,16 +7,16 @@ import sys
 
 import numpy as np
 
-from test_train import REPO, with_devices
+from conftest import REPO, tiny_config, with_devices
 
 SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from jaxcifar import data, train
+from jaxcifar import cache, train
 from jaxcifar.trainer import Trainer
-from test_train import tiny_config
+from conftest import tiny_config
 prepared = tuple(json.loads(sys.argv[1]))
-dataset = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
+dataset = cache.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
 out = {"devices": jax.device_count()}
 for name, devices, seeds in (("one", jax.devices()[:1], ""), ("all", jax.devices(), ""),
                              ("replicas", jax.devices(), "0,7")):
@@ -26,10 +26,10 @@ for name, devices, seeds in (("one", jax.devices()[:1], ""), ("all", jax.devices
     state = trainer.init_state()
     losses = []
     for epoch in (1, 2):
-        acc = None
+        epoch_metrics = None
         for _ in range(trainer.steps_per_epoch):
-            state, acc, _ = trainer.train_epoch(state, epoch, acc, should_stop=lambda: True)
-            losses.append(float(acc["last_loss"][0]))
+            state, epoch_metrics, _ = trainer.train_epoch(state, epoch, epoch_metrics, should_stop=lambda: True)
+            losses.append(float(epoch_metrics["last_loss"][0]))
     conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
     out[name] = {"losses": losses, "confusion": conf[0].tolist(), "test_loss": float(test_loss[0]),
                  "sharding": str(trainer.train_images.sharding)}
@@ -70,11 +70,10 @@ def test_four_devices_follow_the_one_device_trajectory(prepared):
 
 
 def test_bfloat16_trains_and_agrees_with_float32(prepared):
-    from jaxcifar import data
+    from jaxcifar import cache
     from jaxcifar.trainer import Trainer
-    from test_train import tiny_config
 
-    dataset = data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
+    dataset = cache.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
     losses = {}
     for dtype in ("float32", "bfloat16"):
         c = tiny_config(prepared, dtype=dtype, num_epochs=3)
@@ -83,8 +82,8 @@ def test_bfloat16_trains_and_agrees_with_float32(prepared):
         assert all(p.dtype == np.float32 for p in __import__("jax").tree_util.tree_leaves(state.params))
         run = []
         for epoch in (1, 2, 3):
-            state, acc, _ = trainer.train_epoch(state, epoch)
-            run.append(trainer.epoch_summary(acc)[0][0])
+            state, epoch_metrics, _ = trainer.train_epoch(state, epoch)
+            run.append(trainer.epoch_summary(epoch_metrics)[0][0])
         import jax
         assert all(p.dtype == np.float32 for p in jax.tree_util.tree_leaves(state.params))
         assert all(v.dtype == np.float32 for v in jax.tree_util.tree_leaves(state.batch_stats))

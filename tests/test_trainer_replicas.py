@@ -3,27 +3,20 @@
 import json
 import signal
 
-import jax
 import numpy as np
 import pytest
 
-from jaxcifar import checkpoint, config as config_lib, data, evaluate, train
-from jaxcifar.trainer import Trainer
-from jaxcifar import runlog
+from jaxcifar import cache, checkpoint, config as config_lib, evaluate, runlog, signals, train, trees
 from jaxcifar import step as step_lib
-from test_checkpoint import flat
-from test_train import tiny_config
+from jaxcifar.trainer import Trainer
+from conftest import assert_same_leaves, small_dataset, tiny_config
 
 SEEDS = [0, 1, 2]
 
 
-def _flat(tree):
-    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(tree)])
-
-
 @pytest.fixture(scope="module")
 def dataset(prepared):
-    return data.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
+    return cache.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
 
 
 def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
@@ -36,18 +29,18 @@ def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
     singles = singles_from_scratch()
     start = multi.init_state()
     for k in range(len(SEEDS)):  # initialization is each seed's own, exactly
-        np.testing.assert_array_equal(_flat(step_lib.replica(start.params, k)), _flat(singles[k].params))
-    starts = [_flat(s.params) for s in singles]
+        np.testing.assert_array_equal(trees.flat_vector(step_lib.replica(start.params, k)), trees.flat_vector(singles[k].params))
+    starts = [trees.flat_vector(s.params) for s in singles]
 
     # One update: the same arithmetic with K replicas per kernel. Measured identical (Sapphire Rapids,
     # native and AVX2); 1e-5 of the distance travelled allows another CPU's rounding and still fails
     # when a replica draws another seed's order, flips or dropout (a different batch moves it by O(1)).
-    after_one, multi_acc = multi.run_steps(start, multi.zero_metrics(), multi.epoch_order(start.rng, 1), 1)
+    after_one, multi_metrics = multi.run_steps(start, multi.zero_metrics(), multi.epoch_order(start.key_data, 1), 1)
     for k, s in enumerate(singles):
-        alone, acc = single.run_steps(s, single.zero_metrics(), single.epoch_order(s.rng, 1), 1)
-        got, want = _flat(step_lib.replica(after_one.params, k)), _flat(alone.params)
+        alone, epoch_metrics = single.run_steps(s, single.zero_metrics(), single.epoch_order(s.key_data, 1), 1)
+        got, want = trees.flat_vector(step_lib.replica(after_one.params, k)), trees.flat_vector(alone.params)
         assert np.linalg.norm(got - want) <= 1e-5 * np.linalg.norm(want - starts[k]), SEEDS[k]
-        assert float(multi_acc["loss_sum"][k]) == pytest.approx(float(acc["loss_sum"][0]), rel=1e-5)
+        assert float(multi_metrics["loss_sum"][k]) == pytest.approx(float(epoch_metrics["loss_sum"][0]), rel=1e-5)
 
     # Two epochs (calls of 4 steps): measured per-epoch losses identical and parameters 1e-7 of the distance
     # travelled apart. Rounding may grow on other CPUs as in test_train's grouped-steps test (a near-tie in a
@@ -56,14 +49,14 @@ def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
     state = multi.init_state()
     multi_losses = []
     for epoch in (1, 2):
-        state, acc, _ = multi.train_epoch(state, epoch)
-        multi_losses.append(multi.epoch_summary(acc)[0])
+        state, epoch_metrics, _ = multi.train_epoch(state, epoch)
+        multi_losses.append(multi.epoch_summary(epoch_metrics)[0])
     multi_conf, _ = multi.evaluate(state.params, state.batch_stats)
     for k, s in enumerate(singles_from_scratch()):  # (run_steps donated the states above)
         losses = []
         for epoch in (1, 2):
-            s, acc, _ = single.train_epoch(s, epoch)
-            losses.append(single.epoch_summary(acc)[0][0])
+            s, epoch_metrics, _ = single.train_epoch(s, epoch)
+            losses.append(single.epoch_summary(epoch_metrics)[0][0])
         np.testing.assert_allclose([m[k] for m in multi_losses], losses, rtol=1e-4, err_msg=f"seed {SEEDS[k]}")
         conf, _ = single.evaluate(s.params, s.batch_stats)
         assert np.abs(multi_conf[k] - conf[0]).sum() <= 2  # a near-tie may move one test prediction
@@ -99,7 +92,7 @@ def two_seed_runs(prepared, tmp_path_factory):
 
     runlog.progress_bar, train.StopFlag = bar_that_stops_in_epoch_2, RecordedStopFlag
     try:
-        with pytest.raises(train.TrainingInterrupted, match="stopped by SIGTERM"):
+        with pytest.raises(signals.TrainingInterrupted, match="stopped by SIGTERM"):
             train.train_and_evaluate(config, str(root / "resumed"))
     finally:
         runlog.progress_bar, train.StopFlag = real_bar, real_flag
@@ -112,14 +105,9 @@ def test_several_seeds_resume_bit_identically(two_seed_runs):
     straight, resumed, saved_at = two_seed_runs
     assert max(saved_at) % 6 != 0  # the stop landed inside epoch 2 (6 steps per epoch)
     a, b = checkpoint.read_saved(straight)[0]["train_state"], checkpoint.read_saved(resumed)[0]["train_state"]
-    fa, fb = flat(a), flat(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        assert fa[k].shape[0] == 3, k  # every leaf carries the replica axis
-        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
-    timed = {"epoch_time_s", "train_images_per_s", "eval_time_s"}
-    rows = [[{k: v for k, v in json.loads(line).items() if k not in timed}
-             for line in (w / "metrics.jsonl").read_text().splitlines()] for w in (straight, resumed)]
+    assert all(leaf.shape[0] == 3 for leaf in trees.flat_dict(a).values())  # every leaf carries the replica axis
+    assert_same_leaves(a, b)
+    rows = [runlog.untimed_records(w) for w in (straight, resumed)]
     assert rows[0] == rows[1] and [r["epoch"] for r in rows[0]] == [1, 2]
 
 
@@ -194,22 +182,21 @@ def test_replicas_follow_single_runs_at_real_batch_shapes_within_rounding(prepar
     training, not another stream. A replica drawing another seed's batch, flips or dropout differs by ~1e-2 in
     its first loss; the bounds below sit far between the two.
     """
-    from test_train import small_dataset
     seeds = [2, 3]
     config = dict(batch_size=128, width=1 / 8, steps_per_call=1)
     dataset = small_dataset(256)
     multi = Trainer(tiny_config(prepared, seeds="2,3", **config), dataset)
     single = Trainer(tiny_config(prepared, **config), dataset)
-    state, acc = multi.init_state(), multi.zero_metrics()
-    order = multi.epoch_order(state.rng, 1)
+    state, epoch_metrics = multi.init_state(), multi.zero_metrics()
+    order = multi.epoch_order(state.key_data, 1)
     runs = [single.place(step_lib.init_replicas([s], single.model, single.tx, (32, 32, 3))) for s in seeds]
-    accs = [single.zero_metrics() for _ in seeds]
+    metrics_list = [single.zero_metrics() for _ in seeds]
     for step in range(2):
-        state, acc = multi.run_steps(state, acc, order, 1)
+        state, epoch_metrics = multi.run_steps(state, epoch_metrics, order, 1)
         for k in range(len(seeds)):
-            runs[k], accs[k] = single.run_steps(runs[k], accs[k], single.epoch_order(runs[k].rng, 1), 1)
-            got, want = float(acc["last_loss"][k]), float(accs[k]["last_loss"][0])
+            runs[k], metrics_list[k] = single.run_steps(runs[k], metrics_list[k], single.epoch_order(runs[k].key_data, 1), 1)
+            got, want = float(epoch_metrics["last_loss"][k]), float(metrics_list[k]["last_loss"][0])
             # the first step: one stream, the same forward; the second: grown by an update at lr 0.5
             # (measured 3e-5 relative, Sapphire Rapids native; AVX2 within the same bound)
             assert abs(got - want) <= (1e-6 if step == 0 else 1e-3) * abs(want), (seeds[k], step, got, want)
-    assert abs(float(acc["last_loss"][0]) - float(acc["last_loss"][1])) > 1e-3  # two runs, not one twice
+    assert abs(float(epoch_metrics["last_loss"][0]) - float(epoch_metrics["last_loss"][1])) > 1e-3  # two runs, not one twice

@@ -1,0 +1,166 @@
+"""The preprocessed dataset (the original's provider.t7), computed once and cached: npy files and a JSON manifest
+with their SHA-256s, no pickle. `load_preprocessed` is what training, evaluation and the benchmarks call.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+import numpy as np
+
+from jaxcifar import preprocess, tfds_cifar10
+from jaxcifar.archive import OFFICIAL_MD5, read_md5_file
+from jaxcifar.errors import DataError
+from jaxcifar.tfds_cifar10 import DamagedDataset
+
+CACHE_FORMAT_VERSION = 1
+
+
+class Preprocessed(NamedTuple):
+    train_images: np.ndarray  # float32 (N, 32, 32, 3)
+    train_labels: np.ndarray  # int32 (N,)
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    stats: preprocess.NormalizationStats
+    fingerprint: str
+
+
+_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("JAXCIFAR_CACHE_DIR") or os.path.expanduser("~/.cache/jaxcifar")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_key(fingerprint: str, method: str) -> str:
+    return f"cifar10-{fingerprint[:16]}-{method}-v{preprocess.PREPROCESS_VERSION}.{CACHE_FORMAT_VERSION}"
+
+
+def _load_cache(folder: Path, fingerprint: str) -> Preprocessed | None:
+    """Returns the cached arrays, or None when absent; a cache that fails any check is removed."""
+    folder = folder.resolve()  # one version throughout, even if a writer swaps the link meanwhile
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.exists():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["fingerprint"] != fingerprint:
+            raise ValueError("fingerprint mismatch")
+        arrays = {}
+        for name in _ARRAYS:
+            path = folder / f"{name}.npy"
+            if _file_sha256(path) != manifest["sha256"][name]:
+                raise ValueError(f"{path.name} checksum mismatch")
+            arrays[name] = np.load(path, allow_pickle=False)
+        stats = preprocess.NormalizationStats.from_json(manifest["stats"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"jaxcifar: preprocessed cache {folder} is corrupt ({e}); rebuilding it", file=sys.stderr)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return Preprocessed(**arrays, stats=stats, fingerprint=fingerprint)
+
+
+def _write_cache(folder: Path, dataset: Preprocessed) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".version-", dir=folder.parent))
+    try:
+        sums = {}
+        for name in _ARRAYS:
+            np.save(tmp / f"{name}.npy", getattr(dataset, name), allow_pickle=False)
+            sums[name] = _file_sha256(tmp / f"{name}.npy")
+        manifest = {"fingerprint": dataset.fingerprint, "stats": dataset.stats.to_json(), "sha256": sums,
+                    "preprocess_version": preprocess.PREPROCESS_VERSION}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        # `folder` is a symbolic link to a complete version; renaming a new link over it is atomic, so a reader
+        # always finds a whole cache, the old or the new (removing the old first left a window with none).
+        link = folder.parent / f".{folder.name}.link-{os.getpid()}"
+        link.unlink(missing_ok=True)
+        os.symlink(tmp.name, link)
+        old = folder.resolve() if folder.is_symlink() else None
+        if folder.is_dir() and not folder.is_symlink():  # a cache of the layout before links
+            old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+        os.replace(link, folder)
+        if old is not None and old != tmp.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_preprocessed(
+    data_dir: str | None = None,
+    cache_dir: str | None = None,
+    method: str = "yuv",
+    archive: str | None = None,
+    md5s: Mapping[str, str] | None = OFFICIAL_MD5,
+    log=print,
+    repair: bool = True,
+) -> Preprocessed:
+    """Prepared dataset -> preprocessed float32 arrays, computed once and cached.
+
+    `md5s`: the batch files the dataset must come from (None: whatever is prepared). Prepared files
+    that fail to read are prepared again from `archive` when it is given (`repair`), else DamagedDataset.
+    """
+    if method not in preprocess.NORMALIZERS:
+        raise DataError(f"unknown preprocessing {method!r}; choose one of {sorted(preprocess.NORMALIZERS)}")
+    b = tfds_cifar10.prepare(data_dir, archive, md5s)
+    log(f"dataset: {tfds_cifar10.describe(b)} in {b.data_dir}")
+    fingerprint = tfds_cifar10.dataset_fingerprint(b)
+    folder = Path(cache_dir or default_cache_dir()) / _cache_key(fingerprint, method)
+    cached = _load_cache(folder, fingerprint)
+    if cached is not None:
+        log(f"loaded preprocessed CIFAR-10 from {folder}")
+        return cached
+    t0 = time.time()
+    try:
+        raw = tfds_cifar10.load_uint8(data_dir)
+    except DamagedDataset as e:
+        if archive is None or not repair:
+            raise
+        aside = tfds_cifar10.set_aside_prepared(b)
+        log(f"warning: {str(e).split('; prepare it again')[0]}; moved it to {aside} and preparing it again from {archive}")
+        return load_preprocessed(data_dir, cache_dir, method, archive, md5s, log, repair=False)
+    log(f"preprocessing CIFAR-10 ({method}); this runs once and is cached in {folder}")
+    train, test, stats = preprocess.NORMALIZERS[method](raw["train_images"], raw["test_images"])
+    data = Preprocessed(train, raw["train_labels"], test, raw["test_labels"], stats, fingerprint)
+    _write_cache(folder, data)
+    log(f"preprocessed in {time.time() - t0:.1f} s")
+    return data
+
+
+def load_dataset(config, log=print) -> Preprocessed:
+    """`load_preprocessed` with a training config's data fields."""
+    d = config.data
+    md5s = read_md5_file(d.md5_file) if d.md5_file else OFFICIAL_MD5
+    return load_preprocessed(d.data_dir or None, d.cache_dir or None, d.preprocess, d.archive or None, md5s, log=log)
+
+
+def load_dataset_once(config, log=print) -> Preprocessed:
+    """`load_dataset`; with several processes, process 0 prepares and caches first while the others wait,
+    so that they only read what it wrote (the data and cache folders may be shared)."""
+    import jax
+
+    from jaxcifar import distributed
+
+    if jax.process_count() == 1:
+        return load_dataset(config, log)
+    dataset = load_dataset(config, log) if distributed.is_writer() else None
+    distributed.barrier("dataset prepared")
+    return dataset if dataset is not None else load_dataset(config, log)

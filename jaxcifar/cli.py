@@ -1,0 +1,62 @@
+"""The training command line: absl flags with ml_collections' config file, every mistake in it one line and exit
+code 2 (no traceback), before any data is read or anything compiled."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def define_flags() -> None:
+    """--config (a file with get_config(), fields overridden by --config.key=value) and --workdir."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/vgg.py.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Folder for logs, checkpoints and the report.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every mistake in the command line as one line and exit code 2."""
+    from absl import flags
+
+    config_file = _flag_value(argv, "--config")
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    if config_file is None and overrides:
+        _usage_error(f"{overrides[0]} is given without --config; name the config file it overrides first, e.g. "
+                     f"--config configs/vgg.py {overrides[0]}=...")
+    if config_file is not None and not Path(config_file.split(":")[0]).is_file():
+        _usage_error(f"--config {config_file}: no such file; give a config file such as configs/vgg.py")
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # a bad value or a missing flag
+        text = str(e).strip().splitlines()
+        missing = next((f for f in ("--config", "--workdir") if f"{f}=None" in text[0]), None)
+        _usage_error(f"{missing} is required" if missing else text[0] + (f" ({text[-1].strip()})" if len(text) > 1 else ""))
+    except AttributeError as e:  # ml_collections: an override naming no field of the config
+        if "get_config" in str(e):
+            _usage_error(f"--config {config_file}: the file defines no get_config(); a config file returns its "
+                         "ml_collections.ConfigDict from get_config(), as configs/vgg.py does")
+        key = str(e.args[0]).strip("'\"") if e.args else "?"
+        key = key.strip("'\"")
+        bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)),
+                   f"--config...{key}")
+        _usage_error(f"{bad}: the config has no field {key!r}; check the spelling against {config_file or 'the config file'}")
+    except Exception as e:  # loading the config file ran its code: a syntax or runtime error there is the user's
+        _usage_error(f"--config {config_file}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                     "fix the file or give another")
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,59 @@
+"""The Evaluator: confusion counts and mean loss of trained models over a labelled image set held on the devices.
+
+The project's one evaluation: the Trainer runs it on the test split every epoch, `python -m jaxcifar.evaluate`
+on a saved run.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxcifar import batches
+from jaxcifar.mesh import replicate
+from jaxcifar.step import eval_step, over_replicas
+
+
+class Evaluator:
+    """Confusion counts and mean loss of K replicas' models over a labelled image set held on the devices.
+
+    The images sit replicated on the mesh; each batch, split over the 'data' axis, is picked inside
+    the program (`step.eval_step`), so the loop passes only integers and works whichever process
+    holds which devices.
+    """
+
+    def __init__(self, model, images: np.ndarray, labels: np.ndarray, *, num_classes: int, batch_size: int,
+                 replicas: int, mesh: Mesh, compiler_options=None):
+        replicated = NamedSharding(mesh, P())
+        devices = mesh.devices.size
+        self.num_classes, self.replicas, self.count = num_classes, replicas, len(labels)
+        self.images = replicate(images, replicated)
+        self.labels = replicate(labels.astype(np.int32), replicated)
+        batch = -(-batch_size // devices) * devices  # a multiple of the device count; padding rows are masked out
+        indices, valid = batches.eval_batches(len(labels), batch)
+        rows = NamedSharding(mesh, P(None, "data"))
+        self.indices, self.valid = replicate(indices, rows), replicate(valid, rows)
+        self._step = _eval_program(model, num_classes, replicas, mesh, tuple(sorted((compiler_options or {}).items())))
+
+    def __call__(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
+        """Per replica: (confusion (K, C, C), mean loss (K,)) over every image, exactly once."""
+        confusion = jnp.zeros((self.replicas, self.num_classes, self.num_classes), jnp.int32)
+        loss = jnp.zeros([self.replicas], jnp.float32)
+        for batch in range(self.indices.shape[0]):
+            conf, batch_loss = self._step(params, batch_stats, self.images, self.labels, self.indices, self.valid,
+                                          np.int32(batch))
+            confusion, loss = confusion + conf, loss + batch_loss
+        return np.asarray(confusion), np.asarray(loss, np.float64) / self.count
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_program(model, num_classes: int, replicas: int, mesh: Mesh, compiler_options: tuple):
+    """The jitted evaluation batch, one per (model, replicas, mesh): evaluators of the same model share its compile."""
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(over_replicas(functools.partial(eval_step, model=model, num_classes=num_classes),
+                                 (0, 0, None, None, None, None, None), replicas),
+                   out_shardings=(replicated, replicated), compiler_options=dict(compiler_options) or None)

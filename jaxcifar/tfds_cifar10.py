@@ -1,0 +1,232 @@
+"""tfds's `cifar10`, prepared from the archive (or tfds's download) without TensorFlow, checked, and read back.
+
+TFDS_DATA_DIR/cifar10/3.0.2 holds array_record files, read with `tfds.data_source`, and a record of the
+archive they came from (SOURCE_FILE). Runs on the host at preparation time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import io
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from jaxcifar.archive import CLASS_NAMES, OFFICIAL_MD5, TEST_FILES, TRAIN_FILES, md5s_of, parse_batches, read_archive
+from jaxcifar.errors import DataError, first_line
+
+DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)
+DOWNLOAD_PROBE_TIMEOUT_S = 5.0
+OFFICIAL_SIZES = {"train": 50_000, "test": 10_000}
+# Written beside tfds's files when jaxcifar prepares them: the MD5s of the batch files they came from.
+SOURCE_FILE = "jaxcifar_source.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _builder_class():
+    """tfds's catalog `cifar10` builder, able to read a local archive and prepare without TensorFlow."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.image_classification import cifar
+
+    class Cifar10(cifar.Cifar10, skip_registration=True):
+        # Same name, version and features as the catalog builder, so `tfds.data_source("cifar10")` reads it.
+        name = "cifar10"
+
+        def __init__(self, *, archive_members: Mapping[str, bytes] | None = None, md5s=OFFICIAL_MD5, **kwargs):
+            self._archive_members = archive_members
+            self._md5s = md5s
+            super().__init__(**kwargs)
+
+        @tfds.core.utils.classproperty
+        @classmethod
+        def _checksums_path(cls):
+            return cifar.Cifar10._checksums_path  # the catalog's recorded download checksum
+
+        def _split_generators(self, dl_manager):
+            members = self._archive_members
+            if members is None:  # online: tfds downloads and checks the official archive
+                members = read_archive(dl_manager.download_and_extract(self._cifar_info.url), self._md5s)
+            self.source_md5s = md5s_of(members)
+            names = members.get("batches.meta.txt", b"").decode().split()
+            self.info.features["label"].names = names if len(names) == 10 else list(CLASS_NAMES)
+            return {
+                "train": self._generate_examples("train_", [members[f] for f in TRAIN_FILES]),
+                "test": self._generate_examples("test_", [members[f] for f in TEST_FILES]),
+            }
+
+        def _generate_examples(self, split_prefix, blobs):
+            from PIL import Image
+
+            images, labels = parse_batches(blobs)
+            for index, (image, label) in enumerate(zip(images, labels)):
+                png = io.BytesIO()
+                Image.fromarray(image).save(png, format="PNG")
+                yield index, {"id": f"{split_prefix}{index:05d}", "image": png.getvalue(), "label": int(label)}
+
+    return Cifar10
+
+
+def default_data_dir() -> str:
+    return os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def _quiet_tfds():
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)
+
+
+def builder(data_dir: str | None = None, **kwargs):
+    _quiet_tfds()
+    return _builder_class()(data_dir=data_dir or default_data_dir(), file_format="array_record", **kwargs)
+
+
+def _can_download() -> bool:
+    """Whether the download host answers within the probe timeout (DNS included, hence the thread)."""
+
+    def probe():
+        with socket.create_connection(DOWNLOAD_HOST, timeout=DOWNLOAD_PROBE_TIMEOUT_S):
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(probe).result(timeout=DOWNLOAD_PROBE_TIMEOUT_S)
+    except (OSError, concurrent.futures.TimeoutError):
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mapping[str, str] | None = OFFICIAL_MD5):
+    """Makes sure tfds's `cifar10` is prepared in `data_dir` and is the dataset `md5s` describe; returns the builder.
+
+    A given `archive` is always read and verified, prepared or not, and must be the one the
+    prepared files came from. `md5s=None` accepts whatever is prepared (readers of a finished run).
+    """
+    b = builder(data_dir)
+    members = read_archive(archive, md5s or OFFICIAL_MD5) if archive else None
+    if b.is_prepared():
+        source = prepared_source(b)
+        if members is not None and source is not None and source["md5"] != md5s_of(members):
+            raise DataError(f"{b.data_dir} already holds a dataset prepared from another archive than {archive}; "
+                            "give another --data-dir (--config.data.data_dir), or delete that folder to prepare this one")
+        check_prepared(b, md5s, source)
+        return b
+    if members is not None:
+        b = builder(data_dir, archive_members=members, md5s=md5s or OFFICIAL_MD5)
+    elif not _can_download():
+        raise DataError(
+            f"CIFAR-10 is not prepared in {b.data_dir} and {DOWNLOAD_HOST[0]} cannot be reached: supply the archive with "
+            "`python -m jaxcifar.data prepare --archive /path/to/cifar-10-binary.tar.gz` "
+            "(or --config.data.archive=PATH when training)"
+        )
+    # tfds writes to a temporary folder and renames it when complete: no partial dataset survives a failure.
+    b.download_and_prepare(file_format="array_record")
+    source = {"md5": b.source_md5s, "official": b.source_md5s == OFFICIAL_MD5}
+    (Path(b.data_dir) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+    return b
+
+
+def prepared_source(b) -> dict | None:
+    """The record of the archive a prepared dataset came from; None when tfds (or an old jaxcifar) prepared it."""
+    path = Path(b.data_dir) / SOURCE_FILE
+    if not path.exists():
+        return None
+    try:
+        source = json.loads(path.read_text())
+        if not isinstance(source.get("md5"), dict):
+            raise ValueError("no md5 table")
+        return source
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{path} is damaged ({e}); delete {b.data_dir} and prepare the dataset again") from None
+
+
+def split_sizes(b) -> dict[str, int]:
+    return {split: int(b.info.splits[split].num_examples) for split in ("train", "test")}
+
+
+def check_prepared(b, md5s: Mapping[str, str] | None, source: dict | None) -> None:
+    """Raises DataError when the prepared dataset (its `prepared_source` record: `source`) is not the one `md5s`
+    describe (None: any)."""
+    if md5s is None:
+        return
+    sizes = split_sizes(b)
+    want = {f: md5s.get(f) for f in TRAIN_FILES + TEST_FILES}
+    official = want == OFFICIAL_MD5
+    if source is None:  # prepared by tfds itself: its sizes are all there is to check
+        if official and sizes != OFFICIAL_SIZES:
+            raise DataError(f"{b.data_dir} holds a cifar10 of {sizes['train']:,} train / {sizes['test']:,} test images, "
+                            "not CIFAR-10's 50,000 / 10,000; delete it and prepare the official archive, or give "
+                            "another --data-dir (--config.data.data_dir)")
+        return
+    if source["md5"] != want:
+        what = "the official CIFAR-10 archive" if official else "the archive the given MD5 list describes"
+        raise DataError(
+            f"{b.data_dir} holds a dataset prepared from another archive than {what} ({describe(b)}); give another "
+            "--data-dir (--config.data.data_dir), or delete that folder and prepare the right archive there")
+
+
+def describe(b) -> str:
+    """The prepared dataset in words: official CIFAR-10, or a set from another archive, with its sizes."""
+    source, sizes = prepared_source(b), split_sizes(b)
+    counts = f"{sizes['train']:,} train / {sizes['test']:,} test images"
+    if source is None:
+        return f"cifar10 prepared by tfds, {counts}"
+    if source.get("official"):
+        return f"official CIFAR-10, {counts}"
+    return f"NOT the official CIFAR-10: a set prepared from another archive (MD5 list given), {counts}"
+
+
+def load_uint8(data_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Reads the prepared splits back with `tfds.data_source` (no TensorFlow); DataError if their files are damaged."""
+    import tensorflow_datasets as tfds
+
+    _quiet_tfds()
+    out = {}
+    for split in ("train", "test"):
+        try:
+            source = tfds.data_source("cifar10", split=split, data_dir=data_dir or default_data_dir(), download=False)
+            records = source.__getitems__(list(range(len(source))))
+        except (RuntimeError, OSError, ValueError) as e:  # array_record: "Corrupted Riegeli/records file: ..."
+            folder = builder(data_dir).data_dir
+            raise DamagedDataset(
+                f"the prepared dataset in {folder} is damaged ({split} split: {first_line(e)}); prepare it again with "
+                "`python -m jaxcifar.data prepare --force --archive /path/to/cifar-10-binary.tar.gz` (the damaged "
+                "files are moved aside, not deleted), or train with --config.data.archive=PATH, which does it") from None
+        out[f"{split}_images"] = np.stack([r["image"] for r in records]).astype(np.uint8)
+        out[f"{split}_labels"] = np.array([r["label"] for r in records], dtype=np.int32)
+    return out
+
+
+class DamagedDataset(DataError):
+    """The prepared tfds files fail to read back."""
+
+
+def set_aside_prepared(b) -> Path:
+    """Moves a prepared dataset's folder out of tfds's way (kept, not deleted); returns where it went."""
+    folder = Path(b.data_dir)
+    parent = folder.parent.parent / f"{folder.parent.name}-set-aside"
+    parent.mkdir(parents=True, exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=parent))
+    os.replace(folder, aside)  # onto the empty folder just made: a unique name, taken atomically
+    return aside
+
+
+def dataset_fingerprint(b) -> str:
+    """SHA-256 over the prepared tfds files: changes whenever the dataset does."""
+    h = hashlib.sha256()
+    for f in sorted(Path(b.data_dir).iterdir()):
+        if f.is_file() and "array_record" in f.name:
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()

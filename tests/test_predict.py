@@ -1,0 +1,57 @@
+"""predict.py: class probabilities for image files, checked against the dataset pipeline; its input errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcifar import archive, cache, evaluate, predict, tfds_cifar10
+from conftest import png_header
+
+
+def test_predict_files_of_any_size_and_a_non_image(trained_run, prepared, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (size, fmt) in enumerate([((32, 32), "PNG"), ((50, 70), "JPEG"), ((300, 200), "PNG"), ((8, 8), "JPEG")]):
+        p = tmp_path / f"img{i}.{fmt.lower()}"
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(p, format=fmt)
+        paths.append(str(p))
+    gray = tmp_path / "gray.png"
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(gray)
+    paths.append(str(gray))
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    bomb = png_header(tmp_path / "bomb.png", 20000, 20000)  # Pillow's decompression-bomb limit: refused, not fatal
+    rc = predict.main(["--workdir", str(trained_run), "--json", *paths, str(bad), str(bomb)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert f"error: {bad}: not an image Pillow can read" in captured.err
+    assert f"error: {bomb}: refused: Image size (400000000 pixels) exceeds limit" in captured.err
+    assert "Traceback" not in captured.err
+    out = json.loads(captured.out)
+    assert set(out["probabilities"]) == set(paths) and list(out["errors"]) == [str(bad), str(bomb)]
+    for probs in out["probabilities"].values():
+        assert list(probs) == list(archive.CLASS_NAMES) and sum(probs.values()) == pytest.approx(1.0)
+
+
+def test_predict_agrees_with_the_dataset_pipeline(trained_run, prepared, tmp_path):
+    raw = tfds_cifar10.load_uint8(prepared[0])
+    image = raw["test_images"][3]
+    path = tmp_path / "test3.png"
+    Image.fromarray(image).save(path)
+    trained = evaluate.load_trained(trained_run)
+    results, errors = predict.classify(trained, [str(path)])
+    cached = cache.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
+    idx = next(i for i in range(len(raw["test_images"])) if np.array_equal(raw["test_images"][i], image))
+    want = predict.softmax(evaluate.predict_logits(trained, cached.test_images[idx:idx + 1], 1).astype(np.float64))[0]
+    np.testing.assert_allclose(list(results[str(path)].values()), want, rtol=1e-4, atol=1e-6)
+
+
+def test_predict_reads_its_inputs_before_loading_a_model(tmp_path, capsys):
+    bomb = png_header(tmp_path / "bomb.png", 20000, 20000)
+    rc = predict.main(["--workdir", str(tmp_path / "no-such-run"), str(tmp_path / "missing.png"), str(bomb)])
+    err = capsys.readouterr().err
+    assert rc == 1  # the files' errors, found before the (absent) model would have been loaded
+    assert "missing.png: no such file" in err and "bomb.png: refused" in err and "Traceback" not in err
+    assert "no-such-run" not in err

@@ -1,0 +1,99 @@
+"""report.py: the self-contained HTML report, its rendering, and the TensorBoard scalars."""
+
+import base64
+import html.parser
+import io
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxcifar import archive, report
+
+
+def history(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+class _Collector(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.images, self.title, self._in_title = [], [], "", False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self._in_title = tag == "title"
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+
+    def handle_data(self, d):
+        if self._in_title:
+            self.title += d
+
+    def handle_endtag(self, tag):
+        self._in_title = False
+
+
+def test_report_is_self_contained_html_with_a_decodable_plot(trained_run):
+    page = (trained_run / "report.html").read_text()
+    parser = _Collector()
+    parser.feed(page)
+    assert parser.title.endswith("epoch 3") and "table" in parser.tags and "pre" in parser.tags
+    (src,) = parser.images
+    assert src.startswith("data:image/png;base64,")
+    img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert img.format == "PNG" and img.size[0] > 300
+    assert "ConfusionMatrix:" in page and "learningRate" in page and "total" in page and "parameters" in page
+    assert Image.open(trained_run / "accuracy.png").format == "PNG"
+    assert "http" not in page.split("<body>")[1]  # nothing to fetch: opens offline
+
+
+def test_report_escapes_text_and_is_replaced_atomically(trained_run, tmp_path):
+    h = history(trained_run)
+    cfg = {"model": "<script>alert(1)</script>", "data": {"archive": "/a & b/<x>.tar.gz"}}
+    target = tmp_path / "report.html"
+    target.write_text("old")
+    inode = target.stat().st_ino
+    report.write_report(tmp_path, h, cfg, {"learningRate": 1.0}, "layer <b>", archive.CLASS_NAMES)
+    page = target.read_text()
+    assert "<script>" not in page and "&lt;script&gt;" in page and "/a &amp; b/&lt;x&gt;.tar.gz" in page
+    assert "layer &lt;b&gt;" in page
+    assert target.stat().st_ino != inode  # a new file renamed over the old one, never rewritten in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["accuracy.png", "report.html"]
+
+
+def test_report_renders_in_headless_chromium(trained_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("JAXCIFAR_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is required (JAXCIFAR_REQUIRE_CHROMIUM) but not installed")
+        pytest.skip("chromium not installed (.ci/run installs it)")
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1200", "--enable-logging=stderr",
+                        f"--screenshot={shot}", (trained_run / "report.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Uncaught" not in r.stderr and "Not allowed to load" not in r.stderr
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.std() > 10 and (pixels < 128).mean() > 0.005  # text and the plot, not a blank page
+
+
+def test_tensorboard_reads_every_epochs_scalars(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (trained_run / "tensorboard").glob("events.out.tfevents.*")
+    reader = EventAccumulator(str(events))
+    reader.Reload()
+    history = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert set(reader.Tags()["scalars"]) == {"train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                                             "learning_rate", "train_images_per_s"}
+    for tag in ("train_loss", "test_accuracy", "learning_rate"):
+        got = [(e.step, e.value) for e in reader.Scalars(tag)]
+        assert got == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in history], tag

@@ -1,0 +1,291 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxcifar import checkpoint, errors, runlog, train
+from conftest import REPO, assert_same_leaves, damage_every_data_file, tiny_config
+
+def assert_same_metrics(a, b):
+    ma, mb = runlog.untimed_records(a), runlog.untimed_records(b)
+    assert [r["epoch"] for r in ma] == [r["epoch"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        assert {k: (ra[k], rb.get(k)) for k in ra if ra[k] != rb.get(k)} == {}, f"epoch {ra['epoch']}"
+
+
+def cli(workdir, prepared, *overrides, wait=True):
+    data_dir, cache_dir, _, md5_file = prepared
+    env = dict(os.environ, TFDS_DATA_DIR=data_dir, JAXCIFAR_CACHE_DIR=cache_dir)
+    cmd = [sys.executable, "-m", "jaxcifar.train", "--config", str(REPO / "configs/tiny.py"),
+           "--workdir", str(workdir), "--config.log_every_steps=1", f"--config.data.md5_file={md5_file}", *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference_run(prepared, tmp_path_factory):
+    """The tiny config trained 4 epochs without interruption."""
+    workdir = tmp_path_factory.mktemp("reference")
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=4, log_every_steps=1), str(workdir))
+    return workdir
+
+
+def test_best_checkpoint_is_kept_apart(reference_run):
+    history = [json.loads(line) for line in (reference_run / "metrics.jsonl").read_text().splitlines()]
+    best = max(history, key=lambda r: r["test_accuracy"])  # the first epoch reaching the maximum
+    best = next(r for r in history if r["test_accuracy"] == best["test_accuracy"])
+    _, meta, step = checkpoint.read_saved(reference_run, best=True)
+    assert step == best["step"] and meta["history"][-1]["test_accuracy"] == best["test_accuracy"]
+    assert len(checkpoint.Checkpointer(reference_run).steps()) == 3  # keep_checkpoints
+
+
+def test_another_architecture_is_refused(prepared, reference_run, tmp_path):
+    import shutil
+    shutil.copytree(reference_run, tmp_path / "w")
+    r = cli(tmp_path / "w", prepared, "--config.num_epochs=5", "--config.model=nin")
+    assert r.returncode == 2
+    assert "different run (model: 'vgg_bn_drop' -> 'nin')" in r.stderr and "fresh --workdir" in r.stderr
+
+
+def test_truncated_latest_checkpoint_falls_back(prepared, reference_run, tmp_path):
+    import shutil
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    latest = max(checkpoint.Checkpointer(workdir).steps())
+    for f in (workdir / "checkpoints" / str(latest) / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    r = cli(workdir, prepared, "--config.num_epochs=4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"checkpoint {latest}" in r.stdout and "unreadable" in r.stdout
+    assert "resumed from checkpoint at step" in r.stdout
+    assert_same_leaves(checkpoint.read_saved(reference_run)[0]["train_state"]["params"],
+                       checkpoint.read_saved(workdir)[0]["train_state"]["params"])
+    assert_same_metrics(reference_run, workdir)
+    assert (workdir / "damaged-checkpoints").is_dir()  # set aside, not deleted
+
+
+def test_a_signal_saves_then_a_new_process_resumes_bit_identically_and_past_the_old_end(prepared, reference_run,
+                                                                                        tmp_path):
+    """SIGINT mid-run: the run saves and exits 130. The same command with a larger num_epochs resumes in a new process
+    and trains past the first run's end: parameters and every epoch's metrics equal the uninterrupted reference's.
+    (SIGTERM takes the same handler: test_signals.py; by the command line in test_distributed.py.)"""
+    proc = cli(tmp_path, prepared, "--config.num_epochs=2", wait=False)
+    out = ""
+    deadline = time.time() + 300
+    while "loss=" not in out and time.time() < deadline:
+        out += proc.stdout.read(1)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, (out + rest)[-2000:]
+    assert "stopped by SIGINT" in rest and "run the same command again" in rest
+    assert checkpoint.Checkpointer(tmp_path).steps()
+    r = cli(tmp_path, prepared, "--config.num_epochs=4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from checkpoint at step" in r.stdout
+    assert_same_leaves(checkpoint.read_saved(reference_run)[0]["train_state"]["params"],
+                       checkpoint.read_saved(tmp_path)[0]["train_state"]["params"])
+    assert_same_metrics(reference_run, tmp_path)  # no duplicated or missing epochs either
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 4
+
+
+def test_kill_script_short(fake_archive, tmp_path):
+    # The session's fake archive: the same shapes as the other tests' runs, so their compiled programs serve it.
+    r = subprocess.run([sys.executable, str(REPO / "scripts/kill_test.py"), "--rounds", "2", "--epochs", "3",
+                        "--max-delay", "1", "--root", str(tmp_path), "--archive", str(fake_archive[0]),
+                        "--md5-file", str(fake_archive[1])], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "PASS" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " 0 SIGKILLs" not in r.stdout, r.stdout  # at least one start was killed
+
+
+def test_a_second_training_in_the_same_workdir_is_refused(prepared, reference_run, tmp_path):
+    import shutil
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    shutil.rmtree(workdir / "checkpoints")  # the metrics of 4 epochs stay: training says it starts afresh
+    shutil.rmtree(workdir / "best")
+    first = cli(workdir, prepared, "--config.num_epochs=2", wait=False)
+    lock = workdir / "train.lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = tiny_config(prepared, num_epochs=2, **{"optimizer.learning_rate": 0.1})
+    with pytest.raises(errors.WorkdirError, match=rf"in use by another training run \(pid {first.pid} on host"):
+        train.train_and_evaluate(second, str(workdir))
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out[-2000:]
+    assert "holds the metrics of an earlier run but no checkpoint; starting afresh" in out
+    # The first run's files are all its own: its learning rate, its two epochs, the same as the reference's first two.
+    assert checkpoint.read_saved(workdir)[1]["config"]["optimizer"]["learning_rate"] == 0.5
+    assert runlog.untimed_records(workdir) == runlog.untimed_records(reference_run)[:2]
+    assert len((workdir / "metrics.discarded.jsonl").read_text().splitlines()) == 4
+    assert lock.read_text() == ""  # released cleanly
+
+
+@pytest.mark.parametrize("change,named", [({"seed": 1}, "seeds: [0] -> [1]"),
+                                          ({"dropout_bits": 32}, "dropout_bits (step choice): 16 -> 32"),
+                                          ({"flip": "none"}, "flip: 'batchflip' -> 'none'")])
+def test_a_resume_that_would_be_another_run_is_refused(prepared, reference_run, tmp_path, change, named):
+    import shutil
+    shutil.copytree(reference_run, tmp_path / "w")
+    config = tiny_config(prepared, num_epochs=5, **change)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(named)):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert runlog.untimed_records(tmp_path / "w") == runlog.untimed_records(reference_run)  # nothing written
+
+
+def test_evaluate_refuses_a_damaged_checkpoint(reference_run, tmp_path, capsys):
+    import shutil
+
+    from jaxcifar import evaluate
+    shutil.copytree(reference_run, tmp_path / "w")
+    steps = checkpoint.Checkpointer(tmp_path / "w", read_only=True).steps()
+    # Every data file damaged throughout, so that the parameters evaluate reads are hit too (it reads only
+    # params and BatchNorm statistics; the checksum path of such a partial read: test_checkpoint.py).
+    damage_every_data_file(tmp_path / "w" / "checkpoints" / str(steps[-1]))
+    assert evaluate.main(["--workdir", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"checkpoint {steps[-1]} .*(fail their saved checksums|is unreadable)", err), err
+    assert f"pass --step with one of {steps[:-1]}" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------
+# Saves that cannot be written: one line, a non-zero exit, no hang, nothing lost
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_stops_the_run_before_training(prepared, tmp_path):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "checkpoints").write_text("not a folder")
+    r = cli(workdir, prepared, "--config.num_epochs=1")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    err = r.stderr.strip()
+    assert err.count("\n") == 0 and "checkpoints is a file, not a folder" in err, err
+    assert "==> epoch" not in r.stdout and (workdir / "checkpoints").read_text() == "not a folder"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: a tiny run fills it a few epochs in (root only, where mounting is allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes_identically(prepared, reference_run, small_disk,
+                                                                             tmp_path):
+    import shutil
+    workdir = small_disk / "w"
+    r = cli(workdir, prepared, "--config.num_epochs=4", "--config.log_every_steps=100")
+    assert r.returncode == 2, r.stdout[-3000:] + r.stderr[-3000:]
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error")]  # the rest: progress bars
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert not re.search("Traceback|Exception|Error", r.stdout + r.stderr.replace(lines[0], "")), r.stderr[-3000:]
+    # the disk fills during a save or while the report is written, as the sizes fall
+    saving = re.fullmatch(r"error: no space left on device while saving step (\d+) to \S+; the last complete "
+                          r"checkpoint is step (\d+) in \S+\. Free space.*", lines[0])
+    writing = re.fullmatch(r"error: no space left on device while writing \S+; free space.*", lines[0])
+    assert saving or writing, lines[0]
+    assert not saving or int(saving.group(2)) < int(saving.group(1))
+    assert not [p for p in workdir.rglob("*") if "tmp" in p.name]  # no temporary files left behind
+    # nothing lost: the same command, with space again, ends where the uninterrupted run ended
+    shutil.copytree(workdir, tmp_path / "w")
+    r = cli(tmp_path / "w", prepared, "--config.num_epochs=4", "--config.log_every_steps=100")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resumed from checkpoint at step {saving.group(2) if saving else ''}" in r.stdout
+    assert_same_leaves(checkpoint.read_saved(reference_run)[0]["train_state"]["params"],
+                       checkpoint.read_saved(tmp_path / "w")[0]["train_state"]["params"])
+
+
+def test_tensorboard_holds_each_epoch_once_after_a_resume_from_an_earlier_save(prepared, reference_run, tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    steps = checkpoint.Checkpointer(workdir, read_only=True).steps()
+    for s in steps[-2:]:  # as if the run died after logging epochs whose saves never reached the disk
+        shutil.rmtree(workdir / "checkpoints" / str(s))
+    shutil.rmtree(workdir / "best")
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=4, log_every_steps=1), str(workdir))
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    for tag in events.Tags()["scalars"]:
+        logged = [e.step for e in events.Scalars(tag)]
+        assert logged == sorted(set(logged)) and len(logged) == 4, (tag, logged)
+
+
+# ---------------------------------------------------------------------------
+# The meta is verified too, and only damage counts as damage
+
+
+def _rewrite_meta(step_dir: Path, change) -> None:
+    path = step_dir / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage", ["stats", "method", "method_name"])
+def test_damage_to_the_meta_is_refused_by_evaluate_and_predict(reference_run, tmp_path, capsys, damage):
+    import shutil
+
+    from PIL import Image
+
+    from jaxcifar import evaluate, predict
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    step = checkpoint.Checkpointer(workdir, read_only=True).steps()[-1]
+
+    def change(meta):
+        if damage == "stats":  # one bit of one normalization statistic
+            mean = np.float64(meta["stats"]["mean"][0])
+            meta["stats"]["mean"][0] = float(np.frombuffer((mean.view(np.uint64) ^ np.uint64(1)).tobytes(), np.float64)[0])
+        elif damage == "method":  # with damaged data too: the unknown method must not switch verification off
+            meta["checksum_method"] = "u32-weighted-sum-x"
+        else:
+            meta["checksum_methoe"] = meta.pop("checksum_method")
+
+    _rewrite_meta(workdir / "checkpoints" / str(step), change)
+    if damage == "method":
+            damage_every_data_file(workdir / "checkpoints" / str(step))
+    assert evaluate.main(["--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {step}" in err and ("SHA-256" in err or "checksum method" in err), err
+    image = tmp_path / "x.png"
+    Image.new("RGB", (32, 32), (200, 30, 90)).save(image)
+    assert predict.main(["--workdir", str(workdir), str(image)]) == 2
+    assert f"checkpoint {step}" in capsys.readouterr().err
+
+
+def test_a_bug_in_the_restore_path_keeps_its_traceback_and_sets_nothing_aside(reference_run, tmp_path, monkeypatch):
+    import shutil
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    steps = checkpoint.Checkpointer(workdir, read_only=True).steps()
+
+    def broken(self, abstract, partial=False):
+        raise AttributeError("a bug in jaxcifar, not damage")
+
+    template = checkpoint.read_saved(workdir)[0]
+    monkeypatch.setattr(checkpoint.Checkpointer, "_restore_args", broken)
+    ck = checkpoint.Checkpointer(workdir)
+    try:
+        with pytest.raises(AttributeError, match="a bug in jaxcifar"):
+            ck.restore(template, set_aside_damaged=True)
+    finally:
+        ck.close()
+    assert checkpoint.Checkpointer(workdir, read_only=True).steps() == steps
+    assert not (workdir / "damaged-checkpoints").exists()
