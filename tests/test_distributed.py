@@ -126,13 +126,14 @@ def test_two_processes_compute_what_one_process_computes(one_process_run, two_pr
     # function; only the all-reduces run elsewhere (in one process, or over gloo), summing in another order, and
     # the two-process run was stopped and resumed twice. A skipped, repeated or misplaced step moves the loss and
     # the parameters by O(1) of their change.
-    one, two = runlog.untimed_records(one_process_run), runlog.untimed_records(workdir)
-    np.testing.assert_allclose([r["train_loss"] for r in two], [r["train_loss"] for r in one], rtol=1e-5)
-    one_params, two_params = (trees.flat_dict(checkpoint.read_saved(w)[0]["train_state"]["params"])
-                              for w in (one_process_run, workdir))
-    assert one_params.keys() == two_params.keys()
-    for k in one_params:
-        np.testing.assert_allclose(np.asarray(two_params[k]), np.asarray(one_params[k]), rtol=2e-4, atol=2e-4,
-                                   err_msg=k)
-    one_conf, two_conf = (np.asarray(records[-1]["test_confusion"]) for records in (one, two))
+    one_log, two_log = runlog.untimed_records(one_process_run), runlog.untimed_records(workdir)
+    np.testing.assert_allclose([r["train_loss"] for r in two_log], [r["train_loss"] for r in one_log], rtol=1e-5)
+    steps = checkpoint.Checkpointer(one_process_run, read_only=True).steps()
+    one, two, one_epoch_before = (trees.flat_vector(checkpoint.read_saved(w, step=s)[0]["train_state"]["params"])
+                                  for w, s in ((one_process_run, None), (workdir, None), (one_process_run, steps[-2])))
+    # Measured (Sapphire Rapids, native): 4.6e-4 of the last epoch's travel apart, the largest share in
+    # the conv biases ahead of BatchNorm, which only rounding moves. One step on a wrong batch moves them by
+    # about a sixth of an epoch's travel.
+    assert np.linalg.norm(two - one) <= 1e-2 * np.linalg.norm(one - one_epoch_before)
+    one_conf, two_conf = (np.asarray(records[-1]["test_confusion"]) for records in (one_log, two_log))
     assert np.abs(one_conf - two_conf).sum() <= 2 and two_conf.sum() == 50
