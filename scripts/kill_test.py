@@ -2,7 +2,7 @@
 
     python scripts/kill_test.py --rounds 20
 
-1. prepares a fake archive (or the given one) once and trains it uninterrupted (the reference);
+1. prepares a fake archive (or the given one) once and trains it uninterrupted (the reference, unless given);
 2. for each round starts the same command in a second workdir, waits until it trains,
    kills it with SIGKILL after a random delay (often during a checkpoint save), and checks
    that the next start resumes with at most the epoch in progress lost;
@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--root", help="working folder (default: a temporary one)")
     parser.add_argument("--archive", help="a CIFAR-10-shaped archive to train on (default: a fake one, written here)")
     parser.add_argument("--md5-file", help="with --archive: its md5sum list")
+    parser.add_argument("--reference", help="the workdir of an uninterrupted tiny run of --epochs on --archive "
+                        "(default: trained here first)")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
 
@@ -82,11 +84,14 @@ def main(argv=None) -> int:
         archive, md5_file = fake_data.write_fake_archive(root / "archive", train_per_batch=60, test_records=60)
     tfds_cifar10.prepare(str(root / "tfds"), str(archive), archive_lib.read_md5_file(md5_file))
 
-    reference = root / "reference"
-    t0 = time.time()
-    subprocess.run(train_command(reference, archive, md5_file, args.epochs), env=env, check=True,
-                   capture_output=True, text=True)
-    print(f"reference: {args.epochs} epochs uninterrupted in {time.time() - t0:.1f} s", flush=True)
+    if args.reference:
+        reference = Path(args.reference)
+    else:
+        reference = root / "reference"
+        t0 = time.time()
+        subprocess.run(train_command(reference, archive, md5_file, args.epochs), env=env, check=True,
+                       capture_output=True, text=True)
+        print(f"reference: {args.epochs} epochs uninterrupted in {time.time() - t0:.1f} s", flush=True)
 
     workdir = root / "interrupted"
     failures = []

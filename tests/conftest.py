@@ -15,9 +15,6 @@ from pathlib import Path
 # ~1/3 of the suite. Set before JAX starts; subprocesses inherit it. Every numerical comparison in the suite is
 # between programs compiled the same way (the ISA flag of the AVX2 run is kept).
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-# Every program goes to the persistent cache, however fast it compiled: each test process starts, traces and
-# compiles the same small programs again (the tiny command line: 15.5 s -> 13.6 s a start, cache warm).
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import numpy as np
 import pytest

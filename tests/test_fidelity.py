@@ -51,17 +51,18 @@ def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, 
 
 
 def test_seeds_run_one_process_each_and_gaps_summarise_them(prepared, tmp_path, monkeypatch):
-    out = tmp_path / "jax-s{seed}.json"
+    import_torch()  # the runner is the same for either side; the port's runs start fastest
+    out = tmp_path / "torch-s{seed}.json"
     monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(tmp_path / "cache"))  # the runs' default workdirs
-    argv = _argv(prepared, "jax", out, tmp_path / "unused", "--seeds", "0-1", "--jobs", "2")
+    argv = _argv(prepared, "torch", out, tmp_path / "unused", "--seeds", "0-1", "--jobs", "2")
     argv = fidelity.drop_options(argv, ("--workdir",)) + ["--stop-after", "1"]
     assert fidelity.main(argv) == 0
-    runs = [json.loads((tmp_path / f"jax-s{k}.json").read_text()) for k in (0, 1)]
+    runs = [json.loads((tmp_path / f"torch-s{k}.json").read_text()) for k in (0, 1)]
     assert [r["seed"] for r in runs] == [0, 1]
     assert runs[0]["epochs"][0]["train_loss"] != runs[1]["epochs"][0]["train_loss"]  # different seeds
-    assert (tmp_path / "cache" / "fidelity" / "jax-s1" / "checkpoints").is_dir()
+    assert (tmp_path / "cache" / "fidelity" / "torch-s1" / "state.npz").is_file()
 
-    paths = [str(tmp_path / f"jax-s{k}.json") for k in (0, 1)]
+    paths = [str(tmp_path / f"torch-s{k}.json") for k in (0, 1)]
     summary = fidelity.gap_summary(paths, (1, 1))
     gaps = [runs[k]["epochs"][0]["train_accuracy"] - runs[k]["epochs"][0]["test_accuracy"] for k in (0, 1)]
     mean = sum(gaps) / 2

@@ -97,11 +97,12 @@ def test_a_signal_saves_then_a_new_process_resumes_bit_identically_and_past_the_
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 1 + 4
 
 
-def test_kill_script_short(fake_archive, tmp_path):
-    # The session's fake archive: the same shapes as the other tests' runs, so their compiled programs serve it.
-    r = subprocess.run([sys.executable, str(REPO / "scripts/kill_test.py"), "--rounds", "1", "--epochs", "3",
+def test_kill_script_short(fake_archive, reference_run, tmp_path):
+    # The session's fake archive and its uninterrupted 4-epoch run: the same shapes and programs as the other tests.
+    r = subprocess.run([sys.executable, str(REPO / "scripts/kill_test.py"), "--rounds", "1", "--epochs", "4",
                         "--max-delay", "1", "--root", str(tmp_path), "--archive", str(fake_archive[0]),
-                        "--md5-file", str(fake_archive[1])], capture_output=True, text=True, timeout=900)
+                        "--md5-file", str(fake_archive[1]), "--reference", str(reference_run)],
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     assert " 1 SIGKILLs" in r.stdout, r.stdout  # the start was killed, not left to finish
 
