@@ -108,11 +108,6 @@ def set_fields(config, fields: dict):
     return config
 
 
-def small_dataset(n=16):
-    """`n` random training images, the same ones as the test split."""
-    return fake_data.random_preprocessed(n)
-
-
 def import_torch():
     """torch, or a skip where it is not installed; with JAXCIFAR_REQUIRE_TORCH set (.ci/run) its absence fails."""
     if os.environ.get("JAXCIFAR_REQUIRE_TORCH"):

@@ -7,16 +7,16 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcifar import cache, errors, metrics, preprocess, train, trees
+from jaxcifar import cache, errors, fake_data, metrics, preprocess, train, trees
 from jaxcifar import step as step_lib
 from jaxcifar.trainer import Trainer
-from conftest import REPO, small_dataset, tiny_config
+from conftest import REPO, tiny_config
 
 
 def test_a_few_steps_overfit_a_tiny_batch(prepared):
     c = tiny_config(prepared, batch_size=16, dropout=False, flip="none", width=0.25)
     c.optimizer.learning_rate, c.optimizer.weight_decay = 0.5, 0.0
-    trainer = Trainer(c, small_dataset(16))
+    trainer = Trainer(c, fake_data.random_preprocessed(16))
     state = trainer.init_state()
     losses = []
     for epoch in range(1, 41):
@@ -66,7 +66,7 @@ def test_a_steps_randomness_is_a_function_of_seed_and_step(prepared):
 
 def test_an_epoch_runs_every_full_batch_once_and_drops_the_remainder(prepared):
     c = tiny_config(prepared, batch_size=16)
-    trainer = Trainer(c, small_dataset(100))  # 6 batches of 16, 4 examples left over
+    trainer = Trainer(c, fake_data.random_preprocessed(100))  # 6 batches of 16, 4 examples left over
     state = trainer.init_state()
     seen = set()
     for epoch in (1, 2, 3):
@@ -92,7 +92,7 @@ def test_call_plan_groups_steps_by_their_place_in_the_epoch():
 
 def test_scanned_steps_train_like_unrolled_steps(prepared):
     """step_loop="scan" (one lax.scan per call) is the unrolled program's function."""
-    dataset = small_dataset(48)  # 3 steps of 16: one call each way
+    dataset = fake_data.random_preprocessed(48)  # 3 steps of 16: one call each way
     runs = {}
     for loop in ("unroll", "scan"):
         trainer = Trainer(tiny_config(prepared, batch_size=16, steps_per_call=3, step_loop=loop), dataset)
@@ -110,7 +110,7 @@ def test_scanned_steps_train_like_unrolled_steps(prepared):
 
 
 def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepared):
-    dataset = small_dataset(128)  # 8 steps of 16: calls of 3, 3, 1, 1
+    dataset = fake_data.random_preprocessed(128)  # 8 steps of 16: calls of 3, 3, 1, 1
 
     def run(steps_per_call, stop_after_first_call=False):
         """(initial params, [(step, params, cumulative loss) after each call], state, epoch summary)."""
@@ -256,7 +256,7 @@ def test_a_finished_run_asked_for_fewer_epochs_says_so(prepared, tmp_path, capsy
 
 def test_stopping_is_asked_at_log_boundaries_only(prepared):
     c = tiny_config(prepared, log_every_steps=3, steps_per_call=1)  # 6 steps an epoch: boundaries after 3 and 6
-    trainer = Trainer(c, small_dataset(192))
+    trainer = Trainer(c, fake_data.random_preprocessed(192))
     asked = []
     state, _, finished = trainer.train_epoch(trainer.init_state(), 1, should_stop=lambda: asked.append(1) or False)
     assert finished and len(asked) == 1  # after step 3 (the epoch's end is not a place to stop mid-epoch)

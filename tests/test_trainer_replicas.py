@@ -6,10 +6,10 @@ import signal
 import numpy as np
 import pytest
 
-from jaxcifar import cache, checkpoint, config as config_lib, evaluate, runlog, signals, train, trees
+from jaxcifar import cache, checkpoint, config as config_lib, evaluate, fake_data, runlog, signals, train, trees
 from jaxcifar import step as step_lib
 from jaxcifar.trainer import Trainer
-from conftest import assert_same_leaves, small_dataset, tiny_config
+from conftest import assert_same_leaves, tiny_config
 
 SEEDS = [0, 1, 2]
 
@@ -184,7 +184,7 @@ def test_replicas_follow_single_runs_at_real_batch_shapes_within_rounding(prepar
     """
     seeds = [2, 3]
     config = dict(batch_size=128, width=1 / 8, steps_per_call=1)
-    dataset = small_dataset(256)
+    dataset = fake_data.random_preprocessed(256)
     multi = Trainer(tiny_config(prepared, seeds="2,3", **config), dataset)
     single = Trainer(tiny_config(prepared, **config), dataset)
     state, epoch_metrics = multi.init_state(), multi.zero_metrics()
