@@ -9,8 +9,20 @@ from jaxcifar import models
 
 def init(model, batch=2, train=False):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 32, 32, 3)).astype(np.float32))
-    variables = model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=train)
+    # One compiled program: applied op by op, every layer's ops compile apart (13.7 s for this file's inits).
+    variables = jax.jit(model.init, static_argnames="train")({"params": jax.random.key(0),
+                                                              "dropout": jax.random.key(1)}, x, train=train)
     return variables, x
+
+
+def compiled_apply(model, train: bool):
+    """model.apply as one compiled program of (variables, x, dropout seed); in training mode it returns the logits."""
+    def apply(variables, x, seed):
+        if not train:
+            return model.apply(variables, x, train=False)
+        return model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(seed)}, mutable=["batch_stats"])[0]
+
+    return jax.jit(apply)
 
 
 def conv_params(cin, cout, k):
@@ -50,9 +62,8 @@ def test_ablations_and_width():
     narrow, _ = shapes(models.VGGBNDrop(width=0.25))
     assert models.count_params(narrow["params"]) < 14_991_946 / 10
     variables, x = init(models.VGGBNDrop(dropout=False, width=0.25))
-    a = models.VGGBNDrop(dropout=False, width=0.25).apply(variables, x, train=True, mutable=["batch_stats"])[0]
-    b = models.VGGBNDrop(dropout=False, width=0.25).apply(variables, x, train=True, mutable=["batch_stats"])[0]
-    np.testing.assert_array_equal(a, b)  # without dropout, training mode is deterministic
+    train = compiled_apply(models.VGGBNDrop(dropout=False, width=0.25), train=True)
+    np.testing.assert_array_equal(train(variables, x, 1), train(variables, x, 2))  # without dropout, deterministic
 
 
 def test_init_follows_torch7():
@@ -87,12 +98,9 @@ def test_batchnorm_train_uses_batch_stats_and_updates_running_averages():
 def test_dropout_only_in_training():
     model = models.VGGBNDrop(width=0.125)
     variables, x = init(model, batch=4)
-    e1 = model.apply(variables, x, train=False)
-    e2 = model.apply(variables, x, train=False)
-    np.testing.assert_array_equal(e1, e2)
-    t1, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
-    t2, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)}, mutable=["batch_stats"])
-    assert not np.allclose(t1, t2)
+    evaluate, train = compiled_apply(model, train=False), compiled_apply(model, train=True)
+    np.testing.assert_array_equal(evaluate(variables, x, 1), evaluate(variables, x, 2))
+    assert not np.allclose(train(variables, x, 1), train(variables, x, 2))
 
 
 @pytest.mark.parametrize("hw,cin,cout,k,pad", [(2, 8, 16, 3, 1), (4, 5, 7, 3, 1), (8, 3, 4, 5, 2), (32, 3, 8, 3, 1)])
@@ -112,7 +120,8 @@ def test_model_is_the_same_function_with_either_conv():
     a = models.VGGBNDrop(width=0.125, conv_impl="xla")
     b = models.VGGBNDrop(width=0.125, conv_impl="matmul")
     variables, x = init(a)
-    np.testing.assert_allclose(a.apply(variables, x), b.apply(variables, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(compiled_apply(a, False)(variables, x, 0), compiled_apply(b, False)(variables, x, 0),
+                               rtol=1e-4, atol=1e-4)
 
 
 def torch_ceil_out(size, k, s):
@@ -188,7 +197,8 @@ def test_pooling_matches_reduce_window_and_sends_gradient_to_the_first_maximum(s
     out = torch_ceil_out(size, k, s)
     pad = [(0, 0), (0, max((out - 1) * s + k - size, 0)), (0, max((out - 1) * s + k - size, 0)), (0, 0)]
     ref_max = lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1, s, s, 1), pad)
-    np.testing.assert_array_equal(models.max_pool_ceil(x, k, s), ref_max)
+    max_pool = jax.jit(lambda x: models.max_pool_ceil(x, k, s))  # op by op, an 8 x 8 window compiles 64 times
+    np.testing.assert_array_equal(max_pool(x), ref_max)
     ref_sum = lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
     ref_count = lax.reduce_window(jnp.ones_like(x), 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
     np.testing.assert_allclose(models.avg_pool_ceil(x, k, s), ref_sum / ref_count, rtol=1e-6)
@@ -203,7 +213,7 @@ def test_pooling_matches_reduce_window_and_sends_gradient_to_the_first_maximum(s
                     win = xn[n, oy * s:oy * s + k, ox * s:ox * s + k, c]
                     iy, ix = np.unravel_index(np.argmax(win), win.shape)  # argmax: first maximum
                     want[n, oy * s + iy, ox * s + ix, c] += dy[n, oy, ox, c]
-    got = jax.vjp(lambda x: models.max_pool_ceil(x, k, s), x)[1](jnp.asarray(dy))[0]
+    got = jax.jit(lambda x, dy: jax.vjp(max_pool, x)[1](dy)[0])(x, jnp.asarray(dy))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     # The alternative (pool_grad="xla"): one reduce_window, differentiated by JAX. The same values, and
     # XLA's select-and-scatter also keeps the first maximum of each window, ties included.
@@ -288,4 +298,5 @@ def test_pointwise_conv_matches_lax_with_gradients(shape):
 def test_nin_is_the_same_function_with_either_conv():
     a, b = models.NIN(width=0.125, conv_impl="xla"), models.NIN(width=0.125, conv_impl="small")
     variables, img = init(a)
-    np.testing.assert_allclose(a.apply(variables, img), b.apply(variables, img), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(compiled_apply(a, False)(variables, img, 0), compiled_apply(b, False)(variables, img, 0),
+                               rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from jaxcifar import archive, report
+from conftest import import_torch
 
 
 def history(workdir):
@@ -97,3 +99,18 @@ def test_tensorboard_reads_every_epochs_scalars(trained_run):
     for tag in ("train_loss", "test_accuracy", "learning_rate"):
         got = [(e.step, e.value) for e in reader.Scalars(tag)]
         assert got == [(r["step"], pytest.approx(r[tag], rel=1e-6)) for r in history], tag
+
+
+def test_scalars_are_written_without_importing_torch(tmp_path):
+    # tensorboardX imports an installed torch for a type annotation (1.6 s of every training start).
+    import_torch()  # torch installed: the case that matters
+    code = ("import sys; from jaxcifar import report; w = report.ScalarWriter(sys.argv[1]); w.write(1, {'a': 2.0});"
+            " w.close(); print('torch' in sys.modules); import torch; print(torch.zeros(1).shape)")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["False", "torch.Size([1])"]  # not imported, and still importable
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    reader = EventAccumulator(str(events))
+    reader.Reload()
+    assert [(e.step, e.value) for e in reader.Scalars("a")] == [(1, 2.0)]
