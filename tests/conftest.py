@@ -42,12 +42,11 @@ def prepared(tmp_path_factory, fake_archive):
 
 @pytest.fixture(scope="session")
 def trained_run(prepared, tmp_path_factory):
-    """The tiny config trained 3 epochs (for the reading tools: evaluate, predict, the report), with the backend's
-    steps per call as the recipes use them (configs/tiny.py takes one)."""
+    """The tiny config trained 3 epochs (for the reading tools: evaluate, predict, the report)."""
     from jaxcifar import train
 
     workdir = tmp_path_factory.mktemp("trained")
-    train.train_and_evaluate(tiny_config(prepared, num_epochs=3, steps_per_call=0), str(workdir))
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=3), str(workdir))
     return workdir
 
 
