@@ -43,9 +43,10 @@ def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
         assert float(multi_metrics["loss_sum"][k]) == pytest.approx(float(epoch_metrics["loss_sum"][0]), rel=1e-5)
 
     # Two epochs (one step per call): measured per-epoch losses at most 6.9e-8 apart relative and parameters
-    # 1.2e-7 of the distance travelled (Sapphire Rapids, native and AVX2). Rounding may grow on other CPUs as in test_train's grouped-steps test (a near-tie in a
-    # max-pool window routes a gradient elsewhere; measured there up to 2.4e-7 of the loss): 1e-4 relative
-    # holds that, while one step on a wrong batch moves an epoch's mean loss of 6 steps by far more.
+    # 1.2e-7 of the distance travelled (Sapphire Rapids, native and AVX2). Rounding may grow on other CPUs
+    # as in test_train's grouped-steps test (a near-tie in a max-pool window routes a gradient elsewhere;
+    # measured there up to 2.4e-7 of the loss): 1e-4 relative holds that, while one step on a wrong batch
+    # moves an epoch's mean loss of 6 steps by far more.
     state = multi.init_state()
     multi_losses = []
     for epoch in (1, 2):
