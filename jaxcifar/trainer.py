@@ -79,18 +79,24 @@ class Trainer:
         return self._train_calls[count](state, epoch_metrics, self.train_images, self.train_labels, order)
 
     def init_state(self) -> TrainState:
-        return self.place(init_replicas(self.seeds, self.model, self.tx, self.train_images.shape[1:]))
+        return self.place(self._fresh_state())
 
     def zero_metrics(self) -> dict:
-        return self.place(zero_replica_metrics(self.config.num_classes, self.replicas))
+        return self.place(self._zero_metrics())
 
     def state_shapes(self) -> TrainState:
         """`init_state`'s shapes, dtypes and shardings, nothing computed: a restore template."""
-        return self._placed_shapes(lambda: init_replicas(self.seeds, self.model, self.tx, self.train_images.shape[1:]))
+        return self._placed_shapes(self._fresh_state)
 
     def metrics_shapes(self) -> dict:
         """`zero_metrics`'s shapes, dtypes and shardings, nothing computed."""
-        return self._placed_shapes(lambda: zero_replica_metrics(self.config.num_classes, self.replicas))
+        return self._placed_shapes(self._zero_metrics)
+
+    def _fresh_state(self) -> TrainState:
+        return init_replicas(self.seeds, self.model, self.tx, self.train_images.shape[1:])
+
+    def _zero_metrics(self) -> dict:
+        return zero_replica_metrics(self.config.num_classes, self.replicas)
 
     def _placed_shapes(self, make):
         return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
