@@ -12,6 +12,7 @@ import concurrent.futures
 import html
 import io
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -219,11 +220,9 @@ def _summary_writer_class():
     """tensorboardX's SummaryWriter, imported without PyTorch.
 
     tensorboardX's writer imports torch, where installed, for a type annotation alone: 1.6 s of every training
-    start (Sapphire Rapids, torch 2.13 CPU; the GPU image has torch too). Scalars need none of it. Hidden only
+    start (Sapphire Rapids, torch 2.14; the GPU image has torch too). Scalars need none of it. Hidden only
     while tensorboardX loads, and only if nothing has imported torch yet.
     """
-    import sys
-
     if "tensorboardX.writer" in sys.modules or "torch" in sys.modules:
         from tensorboardX import SummaryWriter
         return SummaryWriter
