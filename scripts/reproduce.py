@@ -92,25 +92,72 @@ def results_table(results_dir: Path) -> str:
         rows.setdefault((r["config_name"], r["device"], r["epochs_completed"], r["epochs_configured"]), []).append(r)
     lines = ["| config | seed's claim | final test accuracy (mean ± std) | seeds | epochs | wall time | images/s | device |",
              "|---|---|---|---|---|---|---|---|"]
+    shown = []  # (label, epochs done, planned, tests a seed's claim)
     for (name, device, done, planned), runs in sorted(rows.items()):
         # Every seed counts once, whether it trained alone or with others in one program.
         accs = [a for r in runs for a in r.get("final_test_accuracies", [r["final_test_accuracy"]])]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        epochs = f"{done}" if done == planned else f"{done} of {planned} (partial)"
         wall = statistics.mean(r["wall_time_s"] for r in runs)
         ips = statistics.mean(r["train_images_per_s"] for r in runs)
         claim = f"{SEED_CLAIMS[name]:.2f} %" if name in SEED_CLAIMS else "-"
-        lines.append(f"| `{name}` | {claim} | {statistics.mean(accs):.2f} ± {std:.2f} % | {len(accs)} | {epochs} | "
+        lines.append(f"| `{name}` | {claim} | {_mean_std(accs)} | {len(accs)} | {_epochs(done, planned)} | "
                      f"{wall / 60:.1f} min | {ips:,.0f} | {device} |")
-    return "\n".join(lines) + "\n\n" + results_status(rows)
+        shown.append((f"`{name}`", done, planned, name in SEED_CLAIMS))
+    for (name, width, side, device, done, planned), accs in sorted(reduced_width_runs(results_dir).items()):
+        label = f"`{name}` at width {WIDTHS.get(width, f'{width:g}')}, {SIDES[side]}"
+        claim = f"{SEED_CLAIMS[name]:.2f} % (full width)" if name in SEED_CLAIMS else "-"
+        lines.append(f"| {label} | {claim} | {_mean_std(accs)} | {len(accs)} | {_epochs(done, planned)} | - | - | "
+                     f"{device} |")
+        shown.append((label, done, planned, False))
+    return "\n".join(lines) + "\n\n" + results_status(shown)
 
 
-def results_status(rows: dict) -> str:
+WIDTHS = {0.5: "½", 0.25: "¼", 0.125: "⅛"}
+SIDES = {"jax": "JAX", "torch": "PyTorch port"}
+
+
+def reduced_width_runs(results_dir: Path) -> dict[tuple, list[float]]:
+    """Final test accuracies of scripts/fidelity.py's runs of a recipe as it stands, over its whole schedule, at
+    reduced width: {(config name, width, side, device, epochs done, epochs planned): [accuracy per seed]}.
+    Shorter schedules and variants are the fidelity table's alone."""
+    groups: dict[tuple, list[float]] = {}
+    for path in sorted((results_dir / "fidelity").glob("*.json")):
+        r = json.loads(path.read_text())
+        name = Path(r["config_file"]).stem
+        if r["variant"] != "recipe" or r["overrides"] or not r["epochs"] or r["num_epochs"] != recipe_epochs(name):
+            continue
+        device = f"1 x cpu ({r['cpu']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''})"
+        key = (name, r["width"], r["side"], device, r["epochs"][-1]["epoch"], r["num_epochs"])
+        groups.setdefault(key, []).append(r["epochs"][-1]["test_accuracy"])
+    return groups
+
+
+def recipe_epochs(name: str) -> int | None:
+    """num_epochs of configs/<name>.py, or None where there is no such config."""
+    import importlib.util
+
+    path = REPO / "configs" / f"{name}.py"
+    if not path.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().num_epochs
+
+
+def _mean_std(accs: list[float]) -> str:
+    return f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs) if len(accs) > 1 else 0.0:.2f} %"
+
+
+def _epochs(done: int, planned: int) -> str:
+    return f"{done}" if done == planned else f"{done} of {planned} (partial)"
+
+
+def results_status(shown: list[tuple]) -> str:
     """Which rows are complete runs, which are partial, and whether any complete run tests the seed's claim."""
-    complete = sorted({name for (name, _, done, planned) in rows if done == planned})
-    partial = sorted({f"`{name}` ({done} of {planned} epochs)" for (name, _, done, planned) in rows if done < planned})
-    claimed = [name for name in complete if name in SEED_CLAIMS]
-    lines = [f"Complete runs: {', '.join(f'`{n}`' for n in complete) or 'none'}. "
+    complete = sorted({label for label, done, planned, _ in shown if done == planned})
+    partial = sorted({f"{label} ({done} of {planned} epochs)" for label, done, planned, _ in shown if done < planned})
+    claimed = [label for label, done, planned, claim in shown if claim and done == planned]
+    lines = [f"Complete runs: {', '.join(complete) or 'none'}. "
              f"Partial runs (stopped early, not comparable with the seed's numbers): {', '.join(partial) or 'none'}."]
     if not claimed:
         lines.append("No complete run of a recipe with a published number yet: the seed's accuracies "

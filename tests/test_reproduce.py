@@ -66,3 +66,29 @@ def test_benchmark_table_comes_from_bench_files(tmp_path):
     assert ("| `bench-cpu.json` (float32, batch 128) | vgg_bn_drop | 0.500 / 0.400 | 1.000 / 0.800 | 1.500 / 1.200 | "
             "1.600 / 1.280 | 1.25 | 4 | 80 | 1.2 % | 1 x cpu (Test CPU, 2 cores) |") in text
     assert "old" not in text and text.endswith("c\n")
+
+
+def test_reduced_width_runs_of_a_whole_schedule_join_the_results_table(tmp_path):
+    results = tmp_path / "results"
+    (results / "fidelity").mkdir(parents=True)
+
+    def fidelity_run(name, side, epochs_done, num_epochs, variant="recipe", accuracy=70.0):
+        run = {"side": side, "variant": variant, "seed": 0, "config_file": "configs/vgg_fast.py",
+               "overrides": [] if variant == "recipe" else ["dropout_bits=32"], "width": 0.5,
+               "num_epochs": num_epochs, "threads": 1, "cpu": "Test CPU",
+               "epochs": [{"epoch": e, "train_loss": 1.0, "train_accuracy": 75.0, "test_accuracy": accuracy,
+                           "train_images_eval_accuracy": 70.0} for e in range(1, epochs_done + 1)]}
+        (results / "fidelity" / f"{name}.json").write_text(json.dumps(run))
+
+    fidelity_run("jax-w0.5-s0", "jax", 40, 40, accuracy=81.25)
+    fidelity_run("torch-w0.5-s0", "torch", 12, 40)
+    fidelity_run("jax-short", "jax", 10, 10)  # another schedule: the fidelity table's alone
+    fidelity_run("jax-variant", "jax", 40, 40, variant="dropout_bits=32")
+    table = reproduce.results_table(results)
+    assert ("| `vgg_fast` at width ½, JAX | 92.45 % (full width) | 81.25 ± 0.00 % | 1 | 40 | - | - | "
+            "1 x cpu (Test CPU, 1 thread) |") in table
+    assert "| `vgg_fast` at width ½, PyTorch port | 92.45 % (full width) | 70.00 ± 0.00 % | 1 | 12 of 40 (partial) |" in table
+    assert len(table.split("\n\n")[0].splitlines()) == 2 + 2  # header, rule, the two whole-schedule runs
+    assert "Complete runs: `vgg_fast` at width ½, JAX." in table
+    assert "`vgg_fast` at width ½, PyTorch port (12 of 40 epochs)" in table
+    assert "have not been measured here" in table  # a reduced width does not answer the full-width claim
