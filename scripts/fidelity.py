@@ -40,13 +40,18 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def load_config(path: str, width: float, epochs: int, seed: int, overrides: list[str]):
+def config_from_file(path) -> "ml_collections.ConfigDict":
+    """get_config() of a config file such as configs/vgg_fast.py."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("config_file", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config()
+    return module.get_config()
+
+
+def load_config(path: str, width: float, epochs: int, seed: int, overrides: list[str]):
+    c = config_from_file(path)
     c.width, c.num_epochs, c.seed = width, epochs, seed
     for item in overrides:
         key, _, value = item.partition("=")
