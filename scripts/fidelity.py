@@ -351,9 +351,9 @@ def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
-def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
-    """G per seed (mean over the window's epochs of train-mode training accuracy - eval-mode test accuracy) and
-    the final test accuracy, then mean +- standard error per (side, width, variant, epochs) group."""
+def gap_groups(paths: list[str], window: tuple[int, int]) -> dict:
+    """(side, width, variant, num_epochs) -> [(seed, G, last test accuracy, last epoch)] of the runs through the
+    window; G is the mean over the window's epochs of train-mode training accuracy - eval-mode test accuracy."""
     lo, hi = window
     groups: dict = {}
     for p in paths:
@@ -365,21 +365,48 @@ def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
         last = r["epochs"][-1]
         key = (r["side"], r["width"], r["variant"], r["num_epochs"])
         groups.setdefault(key, []).append((r["seed"], g, last["test_accuracy"], last["epoch"]))
+    for runs in groups.values():
+        runs.sort()
+    return groups
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (None for a single value)."""
+    if len(values) < 2:
+        return values[0], None
+    return statistics.mean(values), statistics.stdev(values) / len(values) ** 0.5
+
+
+def _fmt(mean: float, se: float | None, sign: str = "") -> str:
+    return f"{mean:{sign}.2f}" if se is None else f"{mean:{sign}.2f} ± {se:.2f}"
+
+
+def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
+    """G per seed and the final test accuracy, mean +- standard error per (side, width, variant, epochs) group;
+    then, where both sides ran a variant with two or more seeds, the difference jax - torch in standard errors."""
+    lo, hi = window
+    groups = gap_groups(paths, window)
     lines = [f"| side | width | variant | epochs | seeds | G per seed (epochs {lo}-{hi}) | G mean ± s.e. | "
              "test accuracy at the last epoch, mean ± s.e. |", "|---|---|---|---|---|---|---|---|"]
-
-    def mean_se(values):
-        if len(values) < 2:
-            return f"{values[0]:.2f}"
-        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) / len(values) ** 0.5:.2f}"
-
     for (side, width, variant, epochs), runs in sorted(groups.items()):
-        runs.sort()
         done = {e for *_, e in runs}
         at = f"{epochs}" if done == {epochs} else "/".join(str(e) for e in sorted(done)) + f" of {epochs}"
-        lines.append(f"| {side} | {width:g} | {variant} | {at} | {len(runs)} | "
-                     f"{' / '.join(f'{g:.1f}' for _, g, _, _ in runs)} | {mean_se([g for _, g, _, _ in runs])} | "
-                     f"{mean_se([t for _, _, t, _ in runs])} |")
+        gaps, tests = [g for _, g, _, _ in runs], [t for _, _, t, _ in runs]
+        lines.append(f"| {side} | {width:g} | {variant} | {at} | {len(runs)} | {' / '.join(f'{g:.1f}' for g in gaps)} | "
+                     f"{_fmt(*mean_se(gaps))} | {_fmt(*mean_se(tests))} |")
+    pairs = [(key, groups[key], groups[("torch", *key[1:])]) for key in sorted(groups)
+             if key[0] == "jax" and ("torch", *key[1:]) in groups]
+    pairs = [(key, j, t) for key, j, t in pairs if len(j) > 1 and len(t) > 1]
+    if pairs:
+        lines += ["", "| width | variant | epochs | seeds jax / torch | G: jax - torch | in standard errors | "
+                      "last test accuracy: jax - torch | in standard errors |", "|---|---|---|---|---|---|---|---|"]
+    for (_, width, variant, epochs), j, t in pairs:
+        cells = []
+        for column in (1, 2):  # G, last test accuracy
+            (mj, sj), (mt, st) = mean_se([r[column] for r in j]), mean_se([r[column] for r in t])
+            diff, se = mj - mt, (sj ** 2 + st ** 2) ** 0.5  # independent samples
+            cells += [_fmt(diff, se, "+"), f"{diff / se:+.1f}" if se else "-"]
+        lines.append(f"| {width:g} | {variant} | {epochs} | {len(j)} / {len(t)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 

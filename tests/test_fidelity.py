@@ -80,3 +80,24 @@ def test_seeds_need_a_placeholder_in_out():
 
 def test_parse_seeds():
     assert fidelity.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+
+
+def test_gaps_compare_the_sides_in_standard_errors(tmp_path):
+    def run(side, seed, train_acc, test_acc, epochs=3, variant="recipe"):
+        path = tmp_path / f"{side}-{variant}-s{seed}.json"
+        path.write_text(json.dumps({"side": side, "variant": variant, "seed": seed, "width": 0.25, "num_epochs": epochs,
+                                    "epochs": [{"epoch": e, "train_accuracy": train_acc + e, "test_accuracy": test_acc}
+                                               for e in range(1, epochs + 1)]}))
+        return str(path)
+
+    # G over epochs 2-3 is train_acc + 2.5 - test_acc; the last test accuracy is test_acc
+    jax = [run("jax", 0, 60, 50), run("jax", 1, 62, 54), run("jax", 2, 64, 52)]  # G 12.5, 10.5, 14.5; test 50, 54, 52
+    torch = [run("torch", 0, 60, 55), run("torch", 1, 60, 57)]  # G 7.5, 5.5; test 55, 57
+    lone = [run("torch", 0, 60, 55, variant="pool_grad=xla"), run("jax", 0, 60, 55, variant="pool_grad=xla")]
+    table = fidelity.gap_summary(jax + torch + lone, (2, 3))
+    rows = table.split("\n\n")
+    assert "| jax | 0.25 | recipe | 3 | 3 | 12.5 / 10.5 / 14.5 | 12.50 ± 1.15 | 52.00 ± 1.15 |" in rows[0]
+    assert "| torch | 0.25 | recipe | 3 | 2 | 7.5 / 5.5 | 6.50 ± 1.00 | 56.00 ± 1.00 |" in rows[0]
+    # G: 12.5 - 6.5 = 6.0, s.e. sqrt(4/3 + 1) = 1.53 -> 3.9 s.e.; test: 52 - 56 = -4.0 -> -2.6 s.e.
+    assert rows[1].splitlines()[2:] == ["| 0.25 | recipe | 3 | 3 / 2 | +6.00 ± 1.53 | +3.9 | -4.00 ± 1.53 | -2.6 |"]
+    assert "\n\n" not in fidelity.gap_summary(jax + lone, (2, 3))  # no side to compare with: no second table

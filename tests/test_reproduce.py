@@ -92,3 +92,21 @@ def test_reduced_width_runs_of_a_whole_schedule_join_the_results_table(tmp_path)
     assert "Complete runs: `vgg_fast` at width ½, JAX." in table
     assert "`vgg_fast` at width ½, PyTorch port (12 of 40 epochs)" in table
     assert "have not been measured here" in table  # a reduced width does not answer the full-width claim
+
+
+def test_readme_gap_block_takes_the_ten_epoch_fidelity_runs(tmp_path):
+    results = tmp_path / "results"
+    (results / "fidelity").mkdir(parents=True)
+    for name, seed, num_epochs in (("jax-w0.25-s0", 0, 10), ("jax-w0.25-s1", 1, 10), ("jax-w0.5-s0", 0, 40)):
+        (results / "fidelity" / f"{name}.json").write_text(json.dumps(
+            {"side": "jax", "variant": "recipe", "overrides": [], "config_file": "configs/vgg_fast.py",
+             "cpu": "Test CPU", "threads": 1, "seed": seed, "width": float(name[5:-3]), "num_epochs": num_epochs,
+             "epochs": [{"epoch": e, "train_loss": 1.0, "train_accuracy": 70.0 + seed, "test_accuracy": 60.0,
+                         "train_images_eval_accuracy": 60.0} for e in range(1, num_epochs + 1)]}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{reproduce.TABLE_START}\n{reproduce.TABLE_END}\n"
+                      f"{reproduce.GAPS_START}\nold\n{reproduce.GAPS_END}\n")
+    reproduce.update_readme(results, readme)
+    block = readme.read_text().split(reproduce.GAPS_START)[1]
+    assert "| jax | 0.25 | recipe | 10 | 2 | 10.0 / 11.0 | 10.50 ± 0.50 | 60.00 ± 0.00 |" in block
+    assert "old" not in block and "| 0.5 |" not in block  # the 40-epoch run has another window
