@@ -388,7 +388,7 @@ def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
     groups = gap_groups(paths, window)
     lines = [f"| side | width | variant | epochs | seeds | G per seed (epochs {lo}-{hi}) | G mean ± s.e. | "
              "test accuracy at the last epoch, mean ± s.e. |", "|---|---|---|---|---|---|---|---|"]
-    for (side, width, variant, epochs), runs in sorted(groups.items()):
+    for (side, width, variant, epochs), runs in sorted(groups.items(), key=lambda kv: (kv[0][1:], kv[0][0])):
         done = {e for *_, e in runs}
         at = f"{epochs}" if done == {epochs} else "/".join(str(e) for e in sorted(done)) + f" of {epochs}"
         gaps, tests = [g for _, g, _, _ in runs], [t for _, _, t, _ in runs]
