@@ -381,6 +381,12 @@ def _fmt(mean: float, se: float | None, sign: str = "") -> str:
     return f"{mean:{sign}.2f}" if se is None else f"{mean:{sign}.2f} ± {se:.2f}"
 
 
+def _epochs_done(runs: list, num_epochs: int) -> str:
+    """'10' when every run finished, else e.g. '6/10 of 10': the last test accuracies are from those epochs."""
+    done = {e for *_, e in runs}
+    return f"{num_epochs}" if done == {num_epochs} else "/".join(str(e) for e in sorted(done)) + f" of {num_epochs}"
+
+
 def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
     """G per seed and the final test accuracy, mean +- standard error per (side, width, variant, epochs) group;
     then, where both sides ran a variant with two or more seeds, the difference jax - torch in standard errors."""
@@ -389,11 +395,9 @@ def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
     lines = [f"| side | width | variant | epochs | seeds | G per seed (epochs {lo}-{hi}) | G mean ± s.e. | "
              "test accuracy at the last epoch, mean ± s.e. |", "|---|---|---|---|---|---|---|---|"]
     for (side, width, variant, epochs), runs in sorted(groups.items(), key=lambda kv: (kv[0][1:], kv[0][0])):
-        done = {e for *_, e in runs}
-        at = f"{epochs}" if done == {epochs} else "/".join(str(e) for e in sorted(done)) + f" of {epochs}"
         gaps, tests = [g for _, g, _, _ in runs], [t for _, _, t, _ in runs]
-        lines.append(f"| {side} | {width:g} | {variant} | {at} | {len(runs)} | {' / '.join(f'{g:.1f}' for g in gaps)} | "
-                     f"{_fmt(*mean_se(gaps))} | {_fmt(*mean_se(tests))} |")
+        lines.append(f"| {side} | {width:g} | {variant} | {_epochs_done(runs, epochs)} | {len(runs)} | "
+                     f"{' / '.join(f'{g:.1f}' for g in gaps)} | {_fmt(*mean_se(gaps))} | {_fmt(*mean_se(tests))} |")
     pairs = [(key, groups[key], groups[("torch", *key[1:])]) for key in sorted(groups)
              if key[0] == "jax" and ("torch", *key[1:]) in groups]
     pairs = [(key, j, t) for key, j, t in pairs if len(j) > 1 and len(t) > 1]
@@ -406,7 +410,8 @@ def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
             (mj, sj), (mt, st) = mean_se([r[column] for r in j]), mean_se([r[column] for r in t])
             diff, se = mj - mt, (sj ** 2 + st ** 2) ** 0.5  # independent samples
             cells += [_fmt(diff, se, "+"), f"{diff / se:+.1f}" if se else "-"]
-        lines.append(f"| {width:g} | {variant} | {epochs} | {len(j)} / {len(t)} | {' | '.join(cells)} |")
+        lines.append(f"| {width:g} | {variant} | {_epochs_done(j + t, epochs)} | {len(j)} / {len(t)} | "
+                     f"{' | '.join(cells)} |")
     return "\n".join(lines)
 
 
