@@ -351,13 +351,16 @@ def drop_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
     return out
 
 
-def gap_groups(paths: list[str], window: tuple[int, int]) -> dict:
+def gap_groups(paths: list[str], window: tuple[int, int], num_epochs: int | None = None) -> dict:
     """(side, width, variant, num_epochs) -> [(seed, G, last test accuracy, last epoch)] of the runs through the
-    window; G is the mean over the window's epochs of train-mode training accuracy - eval-mode test accuracy."""
+    window (and of that schedule length, if given); G is the mean over the window's epochs of train-mode training
+    accuracy - eval-mode test accuracy."""
     lo, hi = window
     groups: dict = {}
     for p in paths:
         r = json.loads(Path(p).read_text())
+        if num_epochs is not None and r["num_epochs"] != num_epochs:
+            continue
         rows = {e["epoch"]: e for e in r["epochs"]}
         if not all(e in rows for e in range(lo, hi + 1)):
             continue  # not yet through the window
@@ -387,20 +390,19 @@ def _epochs_done(runs: list, num_epochs: int) -> str:
     return f"{num_epochs}" if done == {num_epochs} else "/".join(str(e) for e in sorted(done)) + f" of {num_epochs}"
 
 
-def gap_summary(paths: list[str], window: tuple[int, int]) -> str:
+def gap_summary(paths: list[str], window: tuple[int, int], num_epochs: int | None = None) -> str:
     """G per seed and the final test accuracy, mean +- standard error per (side, width, variant, epochs) group;
     then, where both sides ran a variant with two or more seeds, the difference jax - torch in standard errors."""
     lo, hi = window
-    groups = gap_groups(paths, window)
+    groups = gap_groups(paths, window, num_epochs)
     lines = [f"| side | width | variant | epochs | seeds | G per seed (epochs {lo}-{hi}) | G mean ± s.e. | "
              "test accuracy at the last epoch, mean ± s.e. |", "|---|---|---|---|---|---|---|---|"]
     for (side, width, variant, epochs), runs in sorted(groups.items(), key=lambda kv: (kv[0][1:], kv[0][0])):
         gaps, tests = [g for _, g, _, _ in runs], [t for _, _, t, _ in runs]
         lines.append(f"| {side} | {width:g} | {variant} | {_epochs_done(runs, epochs)} | {len(runs)} | "
                      f"{' / '.join(f'{g:.1f}' for g in gaps)} | {_fmt(*mean_se(gaps))} | {_fmt(*mean_se(tests))} |")
-    pairs = [(key, groups[key], groups[("torch", *key[1:])]) for key in sorted(groups)
-             if key[0] == "jax" and ("torch", *key[1:]) in groups]
-    pairs = [(key, j, t) for key, j, t in pairs if len(j) > 1 and len(t) > 1]
+    pairs = [(key, runs, groups[("torch", *key[1:])]) for key, runs in sorted(groups.items())
+             if key[0] == "jax" and len(runs) > 1 and len(groups.get(("torch", *key[1:]), [])) > 1]
     if pairs:
         lines += ["", "| width | variant | epochs | seeds jax / torch | G: jax - torch | in standard errors | "
                       "last test accuracy: jax - torch | in standard errors |", "|---|---|---|---|---|---|---|---|"]
