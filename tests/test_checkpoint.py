@@ -90,6 +90,33 @@ def test_a_checkpoint_of_other_shapes_is_refused_and_not_set_aside(tmp_path):
     assert (tmp_path / "checkpoints" / "1").is_dir() and not (tmp_path / "damaged-checkpoints").exists()
 
 
+def test_a_partial_save_written_into_after_its_deletion_is_deleted_too(tmp_path):
+    """A failed orbax save reports its first failed write while its other writes go on; test_train_resume's full-disk
+    run once found `best/<step>.orbax-checkpoint-tmp` left behind that way (CI, 2 cores)."""
+    import threading
+    import time
+
+    save(tmp_path, {1: random_tree(1)})
+    ck = checkpoint.Checkpointer(tmp_path)
+    (tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp").mkdir()
+    late = tmp_path / "best" / "2.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+
+    def write_in_flight():  # made after the first pass over the folders has deleted what it found
+        time.sleep(0.3)
+        late.mkdir(parents=True)
+        (late / "d").write_bytes(b"partial")
+
+    writer = threading.Thread(target=write_in_flight)
+    writer.start()
+    try:
+        ck._remove_partial_saves()
+    finally:
+        writer.join()
+        ck.close()
+    assert not list(tmp_path.rglob("*.orbax-checkpoint-tmp*"))
+    assert ck.steps() == [1]  # the complete save is kept
+
+
 def test_checksums_see_every_bit_and_every_leaf_dtype():
     import jax.numpy as jnp
 
