@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO, import_torch, load_script
 
 fidelity = load_script("fidelity")
+bn_shift = load_script("bn_shift")
 
 
 def _argv(prepared, side, out, workdir, *extra):
@@ -42,6 +43,14 @@ def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, 
     assert [r["epoch"] for r in want] == [1, 2]
     assert "test_accuracy_recomputed_bn" in want[-1] and all("gap" in r for r in want)
     assert _rows(split) == want  # bit-identical: every loss and accuracy equal
+
+    # bn_shift reads the run's last state into the port's network: the same eval-mode accuracy as recorded
+    measured = tmp_path / "bn-shift.json"
+    assert bn_shift.main([str(whole), "--workdir", str(tmp_path / "w-whole"), "--window", "1-2",
+                          "--out", str(measured)]) == 0
+    run, = json.loads(measured.read_text())["runs"]
+    assert run["test_accuracy"] == want[-1]["test_accuracy"] and run["side"] == side
+    assert len(run["second_moment"]) == len(run["variance_ratio"]) == 14 and len(run["weight_norm"]) == 15
 
     # the same workdir under another seed is another run: refused, nothing written
     other = tmp_path / "other.json"
@@ -101,3 +110,34 @@ def test_gaps_compare_the_sides_in_standard_errors(tmp_path):
     # G: 12.5 - 6.5 = 6.0, s.e. sqrt(4/3 + 1) = 1.53 -> 3.9 s.e.; test: 52 - 56 = -4.0 -> -2.6 s.e.
     assert rows[1].splitlines()[2:] == ["| 0.25 | recipe | 3 | 3 / 2 | +6.00 ± 1.53 | +3.9 | -4.00 ± 1.53 | -2.6 |"]
     assert "\n\n" not in fidelity.gap_summary(jax + lone, (2, 3))  # no side to compare with: no second table
+
+
+def test_bn_shift_sees_the_mismatch_it_is_given():
+    import numpy as np
+
+    torch = import_torch()
+    from jaxcifar import torch_reference
+    torch.manual_seed(0)
+    model = torch_reference.build_model("vgg_bn_drop", 0.0625).eval()
+    images = np.random.default_rng(0).standard_normal((64, 32, 32, 3)).astype(np.float32)
+    labels = np.zeros(64, np.int64)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for i, bn in enumerate(bns):  # in order: each layer's running statistics made what its input is
+            layers, _ = bn_shift.layer_moments(model, images, labels)
+            bn.running_mean.copy_(torch.from_numpy(layers[i]["mean"]))
+            bn.running_var.copy_(torch.from_numpy(layers[i]["var"]))
+    layers = bn_shift.layer_moments(model, images, labels)[0]
+    matched = bn_shift.shift_summary(layers)
+    assert np.allclose(matched["variance_ratio"], 1, rtol=1e-4)
+    # what is left is eps: var / (var + eps) per channel
+    left = [np.log(m["var"] / (m["var"] + m["eps"])) for m in layers]
+    assert np.allclose(matched["second_moment"], [np.exp(v.mean()) for v in left], rtol=1e-4)
+    with torch.no_grad():
+        bns[5].running_var.mul_(2.0)
+    shifted = bn_shift.shift_summary(bn_shift.layer_moments(model, images, labels)[0])
+    assert shifted["variance_ratio"][:5] == matched["variance_ratio"][:5]  # the layers before it see nothing new
+    assert shifted["variance_ratio"][5] == pytest.approx(matched["variance_ratio"][5] / 2, rel=1e-4)
+    var, eps = layers[5]["var"], layers[5]["eps"]
+    assert shifted["rms_log_second_moment"][5] == pytest.approx(np.sqrt(np.mean(np.log(var / (2 * var + eps)) ** 2)),
+                                                                rel=1e-4)

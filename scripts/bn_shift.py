@@ -1,0 +1,193 @@
+"""How far each BatchNorm layer's running statistics sit from what its input is in eval mode, in finished fidelity
+runs of either side, with the weight norms: the measured property behind the eval-mode gap G (issue 21).
+
+    python scripts/bn_shift.py results/fidelity/*-w0.25-s*.json --out results/fidelity/bn-shift-w0.25.json
+
+Each run's last state (its fidelity workdir: orbax on the JAX side, state.npz on the PyTorch side) is loaded into
+the PyTorch port's network, which computes the same eval-mode function (the test accuracy it gives is printed
+beside the one the run recorded). Over the 10,000 test images in eval mode, per BatchNorm layer and channel:
+  variance ratio   the variance of the layer's input / its running variance
+  second moment    E[(input - running mean)^2] / (running variance + eps): the variance of what the layer
+                   normalises, which batch statistics make 1 in training
+each summarised per layer by its geometric mean over channels (per run), and the Frobenius norm of each
+convolution's and linear layer's weight. Per side: mean and standard error over seeds; jax - torch in standard
+errors, as `fidelity.py --gaps` compares G.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import fidelity  # noqa: E402  (scripts/ is not a package)
+
+
+def load_state(result: dict, workdir: Path):
+    """The PyTorch port's network holding the run's last saved state; refuses a run that has not finished."""
+    import numpy as np
+    import torch
+
+    from jaxcifar import checkpoint, torch_reference
+
+    c = result["config"]
+    model = torch_reference.build_model(c["model"], c["width"], c["num_classes"], c["batch_norm"], c["dropout"])
+    if result["side"] == "jax":
+        tree, meta, _ = checkpoint.read_saved(workdir)
+        one = {k: _first_replica(tree["train_state"][k]) for k in ("params", "batch_stats")}
+        torch_reference.load_flax(model, one["params"], one["batch_stats"])
+        rows = meta["rows"]
+    else:
+        with np.load(workdir / "state.npz", allow_pickle=False) as arrays:
+            rows = json.loads(str(arrays["meta"]))["rows"]
+            model.load_state_dict({k[len("model/"):]: torch.from_numpy(np.array(arrays[k]))
+                                   for k in arrays if k.startswith("model/")}, strict=True)
+    if len(rows) != result["num_epochs"]:
+        raise SystemExit(f"error: {workdir} holds epoch {len(rows)} of {result['num_epochs']}: finish the run "
+                         "first (the same fidelity.py command resumes it)")
+    return model.eval()
+
+
+def _first_replica(tree):
+    import jax
+    import numpy as np
+
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[0], tree)
+
+
+def layer_moments(model, images, labels, batch: int = 500) -> tuple[list[dict], float]:
+    """Per BatchNorm layer (in order): running mean and variance, and its input's mean and variance over
+    `images` in eval mode (float64 sums); and the eval-mode accuracy in %."""
+    import numpy as np
+    import torch
+
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    sums = [None] * len(bns)
+
+    def hook(i):
+        def record(_, inputs):
+            x = inputs[0].double()
+            x = x.transpose(0, 1).reshape(x.shape[1], -1)  # channels first, then everything else
+            s = torch.stack([x.sum(1), (x * x).sum(1), torch.full_like(x[:, 0], x.shape[1])])
+            sums[i] = s if sums[i] is None else sums[i] + s
+        return record
+
+    handles = [bn.register_forward_pre_hook(hook(i)) for i, bn in enumerate(bns)]
+    correct = 0
+    try:
+        with torch.no_grad():
+            for s in range(0, len(labels), batch):
+                x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch].transpose(0, 3, 1, 2)))
+                correct += int((model(x).argmax(1).numpy() == labels[s:s + batch]).sum())
+    finally:
+        for h in handles:
+            h.remove()
+    layers = []
+    for bn, (total, squares, n) in zip(bns, (s.numpy() for s in sums)):
+        mean = total / n
+        layers.append({"running_mean": bn.running_mean.double().numpy(), "running_var": bn.running_var.double().numpy(),
+                       "mean": mean, "var": squares / n - mean * mean, "eps": bn.eps})
+    return layers, 100.0 * correct / len(labels)
+
+
+def shift_summary(layers: list[dict]) -> dict[str, list[float]]:
+    """Per layer: geometric means over channels of the variance ratio and of the second moment (a shift all
+    channels share), and the root mean square over channels of log(second moment) (the shift channel by channel,
+    which a later layer cannot undo by one rescaling)."""
+    import numpy as np
+
+    def log(values):
+        return np.log(np.maximum(values, 1e-12))
+
+    second = [(m["var"] + (m["mean"] - m["running_mean"]) ** 2) / (m["running_var"] + m["eps"]) for m in layers]
+    return {"variance_ratio": [float(np.exp(np.mean(log(m["var"] / m["running_var"])))) for m in layers],
+            "second_moment": [float(np.exp(np.mean(log(s)))) for s in second],
+            "rms_log_second_moment": [float(np.sqrt(np.mean(log(s) ** 2))) for s in second]}
+
+
+def weight_norms(model) -> list[float]:
+    import torch
+
+    return [float(m.weight.detach().double().norm()) for m in model.modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+
+def measure(paths: list[str], workdirs: list[Path], images, labels, window: tuple[int, int]) -> list[dict]:
+    runs = []
+    for path, workdir in zip(paths, workdirs):
+        result = json.loads(Path(path).read_text())
+        model = load_state(result, workdir)
+        layers, accuracy = layer_moments(model, images, labels)
+        recorded = result["epochs"][-1]["test_accuracy"]
+        print(f"{path}: eval test accuracy {accuracy:.2f} here, {recorded:.2f} recorded", file=sys.stderr)
+        (g,), = ([g for _, g, _, _ in runs_] for runs_ in fidelity.gap_groups([path], window).values())
+        runs.append({"json": str(path), "side": result["side"], "variant": result["variant"], "seed": result["seed"],
+                     "width": result["width"], "num_epochs": result["num_epochs"], "gap_window": list(window),
+                     "gap": g, "test_accuracy": accuracy,
+                     "recorded_test_accuracy": recorded, **shift_summary(layers), "weight_norm": weight_norms(model)})
+    return runs
+
+
+def per_run(runs: list[dict]) -> str:
+    """A markdown table: each run's G, eval test accuracy and its shift averaged over the layers."""
+    lines = ["| side | seed | G | eval test accuracy | log second moment, mean over layers "
+             "| channel-by-channel shift (rms log), mean over layers |", "|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["side"], r["seed"])):
+        lo, hi = r["gap_window"]
+        mean_log = sum(math.log(v) for v in r["second_moment"]) / len(r["second_moment"])
+        rms = sum(r["rms_log_second_moment"]) / len(r["rms_log_second_moment"])
+        lines.append(f"| {r['side']} | {r['seed']} | {r['gap']:.2f} (epochs {lo}-{hi}) | {r['test_accuracy']:.2f} "
+                     f"| {mean_log:+.3f} | {rms:.3f} |")
+    return "\n".join(lines)
+
+
+def comparison(runs: list[dict]) -> str:
+    """A markdown table: per layer and quantity, each side's mean ± s.e. over seeds and jax - torch in s.e."""
+    sides = {side: [r for r in runs if r["side"] == side] for side in ("jax", "torch")}
+    lines = [f"| quantity | layer | jax ({len(sides['jax'])} seeds) | torch ({len(sides['torch'])} seeds) "
+             "| jax - torch | in standard errors |", "|---|---|---|---|---|---|"]
+    for key in ("variance_ratio", "second_moment", "rms_log_second_moment", "weight_norm"):
+        for layer in range(len(sides["jax"][0][key])):
+            stats = {s: fidelity.mean_se([r[key][layer] for r in rs]) for s, rs in sides.items()}
+            (mj, sj), (mt, st) = stats["jax"], stats["torch"]
+            se = (sj ** 2 + st ** 2) ** 0.5 if sj is not None and st is not None else None
+            z = f"{(mj - mt) / se:+.1f}" if se else "-"
+            lines.append(f"| {key.replace('_', ' ')} | {layer + 1} | {fidelity._fmt(mj, sj)} | {fidelity._fmt(mt, st)} "
+                         f"| {mj - mt:+.3f} | {z} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", metavar="JSON", help="fidelity results whose workdirs hold their last state")
+    p.add_argument("--out", help="write the per-run figures here (JSON)")
+    p.add_argument("--window", default="5-10", help="the epochs G averages over, as fidelity.py --gaps")
+    p.add_argument("--workdir", action="append", default=[],
+                   help="a run's workdir, once per JSON in order (default: fidelity.py's for its --out)")
+    args = p.parse_args(argv)
+    if args.workdir and len(args.workdir) != len(args.runs):
+        p.error(f"{len(args.workdir)} --workdir for {len(args.runs)} runs: give one per run, or none")
+    workdirs = [Path(w) for w in args.workdir] or [fidelity.default_workdir(Path(r)) for r in args.runs]
+    lo, _, hi = args.window.partition("-")
+    import ml_collections
+
+    from jaxcifar import cache
+
+    first = json.loads(Path(args.runs[0]).read_text())
+    dataset = cache.load_dataset(ml_collections.ConfigDict(first["config"]), log=lambda m: print(m, file=sys.stderr))
+    runs = measure(args.runs, workdirs, dataset.test_images, dataset.test_labels, (int(lo), int(hi or lo)))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"runs": runs}, indent=1))
+    print(per_run(runs))
+    if {r["side"] for r in runs} == {"jax", "torch"}:
+        print("\n" + comparison(runs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
