@@ -1,7 +1,7 @@
 """How far each BatchNorm layer's running statistics sit from what its input is in eval mode, in finished fidelity
 runs of either side, with the weight norms: the measured property behind the eval-mode gap G (issue 21).
 
-    python scripts/bn_shift.py results/fidelity/*-w0.25-s*.json --out results/fidelity/bn-shift-w0.25.json
+    python scripts/bn_shift.py results/fidelity/*-w0.25-s*.json --out results/bn-shift/w0.25.json
 
 Each run's last state (its fidelity workdir: orbax on the JAX side, state.npz on the PyTorch side) is loaded into
 the PyTorch port's network, which computes the same eval-mode function (the test accuracy it gives is printed
@@ -147,19 +147,29 @@ def per_run(runs: list[dict]) -> str:
 
 
 def comparison(runs: list[dict]) -> str:
-    """A markdown table: per layer and quantity, each side's mean ± s.e. over seeds and jax - torch in s.e."""
-    sides = {side: [r for r in runs if r["side"] == side] for side in ("jax", "torch")}
-    lines = [f"| quantity | layer | jax ({len(sides['jax'])} seeds) | torch ({len(sides['torch'])} seeds) "
-             "| jax - torch | in standard errors |", "|---|---|---|---|---|---|"]
-    for key in ("variance_ratio", "second_moment", "rms_log_second_moment", "weight_norm"):
-        for layer in range(len(sides["jax"][0][key])):
-            stats = {s: fidelity.mean_se([r[key][layer] for r in rs]) for s, rs in sides.items()}
-            (mj, sj), (mt, st) = stats["jax"], stats["torch"]
+    """A markdown table, one row per convolution or linear layer (with the BatchNorm after it, if any): per
+    quantity each side's mean ± s.e. over seeds and jax - torch in standard errors."""
+    sides = [[r for r in runs if r["side"] == side] for side in ("jax", "torch")]
+    keys = ("second_moment", "rms_log_second_moment", "weight_norm")
+    head = " | ".join(f"{k.replace('_', ' ')}: jax | torch | in s.e." for k in keys)
+    lines = [f"| layer | {head} |", "|---|" + "---|" * 3 * len(keys)]
+    for layer in range(max(len(sides[0][0][k]) for k in keys)):
+        cells = []
+        for key in keys:
+            if layer >= len(sides[0][0][key]):
+                cells += [""] * 3
+                continue
+            (mj, sj), (mt, st) = (fidelity.mean_se([r[key][layer] for r in rs]) for rs in sides)
             se = (sj ** 2 + st ** 2) ** 0.5 if sj is not None and st is not None else None
-            z = f"{(mj - mt) / se:+.1f}" if se else "-"
-            lines.append(f"| {key.replace('_', ' ')} | {layer + 1} | {fidelity._fmt(mj, sj)} | {fidelity._fmt(mt, st)} "
-                         f"| {mj - mt:+.3f} | {z} |")
+            cells += [fidelity._fmt(mj, sj), fidelity._fmt(mt, st), f"{(mj - mt) / se:+.1f}" if se else "-"]
+        lines.append(f"| {layer + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tables(runs: list[dict]) -> str:
+    """The per-run table, and the per-layer comparison where both sides have runs."""
+    both = {r["side"] for r in runs} == {"jax", "torch"}
+    return per_run(runs) + ("\n\n" + comparison(runs) if both else "")
 
 
 def main(argv=None) -> int:
@@ -183,9 +193,7 @@ def main(argv=None) -> int:
     runs = measure(args.runs, workdirs, dataset.test_images, dataset.test_labels, (int(lo), int(hi or lo)))
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": runs}, indent=1))
-    print(per_run(runs))
-    if {r["side"] for r in runs} == {"jax", "torch"}:
-        print("\n" + comparison(runs))
+    print(tables(runs))
     return 0
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 
@@ -110,3 +111,26 @@ def test_readme_gap_block_takes_the_ten_epoch_fidelity_runs(tmp_path):
     block = readme.read_text().split(reproduce.GAPS_START)[1]
     assert "| jax | 0.25 | recipe | 10 | 2 | 10.0 / 11.0 | 10.50 ± 0.50 | 60.00 ± 0.00 |" in block
     assert "old" not in block and "| 0.5 |" not in block  # the 40-epoch run has another window
+
+
+def test_readme_bn_shift_block_compares_the_sides_layer_by_layer(tmp_path):
+    results = tmp_path / "results"
+    (results / "bn-shift").mkdir(parents=True)
+
+    def run(side, seed, second_moment):  # two BatchNorm layers, three weights (the last linear has none)
+        return {"side": side, "seed": seed, "gap": 10.0 + seed, "gap_window": [5, 10], "test_accuracy": 50.0,
+                "second_moment": [1.0, second_moment], "rms_log_second_moment": [0.1, 0.2],
+                "weight_norm": [5.0, 6.0, 7.0], "variance_ratio": [1.0, second_moment]}
+
+    runs = [run("jax", 0, 0.6), run("jax", 1, 0.8), run("torch", 0, 0.9), run("torch", 1, 0.9)]
+    (results / "bn-shift" / "w0.25.json").write_text(json.dumps({"runs": runs}))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{reproduce.TABLE_START}\n{reproduce.TABLE_END}\n"
+                      f"{reproduce.BN_SHIFT_START}\nold\n{reproduce.BN_SHIFT_END}\n")
+    reproduce.update_readme(results, readme)
+    block = readme.read_text().split(reproduce.BN_SHIFT_START)[1]
+    assert "old" not in block
+    assert f"| jax | 1 | 11.00 (epochs 5-10) | 50.00 | {math.log(0.8) / 2:+.3f} | 0.150 |" in block
+    # layer 2: jax 0.70 ± 0.10, torch 0.90 ± 0.00: -0.20 / 0.10 = -2.0 standard errors
+    assert "| 2 | 0.70 ± 0.10 | 0.90 ± 0.00 | -2.0 | 0.20 ± 0.00 | 0.20 ± 0.00 |" in block
+    assert "| 3 |  |  |  |  |  |  | 7.00 ± 0.00 | 7.00 ± 0.00 |" in block
