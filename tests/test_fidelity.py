@@ -44,12 +44,14 @@ def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, 
     assert "test_accuracy_recomputed_bn" in want[-1] and all("gap" in r for r in want)
     assert _rows(split) == want  # bit-identical: every loss and accuracy equal
 
-    # bn_shift reads the run's last state into the port's network: the same eval-mode accuracy as recorded
+    # bn_shift reads the run's last state into the port's network: the eval-mode accuracy recorded, exactly where
+    # the port recorded it, within one of the 50 test images where XLA did (a near-tie may round the other way)
     measured = tmp_path / "bn-shift.json"
     assert bn_shift.main([str(whole), "--workdir", str(tmp_path / "w-whole"), "--window", "1-2",
                           "--out", str(measured)]) == 0
     run, = json.loads(measured.read_text())["runs"]
-    assert run["test_accuracy"] == want[-1]["test_accuracy"] and run["side"] == side
+    assert abs(run["test_accuracy"] - want[-1]["test_accuracy"]) <= (0 if side == "torch" else 2.0)
+    assert run["side"] == side
     assert len(run["second_moment"]) == len(run["variance_ratio"]) == 14 and len(run["weight_norm"]) == 15
 
     # the same workdir under another seed is another run: refused, nothing written
