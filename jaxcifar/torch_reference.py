@@ -170,8 +170,7 @@ class Run:
 
     def load_state_arrays(self, arrays) -> None:
         """The inverse of `state_arrays` (on a Run built with the same config and seed)."""
-        state = {k[len("model/"):]: torch.from_numpy(np.array(arrays[k])) for k in arrays if k.startswith("model/")}
-        self.model.load_state_dict(state, strict=True)
+        load_model_arrays(self.model, arrays)
         for i, p in enumerate(self.model.parameters()):
             key = f"momentum/{i}"
             if key in arrays:
@@ -214,6 +213,12 @@ class Run:
             m.momentum = momentum
         return acc
 
+
+
+def load_model_arrays(model: tnn.Module, arrays) -> None:
+    """The weights and BatchNorm buffers of `Run.state_arrays` into `model` (built with the same config)."""
+    state = {k[len("model/"):]: torch.from_numpy(np.array(arrays[k])) for k in arrays if k.startswith("model/")}
+    model.load_state_dict(state, strict=True)
 
 
 @torch.no_grad()

@@ -31,7 +31,6 @@ import fidelity  # noqa: E402  (scripts/ is not a package)
 def load_state(result: dict, workdir: Path):
     """The PyTorch port's network holding the run's last saved state; refuses a run that has not finished."""
     import numpy as np
-    import torch
 
     from jaxcifar import checkpoint, torch_reference
 
@@ -45,8 +44,7 @@ def load_state(result: dict, workdir: Path):
     else:
         with np.load(workdir / "state.npz", allow_pickle=False) as arrays:
             rows = json.loads(str(arrays["meta"]))["rows"]
-            model.load_state_dict({k[len("model/"):]: torch.from_numpy(np.array(arrays[k]))
-                                   for k in arrays if k.startswith("model/")}, strict=True)
+            torch_reference.load_model_arrays(model, arrays)
     if len(rows) != result["num_epochs"]:
         raise SystemExit(f"error: {workdir} holds epoch {len(rows)} of {result['num_epochs']}: finish the run "
                          "first (the same fidelity.py command resumes it)")
