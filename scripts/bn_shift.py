@@ -9,7 +9,8 @@ beside the one the run recorded). Over the 10,000 test images in eval mode, per 
   variance ratio   the variance of the layer's input / its running variance
   second moment    E[(input - running mean)^2] / (running variance + eps): the variance of what the layer
                    normalises, which batch statistics make 1 in training
-each summarised per layer by its geometric mean over channels (per run), and the Frobenius norm of each
+each summarised per layer by its geometric mean over channels (per run), the second moment also by the root mean
+square of its log over channels (the shift channel by channel), and the Frobenius norm of each
 convolution's and linear layer's weight. Per side: mean and standard error over seeds; jax - torch in standard
 errors, as `fidelity.py --gaps` compares G.
 """
@@ -123,7 +124,8 @@ def measure(paths: list[str], workdirs: list[Path], images, labels, window: tupl
         layers, accuracy = layer_moments(model, images, labels)
         recorded = result["epochs"][-1]["test_accuracy"]
         print(f"{path}: eval test accuracy {accuracy:.2f} here, {recorded:.2f} recorded", file=sys.stderr)
-        (g,), = ([g for _, g, _, _ in runs_] for runs_ in fidelity.gap_groups([path], window).values())
+        (group,) = fidelity.gap_groups([path], window).values()  # this one run: [(seed, G, last test, epoch)]
+        g = group[0][1]
         runs.append({"json": str(path), "side": result["side"], "variant": result["variant"], "seed": result["seed"],
                      "width": result["width"], "num_epochs": result["num_epochs"], "gap_window": list(window),
                      "gap": g, "test_accuracy": accuracy,
