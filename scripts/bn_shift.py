@@ -124,11 +124,9 @@ def measure(paths: list[str], workdirs: list[Path], images, labels, window: tupl
         layers, accuracy = layer_moments(model, images, labels)
         recorded = result["epochs"][-1]["test_accuracy"]
         print(f"{path}: eval test accuracy {accuracy:.2f} here, {recorded:.2f} recorded", file=sys.stderr)
-        (group,) = fidelity.gap_groups([path], window).values()  # this one run: [(seed, G, last test, epoch)]
-        g = group[0][1]
         runs.append({"json": str(path), "side": result["side"], "variant": result["variant"], "seed": result["seed"],
                      "width": result["width"], "num_epochs": result["num_epochs"], "gap_window": list(window),
-                     "gap": g, "test_accuracy": accuracy,
+                     "gap": fidelity.window_gap(result["epochs"], window), "test_accuracy": accuracy,
                      "recorded_test_accuracy": recorded, **shift_summary(layers), "weight_norm": weight_norms(model)})
     return runs
 
@@ -159,9 +157,9 @@ def comparison(runs: list[dict]) -> str:
             if layer >= len(sides[0][0][key]):
                 cells += [""] * 3
                 continue
-            (mj, sj), (mt, st) = (fidelity.mean_se([r[key][layer] for r in rs]) for rs in sides)
-            se = (sj ** 2 + st ** 2) ** 0.5 if sj is not None and st is not None else None
-            cells += [fidelity._fmt(mj, sj), fidelity._fmt(mt, st), f"{(mj - mt) / se:+.1f}" if se else "-"]
+            values = [[r[key][layer] for r in rs] for rs in sides]
+            diff, se = fidelity.side_difference(*values)
+            cells += [fidelity._fmt(*fidelity.mean_se(v)) for v in values] + [f"{diff / se:+.1f}" if se else "-"]
         lines.append(f"| {layer + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -355,22 +355,36 @@ def gap_groups(paths: list[str], window: tuple[int, int], num_epochs: int | None
     """(side, width, variant, num_epochs) -> [(seed, G, last test accuracy, last epoch)] of the runs through the
     window (and of that schedule length, if given); G is the mean over the window's epochs of train-mode training
     accuracy - eval-mode test accuracy."""
-    lo, hi = window
     groups: dict = {}
     for p in paths:
         r = json.loads(Path(p).read_text())
         if num_epochs is not None and r["num_epochs"] != num_epochs:
             continue
-        rows = {e["epoch"]: e for e in r["epochs"]}
-        if not all(e in rows for e in range(lo, hi + 1)):
+        g = window_gap(r["epochs"], window)
+        if g is None:
             continue  # not yet through the window
-        g = statistics.mean(rows[e]["train_accuracy"] - rows[e]["test_accuracy"] for e in range(lo, hi + 1))
         last = r["epochs"][-1]
         key = (r["side"], r["width"], r["variant"], r["num_epochs"])
         groups.setdefault(key, []).append((r["seed"], g, last["test_accuracy"], last["epoch"]))
     for runs in groups.values():
         runs.sort()
     return groups
+
+
+def window_gap(epochs: list[dict], window: tuple[int, int]) -> float | None:
+    """G of one run: the mean over the window's epochs of train-mode training accuracy - eval-mode test accuracy
+    (None before the run is through the window)."""
+    lo, hi = window
+    rows = {e["epoch"]: e for e in epochs}
+    if not all(e in rows for e in range(lo, hi + 1)):
+        return None
+    return statistics.mean(rows[e]["train_accuracy"] - rows[e]["test_accuracy"] for e in range(lo, hi + 1))
+
+
+def side_difference(jax_values: list[float], torch_values: list[float]) -> tuple[float, float | None]:
+    """jax - torch of the means, and its standard error (independent samples; None with one value a side)."""
+    (mj, sj), (mt, st) = mean_se(jax_values), mean_se(torch_values)
+    return mj - mt, (sj ** 2 + st ** 2) ** 0.5 if sj is not None and st is not None else None
 
 
 def mean_se(values: list[float]) -> tuple[float, float | None]:
@@ -409,8 +423,7 @@ def gap_summary(paths: list[str], window: tuple[int, int], num_epochs: int | Non
     for (_, width, variant, epochs), j, t in pairs:
         cells = []
         for column in (1, 2):  # G, last test accuracy
-            (mj, sj), (mt, st) = mean_se([r[column] for r in j]), mean_se([r[column] for r in t])
-            diff, se = mj - mt, (sj ** 2 + st ** 2) ** 0.5  # independent samples
+            diff, se = side_difference([r[column] for r in j], [r[column] for r in t])
             cells += [_fmt(diff, se, "+"), f"{diff / se:+.1f}" if se else "-"]
         lines.append(f"| {width:g} | {variant} | {_epochs_done(j + t, epochs)} | {len(j)} / {len(t)} | "
                      f"{' | '.join(cells)} |")
