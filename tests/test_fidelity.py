@@ -110,8 +110,31 @@ def test_gaps_compare_the_sides_in_standard_errors(tmp_path):
     assert "| jax | 0.25 | recipe | 3 | 3 | 12.5 / 10.5 / 14.5 | 12.50 ± 1.15 | 52.00 ± 1.15 |" in rows[0]
     assert "| torch | 0.25 | recipe | 3 | 2 | 7.5 / 5.5 | 6.50 ± 1.00 | 56.00 ± 1.00 |" in rows[0]
     # G: 12.5 - 6.5 = 6.0, s.e. sqrt(4/3 + 1) = 1.53 -> 3.9 s.e.; test: 52 - 56 = -4.0 -> -2.6 s.e.
-    assert rows[1].splitlines()[2:] == ["| 0.25 | recipe | 3 | 3 / 2 | +6.00 ± 1.53 | +3.9 | -4.00 ± 1.53 | -2.6 |"]
+    assert rows[1].splitlines()[2:] == [
+        "| 0.25 | recipe | 3 | 3 / 2 | +6.00 ± 1.53 | +3.9 | -4.00 ± 1.53 | -2.6 | G, test accuracy |"]
     assert "\n\n" not in fidelity.gap_summary(jax + lone, (2, 3))  # no side to compare with: no second table
+    # torch seed 2, G 12.5, test 56: G 12.5 - 8.5 = 4.0, s.e. sqrt(4/3 + 13/3) = 2.38 -> 1.7 s.e., within the
+    # criterion; test 52 - 56 = -4.0, s.e. sqrt(4/3 + 1/3) = 1.29 -> -3.1 s.e., beyond it
+    one = fidelity.gap_summary(jax + torch + [run("torch", 2, 66, 56)], (2, 3)).split("\n\n")[1]
+    assert one.splitlines()[2].endswith("| +4.00 ± 2.38 | +1.7 | -4.00 ± 1.29 | -3.1 | test accuracy |")
+
+
+def test_whole_schedule_runs_compare_their_final_accuracy_within_a_point(tmp_path):
+    def run(side, seed, test, recomputed=None, done=4, width=0.5):
+        last = {"epoch": done, "test_accuracy": test} | ({"test_accuracy_recomputed_bn": recomputed} if recomputed else {})
+        path = tmp_path / f"{side}-w{width}-s{seed}.json"
+        path.write_text(json.dumps({"side": side, "variant": "recipe", "seed": seed, "width": width, "num_epochs": 4,
+                                    "epochs": [{"epoch": e, "test_accuracy": 0.0} for e in range(1, done)] + [last]}))
+        return str(path)
+
+    paths = [run("jax", 0, 87.3, 88.8), run("jax", 1, 86.1, 88.0), run("torch", 0, 86.9, 88.4),
+             run("torch", 1, 80.0, done=3), run("jax", 0, 60.0, width=0.25)]  # unfinished; no torch at 0.25
+    rows = fidelity.final_accuracy_comparison(paths, 4).splitlines()
+    # jax 86.7 (two seeds) - torch 86.9 (one finished) = -0.2; re-estimated 88.4 - 88.4 = 0.0
+    assert rows[2:] == ["| 0.5 | recipe | 4 | 2 / 1 | 86.70 | 86.90 | -0.20 | +0.00 | no |"]
+    far = fidelity.final_accuracy_comparison(paths[:2] + [run("torch", 0, 85.5)], 4).splitlines()
+    assert far[2:] == ["| 0.5 | recipe | 4 | 2 / 1 | 86.70 | 85.50 | +1.20 |  | test |"]  # no torch re-estimate
+    assert fidelity.final_accuracy_comparison(paths, 10) == ""  # no run of that schedule
 
 
 def test_bn_shift_sees_the_mismatch_it_is_given():

@@ -98,11 +98,14 @@ def test_reduced_width_runs_of_a_whole_schedule_join_the_results_table(tmp_path)
 def test_readme_gap_block_takes_the_ten_epoch_fidelity_runs(tmp_path):
     results = tmp_path / "results"
     (results / "fidelity").mkdir(parents=True)
-    for name, seed, num_epochs in (("jax-w0.25-s0", 0, 10), ("jax-w0.25-s1", 1, 10), ("jax-w0.5-s0", 0, 40)):
+    runs = (("jax-w0.25-s0", 0, 10, 60.0), ("jax-w0.25-s1", 1, 10, 60.0), ("jax-w0.5-s0", 0, 40, 87.5),
+            ("torch-w0.5-s0", 0, 40, 86.0))
+    for name, seed, num_epochs, test in runs:
+        side, width, _ = name.split("-")
         (results / "fidelity" / f"{name}.json").write_text(json.dumps(
-            {"side": "jax", "variant": "recipe", "overrides": [], "config_file": "configs/vgg_fast.py",
-             "cpu": "Test CPU", "threads": 1, "seed": seed, "width": float(name[5:-3]), "num_epochs": num_epochs,
-             "epochs": [{"epoch": e, "train_loss": 1.0, "train_accuracy": 70.0 + seed, "test_accuracy": 60.0,
+            {"side": side, "variant": "recipe", "overrides": [], "config_file": "configs/vgg_fast.py",
+             "cpu": "Test CPU", "threads": 1, "seed": seed, "width": float(width[1:]), "num_epochs": num_epochs,
+             "epochs": [{"epoch": e, "train_loss": 1.0, "train_accuracy": 70.0 + seed, "test_accuracy": test,
                          "train_images_eval_accuracy": 60.0} for e in range(1, num_epochs + 1)]}))
     readme = tmp_path / "README.md"
     readme.write_text(f"{reproduce.TABLE_START}\n{reproduce.TABLE_END}\n"
@@ -110,7 +113,10 @@ def test_readme_gap_block_takes_the_ten_epoch_fidelity_runs(tmp_path):
     reproduce.update_readme(results, readme)
     block = readme.read_text().split(reproduce.GAPS_START)[1]
     assert "| jax | 0.25 | recipe | 10 | 2 | 10.0 / 11.0 | 10.50 ± 0.50 | 60.00 ± 0.00 |" in block
-    assert "old" not in block and "| 0.5 |" not in block  # the 40-epoch run has another window
+    gaps, whole = block.split("\n\n")  # no torch run at 0.25: no comparison of G
+    assert "old" not in block and "| 0.5 |" not in gaps  # the 40-epoch runs have another window
+    # the recipe's whole schedule (vgg_fast: 40 epochs), a run a side: compared by final test accuracy
+    assert "| 0.5 | recipe | 40 | 1 / 1 | 87.50 | 86.00 | +1.50 |  | test |" in whole
 
 
 def test_readme_bn_shift_block_compares_the_sides_layer_by_layer(tmp_path):
