@@ -97,7 +97,7 @@ def results_table(results_dir: Path) -> str:
         rows.setdefault((r["config_name"], r["device"], r["epochs_completed"], r["epochs_configured"]), []).append(r)
     lines = ["| config | seed's claim | final test accuracy (mean ± std) | seeds | epochs | wall time | images/s | device |",
              "|---|---|---|---|---|---|---|---|"]
-    shown = []  # (label, epochs done, planned, tests a seed's claim)
+    shown = []  # (label, epochs done, planned, tests a seed's claim, final test accuracies)
     for (name, device, done, planned), runs in sorted(rows.items()):
         # Every seed counts once, whether it trained alone or with others in one program.
         accs = [a for r in runs for a in r.get("final_test_accuracies", [r["final_test_accuracy"]])]
@@ -106,13 +106,13 @@ def results_table(results_dir: Path) -> str:
         claim = f"{SEED_CLAIMS[name]:.2f} %" if name in SEED_CLAIMS else "-"
         lines.append(f"| `{name}` | {claim} | {_mean_std(accs)} | {len(accs)} | {_epochs(done, planned)} | "
                      f"{wall / 60:.1f} min | {ips:,.0f} | {device} |")
-        shown.append((f"`{name}`", done, planned, name in SEED_CLAIMS))
+        shown.append((f"`{name}`", done, planned, name in SEED_CLAIMS, accs))
     for (name, width, side, device, done, planned), accs in sorted(reduced_width_runs(results_dir).items()):
         label = f"`{name}` at width {WIDTHS.get(width, f'{width:g}')}, {SIDES[side]}"
         claim = f"{SEED_CLAIMS[name]:.2f} % (full width)" if name in SEED_CLAIMS else "-"
         lines.append(f"| {label} | {claim} | {_mean_std(accs)} | {len(accs)} | {_epochs(done, planned)} | - | - | "
                      f"{device} |")
-        shown.append((label, done, planned, False))
+        shown.append((label, done, planned, False, accs))
     return "\n".join(lines) + "\n\n" + results_status(shown)
 
 
@@ -154,11 +154,13 @@ def _epochs(done: int, planned: int) -> str:
 
 
 def results_status(shown: list[tuple]) -> str:
-    """Which rows are complete runs, which are partial, and whether any complete run tests the seed's claim."""
-    complete = sorted({label for label, done, planned, _ in shown if done == planned})
-    partial = sorted({f"{label} ({done} of {planned} epochs)" for label, done, planned, _ in shown if done < planned})
-    claimed = [label for label, done, planned, claim in shown if claim and done == planned]
-    lines = [f"Complete runs: {', '.join(complete) or 'none'}. "
+    """Which rows are complete runs (with what they reached), which are partial, and whether any complete run tests
+    the seed's claim."""
+    complete = sorted({f"{label} ({statistics.mean(accs):.2f} %, {len(accs)} seed{'s' if len(accs) > 1 else ''})"
+                       for label, done, planned, _, accs in shown if done == planned})
+    partial = sorted({f"{label} ({done} of {planned} epochs)" for label, done, planned, *_ in shown if done < planned})
+    claimed = [label for label, done, planned, claim, _ in shown if claim and done == planned]
+    lines = [f"Complete runs, mean final test accuracy: {'; '.join(complete) or 'none'}. "
              f"Partial runs (stopped early, not comparable with the seed's numbers): {', '.join(partial) or 'none'}."]
     if not claimed:
         lines.append("No complete run of a recipe with a published number yet: the seed's accuracies "

@@ -29,7 +29,8 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     text = readme.read_text()
     mean = result["final_test_accuracy"] + 1.0
     assert f"| `tiny` | - | {mean:.2f} ± 1.41 % | 2 | 2 |" in text
-    assert "Complete runs: `tiny`. Partial runs (stopped early" in text and "have not been measured here" in text
+    assert f"Complete runs, mean final test accuracy: `tiny` ({mean:.2f} %, 2 seeds). Partial runs (stopped early" in text
+    assert "have not been measured here" in text
     partial = dict(result, config_name="vgg", epochs_completed=2, epochs_configured=300, partial=True)
     reproduce.write_result(partial, results)
     reproduce.update_readme(results, readme)
@@ -90,7 +91,7 @@ def test_reduced_width_runs_of_a_whole_schedule_join_the_results_table(tmp_path)
             "1 x cpu (Test CPU, 1 thread) |") in table
     assert "| `vgg_fast` at width ½, PyTorch port | 92.45 % (full width) | 70.00 ± 0.00 % | 1 | 12 of 40 (partial) |" in table
     assert len(table.split("\n\n")[0].splitlines()) == 2 + 2  # header, rule, the two whole-schedule runs
-    assert "Complete runs: `vgg_fast` at width ½, JAX." in table
+    assert "Complete runs, mean final test accuracy: `vgg_fast` at width ½, JAX (81.25 %, 1 seed)." in table
     assert "`vgg_fast` at width ½, PyTorch port (12 of 40 epochs)" in table
     assert "have not been measured here" in table  # a reduced width does not answer the full-width claim
 
