@@ -121,7 +121,9 @@ def test_gaps_compare_the_sides_in_standard_errors(tmp_path):
 
 def test_whole_schedule_runs_compare_their_final_accuracy_within_a_point(tmp_path):
     def run(side, seed, test, recomputed=None, done=4, width=0.5):
-        last = {"epoch": done, "test_accuracy": test} | ({"test_accuracy_recomputed_bn": recomputed} if recomputed else {})
+        last = {"epoch": done, "test_accuracy": test}
+        if recomputed:
+            last["test_accuracy_recomputed_bn"] = recomputed
         path = tmp_path / f"{side}-w{width}-s{seed}.json"
         path.write_text(json.dumps({"side": side, "variant": "recipe", "seed": seed, "width": width, "num_epochs": 4,
                                     "epochs": [{"epoch": e, "test_accuracy": 0.0} for e in range(1, done)] + [last]}))

@@ -29,7 +29,7 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     text = readme.read_text()
     mean = result["final_test_accuracy"] + 1.0
     assert f"| `tiny` | - | {mean:.2f} ± 1.41 % | 2 | 2 |" in text
-    assert f"Complete runs, mean final test accuracy: `tiny` ({mean:.2f} %, 2 seeds). Partial runs (stopped early" in text
+    assert f"Complete runs, mean final test accuracy: `tiny` ({mean:.2f} %, 2 seeds). Partial runs" in text
     assert "have not been measured here" in text
     partial = dict(result, config_name="vgg", epochs_completed=2, epochs_configured=300, partial=True)
     reproduce.write_result(partial, results)
