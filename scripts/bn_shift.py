@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -144,30 +145,62 @@ def per_run(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+KEYS = ("second_moment", "rms_log_second_moment", "weight_norm")
+
+
+def layer_differences(runs: list[dict]) -> list[tuple[int, str, list, float, float | None]]:
+    """Per layer and quantity: (layer index, quantity, [jax values, torch values], jax - torch, its s.e.)."""
+    sides = [[r for r in runs if r["side"] == side] for side in ("jax", "torch")]
+    out = []
+    for layer in range(max(len(sides[0][0][k]) for k in KEYS)):
+        for key in KEYS:
+            if layer < len(sides[0][0][key]):
+                values = [[r[key][layer] for r in rs] for rs in sides]
+                out.append((layer, key, values, *fidelity.side_difference(*values)))
+    return out
+
+
 def comparison(runs: list[dict]) -> str:
     """A markdown table, one row per convolution or linear layer (with the BatchNorm after it, if any): per
     quantity each side's mean ± s.e. over seeds and jax - torch in standard errors."""
-    sides = [[r for r in runs if r["side"] == side] for side in ("jax", "torch")]
-    keys = ("second_moment", "rms_log_second_moment", "weight_norm")
-    head = " | ".join(f"{k.replace('_', ' ')}: jax | torch | in s.e." for k in keys)
-    lines = [f"| layer | {head} |", "|---|" + "---|" * 3 * len(keys)]
-    for layer in range(max(len(sides[0][0][k]) for k in keys)):
-        cells = []
-        for key in keys:
-            if layer >= len(sides[0][0][key]):
-                cells += [""] * 3
-                continue
-            values = [[r[key][layer] for r in rs] for rs in sides]
-            diff, se = fidelity.side_difference(*values)
-            cells += [fidelity._fmt(*fidelity.mean_se(v)) for v in values] + [f"{diff / se:+.1f}" if se else "-"]
-        lines.append(f"| {layer + 1} | " + " | ".join(cells) + " |")
+    head = " | ".join(f"{k.replace('_', ' ')}: jax | torch | in s.e." for k in KEYS)
+    lines = [f"| layer | {head} |", "|---|" + "---|" * 3 * len(KEYS)]
+    cells: dict[int, dict[str, list[str]]] = {}
+    for layer, key, values, diff, se in layer_differences(runs):
+        cells.setdefault(layer, {})[key] = ([fidelity._fmt(*fidelity.mean_se(v)) for v in values]
+                                            + [f"{diff / se:+.1f}" if se else "-"])
+    for layer, row in sorted(cells.items()):
+        lines.append(f"| {layer + 1} | " + " | ".join(" | ".join(row.get(k, [""] * 3)) for k in KEYS) + " |")
     return "\n".join(lines)
 
 
+def findings(runs: list[dict]) -> str:
+    """Two sentences: how each run's mean channel-by-channel shift goes with its eval test accuracy and with G (over
+    every run, either side), and how many per-layer differences lie beyond 2 s.e. against how many chance gives."""
+    rms = [sum(r["rms_log_second_moment"]) / len(r["rms_log_second_moment"]) for r in runs]
+
+    def r_with(key):
+        try:
+            return f"{statistics.correlation(rms, [r[key] for r in runs]):+.2f}"
+        except statistics.StatisticsError:  # under two runs, or a constant
+            return "undefined"
+
+    text = (f"Over the {len(runs)} runs, either side: correlation of the mean channel-by-channel shift with the eval "
+            f"test accuracy r = {r_with('test_accuracy')}, with G r = {r_with('gap')}.")
+    z = [diff / se for *_, diff, se in layer_differences(runs) if se] if len({r["side"] for r in runs}) == 2 else []
+    if z:
+        beyond = sum(abs(v) > fidelity.SIGNIFICANT_SE for v in z)
+        chance = math.erfc(fidelity.SIGNIFICANT_SE / math.sqrt(2)) * len(z)  # two normal tails
+        text += (f" Per-layer differences jax - torch beyond {fidelity.SIGNIFICANT_SE:g} standard errors: {beyond} "
+                 f"of {len(z)}; as many independent differences with nothing behind them would put about "
+                 f"{chance:.1f} there by chance.")
+    return text
+
+
 def tables(runs: list[dict]) -> str:
-    """The per-run table, and the per-layer comparison where both sides have runs."""
+    """The per-run table, the per-layer comparison where both sides have runs, and what they show."""
     both = {r["side"] for r in runs} == {"jax", "torch"}
-    return per_run(runs) + ("\n\n" + comparison(runs) if both else "")
+    return per_run(runs) + ("\n\n" + comparison(runs) if both else "") + "\n\n" + findings(runs)
 
 
 def main(argv=None) -> int:

@@ -168,3 +168,21 @@ def test_bn_shift_sees_the_mismatch_it_is_given():
     var, eps = layers[5]["var"], layers[5]["eps"]
     assert shifted["rms_log_second_moment"][5] == pytest.approx(np.sqrt(np.mean(np.log(var / (2 * var + eps)) ** 2)),
                                                                 rel=1e-4)
+
+
+def test_bn_shift_findings_state_the_correlations_and_count_the_differences_beyond_two_se():
+    def run(side, rms, test, gap, second_moment):  # one BatchNorm layer, one weight
+        return {"side": side, "rms_log_second_moment": [rms], "test_accuracy": test, "gap": gap,
+                "second_moment": [second_moment], "weight_norm": [5.0]}
+
+    # test = 70 - 50 rms and G = 50 rms - 5 over the four runs: r = -1 and +1
+    runs = [run("jax", 0.2, 60, 5, 0.6), run("jax", 0.4, 50, 15, 0.8),
+            run("torch", 0.3, 55, 10, 0.95), run("torch", 0.5, 45, 20, 0.95)]
+    text = bn_shift.findings(runs)
+    assert "Over the 4 runs, either side: correlation of the mean channel-by-channel shift with the eval test " \
+           "accuracy r = -1.00, with G r = +1.00." in text
+    # second moment: -0.25 / 0.10 = -2.5 s.e. (beyond); rms log: -0.10 / 0.14 = -0.7 s.e.; the weight norms have
+    # no spread, so no standard error: two differences, one beyond, 2 x 4.55 % = 0.1 expected by chance
+    assert "Per-layer differences jax - torch beyond 2 standard errors: 1 of 2;" in text
+    assert "about 0.1 there by chance" in text
+    assert "per-layer" not in bn_shift.findings(runs[:2])  # one side: nothing to compare

@@ -140,4 +140,7 @@ def test_readme_bn_shift_block_compares_the_sides_layer_by_layer(tmp_path):
     assert f"| jax | 1 | 11.00 (epochs 5-10) | 50.00 | {math.log(0.8) / 2:+.3f} | 0.150 |" in block
     # layer 2: jax 0.70 ± 0.10, torch 0.90 ± 0.00: -0.20 / 0.10 = -2.0 standard errors
     assert "| 2 | 0.70 ± 0.10 | 0.90 ± 0.00 | -2.0 | 0.20 ± 0.00 | 0.20 ± 0.00 |" in block
+    # every run has the same test accuracy and the same shift: there is no correlation to state
+    assert "Over the 4 runs, either side: correlation of the mean channel-by-channel shift with the eval test " \
+           "accuracy r = undefined, with G r = undefined." in block
     assert "| 3 |  |  |  |  |  |  | 7.00 ± 0.00 | 7.00 ± 0.00 |" in block
