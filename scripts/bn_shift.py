@@ -187,7 +187,8 @@ def findings(runs: list[dict]) -> str:
 
     text = (f"Over the {len(runs)} runs, either side: correlation of the mean channel-by-channel shift with the eval "
             f"test accuracy r = {r_with('test_accuracy')}, with G r = {r_with('gap')}.")
-    z = [diff / se for *_, diff, se in layer_differences(runs) if se] if len({r["side"] for r in runs}) == 2 else []
+    both = {r["side"] for r in runs} == {"jax", "torch"}
+    z = [diff / se for *_, diff, se in layer_differences(runs) if se] if both else []
     if z:
         beyond = sum(abs(v) > fidelity.SIGNIFICANT_SE for v in z)
         chance = math.erfc(fidelity.SIGNIFICANT_SE / math.sqrt(2)) * len(z)  # two normal tails
