@@ -132,6 +132,11 @@ def measure(paths: list[str], workdirs: list[Path], images, labels, window: tupl
     return runs
 
 
+def mean_shift(run: dict) -> float:
+    """A run's channel-by-channel shift (rms log second moment) averaged over its BatchNorm layers."""
+    return sum(run["rms_log_second_moment"]) / len(run["rms_log_second_moment"])
+
+
 def per_run(runs: list[dict]) -> str:
     """A markdown table: each run's G, eval test accuracy and its shift averaged over the layers."""
     lines = ["| side | seed | G | eval test accuracy | log second moment, mean over layers "
@@ -139,9 +144,8 @@ def per_run(runs: list[dict]) -> str:
     for r in sorted(runs, key=lambda r: (r["side"], r["seed"])):
         lo, hi = r["gap_window"]
         mean_log = sum(math.log(v) for v in r["second_moment"]) / len(r["second_moment"])
-        rms = sum(r["rms_log_second_moment"]) / len(r["rms_log_second_moment"])
         lines.append(f"| {r['side']} | {r['seed']} | {r['gap']:.2f} (epochs {lo}-{hi}) | {r['test_accuracy']:.2f} "
-                     f"| {mean_log:+.3f} | {rms:.3f} |")
+                     f"| {mean_log:+.3f} | {mean_shift(r):.3f} |")
     return "\n".join(lines)
 
 
@@ -177,7 +181,7 @@ def comparison(runs: list[dict]) -> str:
 def findings(runs: list[dict]) -> str:
     """Two sentences: how each run's mean channel-by-channel shift goes with its eval test accuracy and with G (over
     every run, either side), and how many per-layer differences lie beyond 2 s.e. against how many chance gives."""
-    rms = [sum(r["rms_log_second_moment"]) / len(r["rms_log_second_moment"]) for r in runs]
+    rms = [mean_shift(r) for r in runs]
 
     def r_with(key):
         try:
@@ -188,12 +192,12 @@ def findings(runs: list[dict]) -> str:
     text = (f"Over the {len(runs)} runs, either side: correlation of the mean channel-by-channel shift with the eval "
             f"test accuracy r = {r_with('test_accuracy')}, with G r = {r_with('gap')}.")
     both = {r["side"] for r in runs} == {"jax", "torch"}
-    z = [diff / se for *_, diff, se in layer_differences(runs) if se] if both else []
-    if z:
-        beyond = sum(abs(v) > fidelity.SIGNIFICANT_SE for v in z)
-        chance = math.erfc(fidelity.SIGNIFICANT_SE / math.sqrt(2)) * len(z)  # two normal tails
+    differences = [(diff, se) for *_, diff, se in layer_differences(runs) if se] if both else []
+    if differences:
+        beyond = sum(fidelity.beyond_criterion(diff, se) for diff, se in differences)
+        chance = math.erfc(fidelity.SIGNIFICANT_SE / math.sqrt(2)) * len(differences)  # two normal tails
         text += (f" Per-layer differences jax - torch beyond {fidelity.SIGNIFICANT_SE:g} standard errors: {beyond} "
-                 f"of {len(z)}; as many independent differences with nothing behind them would put about "
+                 f"of {len(differences)}; as many independent differences with nothing behind them would put about "
                  f"{chance:.1f} there by chance.")
     return text
 

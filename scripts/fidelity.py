@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SIGNIFICANT_SE = 2.0  # issue 21: a difference between the sides beyond this many standard errors gets localised
 
 
 def parse_value(text: str):
@@ -387,6 +388,11 @@ def side_difference(jax_values: list[float], torch_values: list[float]) -> tuple
     return mj - mt, (sj ** 2 + st ** 2) ** 0.5 if sj is not None and st is not None else None
 
 
+def beyond_criterion(diff: float, se: float | None) -> bool:
+    """Whether a difference lies beyond SIGNIFICANT_SE of its standard errors (never without one)."""
+    return bool(se) and abs(diff / se) > SIGNIFICANT_SE
+
+
 def mean_se(values: list[float]) -> tuple[float, float | None]:
     """Mean and standard error of the mean (None for a single value)."""
     if len(values) < 2:
@@ -402,9 +408,6 @@ def _epochs_done(runs: list, num_epochs: int) -> str:
     """'10' when every run finished, else e.g. '6/10 of 10': the last test accuracies are from those epochs."""
     done = {e for *_, e in runs}
     return f"{num_epochs}" if done == {num_epochs} else "/".join(str(e) for e in sorted(done)) + f" of {num_epochs}"
-
-
-SIGNIFICANT_SE = 2.0  # issue 21: a difference between the sides beyond this many standard errors gets localised
 
 
 def gap_summary(paths: list[str], window: tuple[int, int], num_epochs: int | None = None) -> str:
@@ -429,7 +432,7 @@ def gap_summary(paths: list[str], window: tuple[int, int], num_epochs: int | Non
         for column, name in ((1, "G"), (2, "test accuracy")):
             diff, se = side_difference([r[column] for r in j], [r[column] for r in t])
             cells += [_fmt(diff, se, "+"), f"{diff / se:+.1f}" if se else "-"]
-            if se and abs(diff / se) > SIGNIFICANT_SE:
+            if beyond_criterion(diff, se):
                 beyond.append(name)
         lines.append(f"| {width:g} | {variant} | {_epochs_done(j + t, epochs)} | {len(j)} / {len(t)} | "
                      f"{' | '.join(cells)} | {', '.join(beyond) or 'none'} |")
@@ -456,13 +459,15 @@ def final_accuracy_comparison(paths: list[str], num_epochs: int, tolerance: floa
             values = [row[key] for row in sides[side] if key in row]
             return statistics.mean(values) if len(values) == len(sides[side]) else None
 
-        test = {s: mean(s, "test_accuracy") for s in ("jax", "torch")}
-        recomputed = [mean(s, "test_accuracy_recomputed_bn") for s in ("jax", "torch")]
-        diffs = [test["jax"] - test["torch"]] + ([recomputed[0] - recomputed[1]] if None not in recomputed else [])
-        apart = [name for name, d in zip(("test", "re-estimated"), diffs) if abs(d) > tolerance]
+        test_jax, test_torch = mean("jax", "test_accuracy"), mean("torch", "test_accuracy")
+        recomputed_jax, recomputed_torch = (mean(s, "test_accuracy_recomputed_bn") for s in ("jax", "torch"))
+        recomputed = (recomputed_jax - recomputed_torch
+                      if recomputed_jax is not None and recomputed_torch is not None else None)
+        apart = [name for name, d in (("test", test_jax - test_torch), ("re-estimated", recomputed))
+                 if d is not None and abs(d) > tolerance]
         lines.append(f"| {width:g} | {variant} | {num_epochs} | {len(sides['jax'])} / {len(sides['torch'])} | "
-                     f"{test['jax']:.2f} | {test['torch']:.2f} | {diffs[0]:+.2f} | "
-                     f"{f'{diffs[1]:+.2f}' if len(diffs) > 1 else ''} | {', '.join(apart) or 'no'} |")
+                     f"{test_jax:.2f} | {test_torch:.2f} | {test_jax - test_torch:+.2f} | "
+                     f"{'' if recomputed is None else f'{recomputed:+.2f}'} | {', '.join(apart) or 'no'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
