@@ -117,7 +117,7 @@ def load_preprocessed(
     """
     if method not in preprocess.NORMALIZERS:
         raise DataError(f"unknown preprocessing {method!r}; choose one of {sorted(preprocess.NORMALIZERS)}")
-    b = tfds_cifar10.prepare(data_dir, archive, md5s)
+    b = tfds_cifar10.prepare(data_dir, archive, md5s, log)
     log(f"dataset: {tfds_cifar10.describe(b)} in {b.data_dir}")
     fingerprint = tfds_cifar10.dataset_fingerprint(b)
     folder = Path(cache_dir or default_cache_dir()) / _cache_key(fingerprint, method)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from jaxcifar import errors
+
 
 def define_flags() -> None:
     """--config (a file with get_config(), fields overridden by --config.key=value) and --workdir."""
@@ -38,14 +40,35 @@ def parse_flags(argv: list[str]) -> list[str]:
         if "get_config" in str(e):
             _usage_error(f"--config {config_file}: the file defines no get_config(); a config file returns its "
                          "ml_collections.ConfigDict from get_config(), as configs/vgg.py does")
-        key = str(e.args[0]).strip("'\"") if e.args else "?"
-        key = key.strip("'\"")
-        bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and a.split("=")[0].endswith("." + key)),
-                   f"--config...{key}")
-        _usage_error(f"{bad}: the config has no field {key!r}; check the spelling against {config_file or 'the config file'}")
+        _usage_error(_unknown_field(config_file, overrides) or f"{errors.first_line(e)}; check the --config.* "
+                     f"overrides against {config_file}")
     except Exception as e:  # loading the config file ran its code: a syntax or runtime error there is the user's
         _usage_error(f"--config {config_file}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                      "fix the file or give another")
+
+
+def _unknown_field(config_file: str, overrides: list[str]) -> str | None:
+    """'--config.num_epoch: configs/tiny.py has no field num_epoch; did you mean num_epochs?' for the first override
+    that names no field (ml_collections' own message is escaped twice over)."""
+    import difflib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_file", config_file.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for flag in overrides:
+        node, path = config, flag[len("--config."):].split(".")
+        for depth, key in enumerate(path):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in fields:
+                where = ".".join(path[:depth]) + "." if depth else ""
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f"did you mean --config.{where}{close[0]}?" if close else (
+                    f"its fields are documented in {config_file} and jaxcifar/config.py")
+                return f"{flag}: {config_file} has no field {where}{key}; {hint}"
+            node = node[key]
+    return None
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:

@@ -42,6 +42,10 @@ def initialize_distributed(environ=os.environ) -> bool:
     return True
 
 
+def single_process() -> bool:
+    return jax.process_count() == 1
+
+
 def is_writer() -> bool:
     """Whether this process writes the run's files: the only one, or process 0 of several."""
     return jax.process_index() == 0

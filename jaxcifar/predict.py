@@ -1,12 +1,13 @@
 """Classify image files with a trained run (the original's example_classify.lua).
 
-    python -m jaxcifar.predict --workdir W [--best] [--json] IMAGE...
+    python -m jaxcifar.predict --workdir W [--best] [--all | --json] IMAGE...
 
 Each image is read with Pillow, converted to RGB, resized to 32x32 (bilinear, like
-torch's image.scale), preprocessed with the statistics stored in the checkpoint, and the
-10 class probabilities are printed. The images are read before the model is loaded; a file that
-cannot be read (missing, not an image, a decompression bomb) is reported and the others are still
-classified. Exit code 1 if any file failed, 2 if the model could not be loaded.
+torch's image.scale), preprocessed with the statistics stored in the checkpoint, and classified:
+one line per image with its most probable class, all 10 probabilities with --all (the original's
+table) or --json. The images are read before the model is loaded; a file that cannot be read
+(missing, not an image, a decompression bomb) is reported and the others are still classified.
+Exit code 1 if any file failed, 2 if the model could not be loaded or gives no probabilities (NaN).
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def main(argv=None) -> int:
     which.add_argument("--step", type=int)
     which.add_argument("--best", action="store_true")
     p.add_argument("--seed", type=int, help="with a run of several seeds: use this seed's model (default: the first)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--all", action="store_true", help="print every class's probability, not only the top one")
+    shown.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("images", nargs="+")
     args = p.parse_args(argv)
     evaluate.quiet_libraries()
@@ -98,18 +101,38 @@ def main(argv=None) -> int:
     if images:
         try:
             trained = evaluate.load_trained(args.workdir, args.step, args.best, args.seed)
+            results = classify_images(trained, images)
+            check_probabilities(results, args.workdir)
         except errors.JaxcifarError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        results = classify_images(trained, images)
     if args.json:
         print(json.dumps({"probabilities": results, "errors": failed}, indent=1))
     else:
-        for path, probs in results.items():
-            print(f"Probabilities for {path}")
-            for name, v in probs.items():
-                print(f"{name:<10}: {100 * v:5.2f}%")
+        print_results(results, args.all)
+        print(f"{len(results)} image{'s' if len(results) != 1 else ''} classified"
+              + (f", {len(failed)} could not be read" if failed else ""), file=sys.stderr)
     return 1 if failed else 0
+
+
+def check_probabilities(results: dict, workdir: str) -> None:
+    """Raises CheckpointError when the model gives NaN probabilities (a diverged or damaged save), naming the images."""
+    bad = [path for path, probs in results.items() if not all(np.isfinite(v) for v in probs.values())]
+    if bad:
+        raise errors.CheckpointError(f"the model in {workdir} gives no probabilities (NaN) for {len(bad)} of "
+                                f"{len(results)} images, e.g. {bad[0]}: its weights are not finite; use an earlier "
+                                "checkpoint (--step) or train again")
+
+
+def print_results(results: dict, every_class: bool) -> None:
+    """'PATH: cat (87.31 %)' per image; with `every_class`, the original's table of all ten after it."""
+    width = max((len(path) for path in results), default=0)
+    for path, probs in results.items():
+        top = max(probs, key=probs.get)
+        print(f"{path + ':':<{width + 1}} {top} ({100 * probs[top]:.2f} %)")
+        if every_class:
+            for name, v in probs.items():
+                print(f"  {name:<10}: {100 * v:5.2f}%")
 
 
 if __name__ == "__main__":

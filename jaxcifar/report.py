@@ -77,6 +77,35 @@ def plot_curves(history: Sequence[dict]) -> bytes:
     return buf.getvalue()
 
 
+def plot_confusion(confusion: np.ndarray, class_names: Sequence[str]) -> bytes:
+    """PNG: the test confusion matrix as a heatmap, each row's share of its class, with the counts written in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(confusion)
+    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(6.4, 5.4), dpi=100)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true class")
+    for (i, j), n in np.ndenumerate(counts):
+        ax.text(j, i, f"{n}", ha="center", va="center", fontsize=7, color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the true class")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _png(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
 def _table(rows) -> str:
     return "<table>\n" + "".join(
         f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>\n" for k, v in rows) + "</table>\n"
@@ -95,16 +124,20 @@ def _seed_table(latest: dict) -> str:
             f"<th>test accuracy, %</th></tr>\n{rows}</table>\n")
 
 
-def _flatten_config(d: dict, prefix: str = ""):
+def _flatten_config(d: dict, resolved: dict, prefix: str = ""):
+    """(field, value) rows; a field left to the backend (0 or "auto") shows what it resolved to."""
     for k, v in sorted(d.items()):
         if isinstance(v, dict):
-            yield from _flatten_config(v, f"{prefix}{k}.")
+            yield from _flatten_config(v, resolved, f"{prefix}{k}.")
+        elif not prefix and k in resolved and v in (0, "auto"):
+            yield k, f"{v} -> {resolved[k]}"
         else:
             yield f"{prefix}{k}", v
 
 
 def render_html(*, workdir: str, history: Sequence[dict], config: dict, optimizer_state: dict, model_summary: str,
-                class_names: Sequence[str], png: bytes) -> str:
+                class_names: Sequence[str], png: bytes, confusion_png: bytes = b"", resolved: dict | None = None) -> str:
+    """The page; `resolved`: the step fields the config leaves to the backend, as they were resolved."""
     latest = history[-1]
     e = html.escape
     title = f"{workdir} - epoch {latest['epoch']}"
@@ -131,7 +164,7 @@ pre {{ font-size: 12px; background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 </head>
 <body>
 <h2>{e(title)}</h2>
-<img alt="accuracy and loss per epoch" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+{_png(png, "accuracy and loss per epoch")}
 <h4>Accuracy</h4>
 {_table(accuracy)}
 <h4>optimState:</h4>
@@ -139,9 +172,10 @@ pre {{ font-size: 12px; background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 <h4>Speed</h4>
 {_table(timing)}
 {_seed_table(latest)}<h4>Test confusion matrix{" (summed over the seeds)" if len(seeds) > 1 else ""}</h4>
+{_png(confusion_png, "test confusion matrix") if confusion_png else ""}
 <pre>{e(confusion)}</pre>
 <h4>Config</h4>
-{_table(_flatten_config(config))}
+{_table(_flatten_config(config, resolved or {}))}
 <h4>Model</h4>
 <pre>{e(model_summary)}</pre>
 </body>
@@ -150,13 +184,14 @@ pre {{ font-size: 12px; background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
 
 
 def write_report(workdir: str | Path, history: Sequence[dict], config: dict, optimizer_state: dict,
-                 model_summary: str, class_names: Sequence[str]) -> None:
+                 model_summary: str, class_names: Sequence[str], resolved: dict | None = None) -> None:
     """Rewrites workdir/report.html and workdir/accuracy.png from the history so far."""
     workdir = Path(workdir)
     png = plot_curves(history)
     atomic_write(workdir / "accuracy.png", png)
     page = render_html(workdir=str(workdir), history=history, config=config, optimizer_state=optimizer_state,
-                       model_summary=model_summary, class_names=class_names, png=png)
+                       model_summary=model_summary, class_names=class_names, png=png,
+                       confusion_png=plot_confusion(history[-1]["test_confusion"], class_names), resolved=resolved)
     atomic_write(workdir / "report.html", page.encode())
 
 
@@ -187,8 +222,9 @@ class BackgroundReporter:
             self._pool.shutdown()
 
 
-def model_summary(params, batch_stats=None) -> str:
-    """One line per layer: its parameter shapes and count, then the total."""
+def model_summary(params, batch_stats=None, order: Sequence[str] = ()) -> str:
+    """One line per layer, in `order` (the network's, step.layer_order) where given: its parameter shapes and
+    count, then the total."""
     import jax
 
     from jaxcifar import trees
@@ -200,7 +236,8 @@ def model_summary(params, batch_stats=None) -> str:
         layer, _, name = path.rpartition("/")
         by_layer.setdefault(layer, []).append((name, tuple(leaf.shape)))
     width = max((len(k) for k in by_layer), default=10)
-    for layer, entries in by_layer.items():
+    rank = {layer: i for i, layer in enumerate(order)}
+    for layer, entries in sorted(by_layer.items(), key=lambda item: rank.get(item[0], len(rank))):
         count = sum(int(np.prod(s)) for _, s in entries)
         total += count
         shapes = ", ".join(f"{name} {'x'.join(map(str, s))}" for name, s in entries)

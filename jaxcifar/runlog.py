@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +177,71 @@ def scalar_summary(r: dict) -> dict:
         for field, values in r["per_seed"].items():
             out.update({f"seed{s}/{field}": v for s, v in zip(r["seeds"], values)})
     return out
+
+
+def duration(seconds: float) -> str:
+    """'42 s', '12.5 min', '6 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def run_eta(history: list[dict], epochs_left: int) -> str:
+    """'; run ETA 5 h 40 min (at 14:32)' from the last epochs' times (empty before any epoch has a time)."""
+    recent = [r["epoch_time_s"] for r in history[-3:]]
+    if not recent or epochs_left <= 0:
+        return ""
+    left = epochs_left * sum(recent) / len(recent)
+    at = time.strftime("%H:%M", time.localtime(time.time() + left))
+    return f"; {epochs_left} epoch{'s' if epochs_left > 1 else ''} to go, run ETA {duration(left)} (at {at})"
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What a training run's last line says, filled in as the run goes so that it can be said however it ends."""
+
+    workdir: Path
+    num_epochs: int
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    history: list = dataclasses.field(default_factory=list)
+    epochs_before: int = 0  # finished epochs the run resumed with
+    writer: bool = True  # of several processes, only process 0 says it
+
+    def follow(self, history: list) -> None:
+        """Reads the run's history list from now on (the epochs it resumed with count as done before)."""
+        self.history, self.epochs_before = history, len(history)
+
+    def line(self, outcome: str) -> str:
+        """'jaxcifar: finished: 40 of 40 epochs, final test accuracy ..., best ...; 6 h 05 min; report ...; ...'."""
+        h = self.history
+        done = f"{len(h)} of {self.num_epochs} epochs"
+        if len(h) > self.epochs_before and self.epochs_before:
+            done += f" ({len(h) - self.epochs_before} this time)"
+        if h:
+            best = max(h, key=lambda r: r["test_accuracy"])
+            done += (f", final test accuracy {h[-1]['test_accuracy']:.2f} % (epoch {h[-1]['epoch']}), best "
+                     f"{best['test_accuracy']:.2f} % (epoch {best['epoch']})")
+        where = [f"{name} {path}" for name, path in (("report", self.workdir / "report.html"),
+                                                     ("checkpoints", self.workdir / "checkpoints")) if path.exists()]
+        return f"jaxcifar: {outcome}: {done}; {duration(time.monotonic() - self.started)}" + "".join(
+            f"; {w}" for w in where)
+
+
+def keep_traceback(workdir: Path) -> str:
+    """Appends the exception being handled, with its traceback, to workdir/log.txt (or, failing that, a file of
+    its own in the temporary folder); returns where it went, for the one-line error."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    try:
+        with open(Path(workdir) / "log.txt", "a") as f:
+            f.write(text)
+        return f"a bug: please report it with {Path(workdir) / 'log.txt'}, which holds the traceback"
+    except OSError:
+        with tempfile.NamedTemporaryFile("w", prefix="jaxcifar-traceback-", suffix=".txt", delete=False) as f:
+            f.write(text)
+        return f"a bug: please report it with {f.name}, which holds the traceback"

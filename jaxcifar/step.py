@@ -16,6 +16,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from jaxcifar import config as config_lib
 from jaxcifar import batches, metrics, models, optim
@@ -97,6 +98,23 @@ def _compiled_init(model, tx, image_shape):
                           opt_state=tx.init(params), key_data=key_data)
 
     return jax.jit(init)
+
+
+def layer_order(model, image_shape) -> list[str]:
+    """The network's parameter layers ('ConvBNReLU_0/Conv_0', ...) in the order its forward pass creates them.
+
+    A state's own dicts are in jax's sorted key order (ConvBNReLU_0, _1, _10, ...), not the network's; flax's
+    init builds them in call order, which tracing it (nothing computed) records.
+    """
+    order = []
+
+    def init(x):
+        variables = model.init({"params": jax.random.key(0)}, x, train=False)
+        order.extend(dict.fromkeys("/".join(path[:-1]) for path in traverse_util.flatten_dict(variables["params"])))
+        return jnp.zeros(())
+
+    jax.eval_shape(init, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+    return order
 
 
 def init_replicas(seeds, model, tx, image_shape) -> TrainState:

@@ -81,7 +81,9 @@ def default_data_dir() -> str:
 def _quiet_tfds():
     from absl import logging
 
-    logging.set_verbosity(logging.WARNING)
+    # tfds warns of what a user cannot act on: no OpenCV (Pillow decodes these 32x32 PNGs), and a variant folder
+    # without dataset_info.json (every first preparation). Its errors still show.
+    logging.set_verbosity(logging.ERROR)
 
 
 def builder(data_dir: str | None = None, **kwargs):
@@ -105,7 +107,8 @@ def _can_download() -> bool:
         pool.shutdown(wait=False)
 
 
-def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mapping[str, str] | None = OFFICIAL_MD5):
+def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mapping[str, str] | None = OFFICIAL_MD5,
+            log=print):
     """Makes sure tfds's `cifar10` is prepared in `data_dir` and is the dataset `md5s` describe; returns the builder.
 
     A given `archive` is always read and verified, prepared or not, and must be the one the
@@ -129,10 +132,28 @@ def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mappi
             "(or --config.data.archive=PATH when training)"
         )
     # tfds writes to a temporary folder and renames it when complete: no partial dataset survives a failure.
-    b.download_and_prepare(file_format="array_record")
+    if members is not None:
+        log(f"preparing CIFAR-10 in {b.data_dir} from {archive} (once; about half a minute for the real set)")
+        _prepare_quietly(b)  # tfds's "Downloading ... Unknown size" and its bars say nothing true offline
+    else:
+        b.download_and_prepare(file_format="array_record")
     source = {"md5": b.source_md5s, "official": b.source_md5s == OFFICIAL_MD5}
     (Path(b.data_dir) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
     return b
+
+
+def _prepare_quietly(b) -> None:
+    import contextlib
+    import io
+
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            b.download_and_prepare(file_format="array_record")
+    finally:
+        tfds.enable_progress_bar()
 
 
 def prepared_source(b) -> dict | None:

@@ -1,15 +1,29 @@
-"""Training: `python -m jaxcifar.train --config configs/vgg.py --workdir runs/vgg`.
+"""Train a CIFAR-10 recipe of cifar.torch; running the same command again resumes it.
 
-The run's orchestration: workdir lock, dataset, resume, and the epoch loop with its saves, logs and report.
-The step itself is step.py, its compiled loop trainer.py; the command line is cli.py, stopping on a
-signal signals.py.
+usage: python -m jaxcifar.train --config configs/vgg.py --workdir runs/vgg [--config.FIELD=VALUE ...]
+
+  --config     a recipe file: configs/quick.py (minutes on a CPU), vgg_fast.py (40 epochs), vgg.py (the original's
+               300 epochs), nin.py and the ablations beside them
+  --workdir    the run's folder: log.txt, metrics.jsonl/csv, report.html, TensorBoard events, checkpoints/
+  --config.FIELD=VALUE  overrides one field, e.g. --config.num_epochs=2, --config.seeds=0,1,2,
+               --config.data.archive=cifar-10-binary.tar.gz; the fields, their defaults and meaning are in
+               jaxcifar/config.py (base_config) and docs/training.md
+
+Ctrl-C (or SIGTERM) stops after the compiled call in progress and saves; a second one exits at once.
 """
+
+# The run's orchestration lives here: workdir lock, dataset, resume, and the epoch loop with its saves, logs and
+# report. The step itself is step.py, its compiled loop trainer.py; the command line is cli.py, stopping on a
+# signal signals.py.
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,14 +42,17 @@ from jaxcifar.step import TrainState
 from jaxcifar.trainer import Trainer
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       summary: runlog.RunSummary | None = None) -> TrainState:
     """Trains `config` in `workdir`, resuming from its latest intact checkpoint if there is one.
 
     One training run per workdir: another one holding it is refused (workdir.WorkdirLock, taken by
     process 0). Problems the user can fix raise errors.JaxcifarError; log.txt records them too.
+    `summary`, if given, is filled in as the run goes, so that its last line can be said however it ends.
     """
     config_lib.validate(config)
-    writer = distributed.is_writer()  # of several processes, only process 0 writes files (orbax saves aside)
+    summary = summary if summary is not None else runlog.RunSummary(Path(workdir), config.num_epochs)
+    writer = summary.writer = distributed.is_writer()  # of several processes, only process 0 writes files
     workdir = workdir_lib.make_workdir(workdir) if writer else Path(workdir)
     with contextlib.ExitStack() as stack:  # closes in reverse: pending saves, reporter, checkpointer, log, lock
         lock = workdir_lib.WorkdirLock(workdir)
@@ -54,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             stack.callback(reporter.close)
             stack.callback(ckpt.wait)  # exit waits for pending saves, and reports a failed one
             with StopFlag() as stop:
-                return _train(config, workdir, log, ckpt, stop, reporter, stack)
+                return _train(config, workdir, log, ckpt, stop, reporter, stack, summary)
         except errors.JaxcifarError as e:
             log.write(f"error: {e}")  # the command line prints it; the log keeps it with the run
             raise
@@ -101,7 +118,8 @@ class Run:
 
 
 def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, stop: StopFlag,
-           reporter: report.BackgroundReporter, closing: contextlib.ExitStack) -> TrainState:
+           reporter: report.BackgroundReporter, closing: contextlib.ExitStack,
+           summary: runlog.RunSummary) -> TrainState:
     """The recipe: restore or initialise, then for each epoch train, evaluate, save, log and report."""
     seeds = config_lib.seed_list(config)
     runs = f"seeds {','.join(map(str, seeds))} in one program" if len(seeds) > 1 else f"seed {seeds[0]}"
@@ -109,14 +127,16 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
               f"workdir {workdir}")
     dataset = cache.load_dataset_once(config, log.print)
     run = restore_or_init(config, workdir, Trainer(config, dataset), dataset, ckpt, log)
-    summary = describe_run(run, log)
+    summary.follow(run.history)
+    stop.describe = functools.partial(stop_announcement, run.trainer)
+    model_summary = describe_run(run, log)
     scalars = report.ScalarWriter(workdir / "tensorboard", purge_after=run.resumed_step) if log.writer else None
     if scalars is not None:
         closing.callback(scalars.close)
     for epoch in epochs_to_train(run, log):
         ckpt.check()  # a save that failed in the background stops the run here, not at its end
         record = train_and_evaluate_epoch(run, epoch, ckpt, log, stop)
-        keep_epoch(run, record, ckpt, log, reporter, scalars, summary)
+        keep_epoch(run, record, ckpt, log, reporter, scalars, model_summary)
         if stop():
             ckpt.wait()
             raise TrainingInterrupted(stop.signum, record["step"])
@@ -151,8 +171,8 @@ def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Prep
     state = trainer.place(checkpoint.from_tree(shapes, tree["train_state"]))
     epoch_metrics = trainer.place(checkpoint.from_tree(template["epoch_metrics"], tree["epoch_metrics"]))
     run = Run(config, workdir, trainer, dataset, state, epoch_metrics, meta["history"], step)
-    log.print(f"resumed from checkpoint at step {step} (epoch {meta['epoch']}, "
-              f"{len(run.history)} epochs done) in {workdir / 'checkpoints'}")
+    log.print(f"resumed from checkpoint at step {step}, {resume_point(step, trainer.steps_per_epoch)} "
+              f"({len(run.history)} of {config.num_epochs} epochs done), from {workdir / 'checkpoints'}")
     rounding = {k: (v, trainer.choices[k]) for k, v in meta.get("step_choices", {}).items()
                 if k in trainer.choices and v != trainer.choices[k]}
     if rounding:
@@ -163,14 +183,39 @@ def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Prep
     return run
 
 
+def resume_point(step: int, steps_per_epoch: int) -> str:
+    """'after epoch 3' for a step at an epoch's end, 'during epoch 4' for one inside it."""
+    epoch, into = divmod(step, steps_per_epoch)
+    return f"after epoch {epoch}" if into == 0 else f"during epoch {epoch + 1}"
+
+
+def stop_announcement(trainer: Trainer) -> str:
+    """What a stop signal's acknowledgement says happens next, from where the loop has dispatched to."""
+    step = trainer.dispatched_step
+    if step is None:
+        return "stopping as soon as training reaches its first step boundary, then saving a checkpoint"
+    per_epoch = trainer.steps_per_epoch
+    epoch_end = math.ceil(step / per_epoch) * per_epoch
+    if step == epoch_end:
+        return f"stopping when epoch {step // per_epoch} has been evaluated and saved (step {step})"
+    if distributed.single_process():
+        return f"stopping after the compiled call in progress (by step {min(step + trainer.steps_per_call, epoch_end)}), then saving a checkpoint"
+    every = trainer.config.log_every_steps
+    into = step - (epoch_end - per_epoch)
+    boundary = min(epoch_end, epoch_end - per_epoch + (into // every + 1) * every + trainer.steps_per_call - 1)
+    return (f"stopping at the next log boundary, where the {jax.process_count()} processes agree (by step {boundary}), "
+            "then saving a checkpoint")
+
+
 def describe_run(run: Run, log: RunLog) -> str:
     """Logs the network's size and the step's build; returns the model summary the report shows."""
     trainer, config = run.trainer, run.config
     one = step_lib.replica(run.state, 0)
     choices = ", ".join(f"{k} {v}" for k, v in trainer.choices.items())
     log.print(f"{models.count_params(one.params):,} parameters per run; {trainer.steps_per_epoch} steps of "
-              f"{config.batch_size} per epoch; {config.num_epochs} epochs; step: {choices}")
-    return report.model_summary(one.params, one.batch_stats)
+              f"{config.batch_size} per epoch; {config.num_epochs} epoch{'s' if config.num_epochs > 1 else ''}; step: {choices}")
+    order = step_lib.layer_order(trainer.model, trainer.train_images.shape[1:])
+    return report.model_summary(one.params, one.batch_stats, order)
 
 
 def epochs_to_train(run: Run, log: RunLog) -> range:
@@ -189,7 +234,8 @@ def train_and_evaluate_epoch(run: Run, epoch: int, ckpt: checkpoint.Checkpointer
     """
     config, trainer = run.config, run.trainer
     lr = step_lib.learning_rate_at(config, trainer.steps_per_epoch, (epoch - 1) * trainer.steps_per_epoch)
-    log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]")
+    log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]"
+              + runlog.run_eta(run.history, epochs_left=config.num_epochs - epoch + 1))
     first = int(run.state.step[0]) - (epoch - 1) * trainer.steps_per_epoch
     t0 = time.time()
     bar, progress = runlog.progress_bar(epoch, trainer.steps_per_epoch, first)
@@ -228,7 +274,7 @@ def keep_epoch(run: Run, record: dict, ckpt: checkpoint.Checkpointer, log: RunLo
     log.epoch(record)
     reporter.submit(run.workdir, list(run.history), config.to_dict(),
                     optimizer_state(config, epoch, record["step"], record["learning_rate"]), summary,
-                    archive.CLASS_NAMES)
+                    archive.CLASS_NAMES, run.trainer.choices)
     if scalars is not None:
         scalars.write(record["step"], runlog.scalar_summary(record))
 
@@ -239,21 +285,33 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and tfds narrate every file at INFO
     cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    summary = runlog.RunSummary(Path(workdir), cfg.num_epochs)
+    code, outcome = 0, "finished"
     try:
         distributed.initialize_distributed()
-        train_and_evaluate(cfg, workdir)
+        train_and_evaluate(cfg, workdir, summary)
     except TrainingInterrupted as e:
-        print(f"jaxcifar: {e}", file=sys.stderr)
-        exit_now(128 + e.signum)
+        code = 128 + e.signum
+        outcome = f"stopped by {signal.Signals(e.signum).name} at step {e.step}, saved (the same command resumes)"
     except errors.JaxcifarError as e:
         print(f"error: {e}", file=sys.stderr)
-        exit_now(2)
+        code, outcome = 2, "failed"
+    except KeyboardInterrupt:  # before the stop handlers were installed, or after they were removed
+        code, outcome = 130, "interrupted"
+    except Exception as e:  # a bug: one line here, the traceback in log.txt
+        code, outcome = 1, "failed"
+        print(f"error: unexpected {type(e).__name__}: {errors.first_line(e)} "
+              f"({runlog.keep_traceback(summary.workdir)})", file=sys.stderr)
+    if summary.writer:
+        print(summary.line(outcome), flush=True)
+    exit_now(code)
 
 
 if __name__ == "__main__":
-    from absl import app
+    from absl import app, flags
 
     from jaxcifar import cli
 
     cli.define_flags()
+    flags.adopt_module_key_flags(cli)  # --help lists --config and --workdir (not only --helpfull)
     app.run(main, flags_parser=cli.parse_flags)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 
 import jax
 import numpy as np
@@ -16,6 +17,11 @@ from jaxcifar.evaluator import Evaluator
 from jaxcifar.mesh import make_mesh, replicate
 from jaxcifar.step import (TrainState, build_model, build_optimizer, call_plan, epoch_order, init_replicas,
                            over_replicas, train_steps, zero_replica_metrics)
+
+
+# The progress bar's longest silence: a sync this often costs nothing at full width (one 4-step call of the VGG
+# takes 6-10 s on a 2-core CPU) and little at small widths; log boundaries alone left it a minute silent there.
+PROGRESS_EVERY_S = 2.0
 
 
 class Trainer:
@@ -59,6 +65,7 @@ class Trainer:
                                        batch_sharding=NamedSharding(self.mesh, P("data")))
         order = functools.partial(epoch_order, num_examples=self.num_train, batch_size=config.batch_size)
         self._epoch_order = jax.jit(over_replicas(order, (0, None), self.replicas), out_shardings=batch_rows)
+        self.dispatched_step = None  # the step the last dispatched call ends on (for a stop's announcement)
 
     @property
     def steps_per_call(self) -> int:
@@ -107,33 +114,40 @@ class Trainer:
         return jax.tree_util.tree_map(lambda x: replicate(x, self.replicated), tree)
 
     def train_epoch(self, state: TrainState, epoch: int, epoch_metrics: dict | None = None, progress=None,
-                    should_stop=lambda: False):
+                    should_stop=lambda boundary: False):
         """Runs the remaining steps of `epoch` (1-based) from `state.step`, accumulating into `epoch_metrics`.
 
-        Returns (state, epoch_metrics, finished); `finished` is False when `should_stop()`, asked at log
-        boundaries, cut the epoch short.
+        Returns (state, epoch_metrics, finished); `finished` is False when `should_stop(boundary)`, asked after
+        every compiled call (`boundary`: the call ended on a log boundary, where every process asks), cut the
+        epoch short. `progress(done, loss)` is called at log boundaries and at least every PROGRESS_EVERY_S.
         """
         c = self.config
         order = self.epoch_order(state.key_data, epoch)
         epoch_metrics = self.zero_metrics() if epoch_metrics is None else epoch_metrics
         done = int(state.step[0]) - (epoch - 1) * self.steps_per_epoch
+        shown = time.monotonic()
         for count in call_plan(done, self.steps_per_epoch, self.steps_per_call):
             state, epoch_metrics = self.run_steps(state, epoch_metrics, order, count)
             before, done = done, done + count
-            if not (done // c.log_every_steps > before // c.log_every_steps or done == self.steps_per_epoch):
-                continue  # no sync between log boundaries: the device queue stays full
-            last = np.asarray(epoch_metrics["last_loss"])  # syncs: keeps the bar honest and catches divergence early
-            if not np.all(np.isfinite(last)):
-                bad = ", ".join(f"{v} (seed {s})" for s, v in zip(self.seeds, last.tolist()) if not math.isfinite(v))
-                raise TrainingDiverged(
-                    f"loss became {bad} at epoch {epoch}, step {int(state.step[0])}: training stopped; "
-                    "lower optimizer.learning_rate or check the input data")
-            if progress is not None:
-                progress(done, float(last.mean()))
-            # Asked at log boundaries only: with several processes it is a blocking all-gather across hosts.
-            if done < self.steps_per_epoch and should_stop():
+            self.dispatched_step = (epoch - 1) * self.steps_per_epoch + done
+            boundary = done // c.log_every_steps > before // c.log_every_steps or done == self.steps_per_epoch
+            # Between boundaries nothing syncs unless the bar is due: the device queue stays full.
+            if boundary or (progress is not None and time.monotonic() - shown >= PROGRESS_EVERY_S):
+                last = np.asarray(epoch_metrics["last_loss"])  # syncs
+                if boundary:  # every process checks at the same steps, so all of them stop together
+                    self._check_finite(last, epoch, int(state.step[0]))
+                if progress is not None:
+                    progress(done, float(last.mean()))
+                    shown = time.monotonic()
+            if done < self.steps_per_epoch and should_stop(boundary):
                 return state, epoch_metrics, False
         return state, epoch_metrics, True
+
+    def _check_finite(self, last_loss: np.ndarray, epoch: int, step: int) -> None:
+        if not np.all(np.isfinite(last_loss)):
+            bad = ", ".join(f"{v} (seed {s})" for s, v in zip(self.seeds, last_loss.tolist()) if not math.isfinite(v))
+            raise TrainingDiverged(f"loss became {bad} at epoch {epoch}, step {step}: training stopped; "
+                                   "lower optimizer.learning_rate or check the input data")
 
     def epoch_summary(self, epoch_metrics: dict) -> tuple[np.ndarray, np.ndarray]:
         """Per replica: (mean training loss (K,), training confusion (K, C, C)) of a finished epoch."""

@@ -29,6 +29,9 @@ BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 FIDELITY_START, FIDELITY_END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
 GAPS_START, GAPS_END = "<!-- gaps:start -->", "<!-- gaps:end -->"
 BN_SHIFT_START, BN_SHIFT_END = "<!-- bn-shift:start -->", "<!-- bn-shift:end -->"
+HEADLINE_START, HEADLINE_END = "<!-- headline:start -->", "<!-- headline:end -->"
+QUICK_START, QUICK_END = "<!-- quick:start -->", "<!-- quick:end -->"
+RECIPES_START, RECIPES_END = "<!-- recipes:start -->", "<!-- recipes:end -->"
 GAP_WINDOW = (5, 10)  # issue 21's G: epochs 5-10 of the 10-epoch fidelity runs
 SEED_CLAIMS = {"vgg": 92.45, "vgg_noflip": 91.3, "nin": 91.9, "nin_noflip": 90.4, "vgg_nobn": 91.4,
                "vgg_nodrop": 91.4, "vgg_fast": 92.45}
@@ -88,32 +91,131 @@ def write_result(result: dict, results_dir: Path) -> Path:
     return path
 
 
-def results_table(results_dir: Path) -> str:
-    rows: dict[tuple, list[dict]] = {}
+def result_rows(results_dir: Path) -> list[dict]:
+    """One row per (config, device, epochs) of results/*.json, then per reduced-width group of results/fidelity/:
+    label, claim, final test accuracies (every seed once), epochs done and planned, wall time, images/s, device."""
+    groups: dict[tuple, list[dict]] = {}
     for path in sorted(results_dir.glob("*.json")):
         r = json.loads(path.read_text())
         if "config_name" not in r:
             continue  # e.g. benchmark files
-        rows.setdefault((r["config_name"], r["device"], r["epochs_completed"], r["epochs_configured"]), []).append(r)
-    lines = ["| config | seed's claim | final test accuracy (mean ± std) | seeds | epochs | wall time | images/s | device |",
-             "|---|---|---|---|---|---|---|---|"]
-    shown = []  # (label, epochs done, planned, tests a seed's claim, final test accuracies)
-    for (name, device, done, planned), runs in sorted(rows.items()):
+        groups.setdefault((r["config_name"], r["device"], r["epochs_completed"], r["epochs_configured"]), []).append(r)
+    rows = []
+    for (name, device, done, planned), runs in sorted(groups.items()):
         # Every seed counts once, whether it trained alone or with others in one program.
         accs = [a for r in runs for a in r.get("final_test_accuracies", [r["final_test_accuracy"]])]
-        wall = statistics.mean(r["wall_time_s"] for r in runs)
-        ips = statistics.mean(r["train_images_per_s"] for r in runs)
-        claim = f"{SEED_CLAIMS[name]:.2f} %" if name in SEED_CLAIMS else "-"
-        lines.append(f"| `{name}` | {claim} | {_mean_std(accs)} | {len(accs)} | {_epochs(done, planned)} | "
-                     f"{wall / 60:.1f} min | {ips:,.0f} | {device} |")
-        shown.append((f"`{name}`", done, planned, name in SEED_CLAIMS, accs))
+        rows.append({"name": name, "label": f"`{name}`", "claim": SEED_CLAIMS.get(name), "full_width": True,
+                     "accs": accs, "done": done, "planned": planned, "device": device,
+                     "wall": statistics.mean(r["wall_time_s"] for r in runs),
+                     "ips": statistics.mean(r["train_images_per_s"] for r in runs)})
     for (name, width, side, device, done, planned), accs in sorted(reduced_width_runs(results_dir).items()):
-        label = f"`{name}` at width {WIDTHS.get(width, f'{width:g}')}, {SIDES[side]}"
-        claim = f"{SEED_CLAIMS[name]:.2f} % (full width)" if name in SEED_CLAIMS else "-"
-        lines.append(f"| {label} | {claim} | {_mean_std(accs)} | {len(accs)} | {_epochs(done, planned)} | - | - | "
-                     f"{device} |")
-        shown.append((label, done, planned, False, accs))
+        rows.append({"name": name, "label": f"`{name}` at width {WIDTHS.get(width, f'{width:g}')}, {SIDES[side]}",
+                     "claim": SEED_CLAIMS.get(name), "full_width": False, "accs": accs, "done": done,
+                     "planned": planned, "device": device, "wall": None, "ips": None})
+    return rows
+
+
+def results_table(results_dir: Path) -> str:
+    lines = ["| config | seed's claim | final test accuracy (mean ± std) | seeds | epochs | wall time | images/s | device |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in result_rows(results_dir):
+        claim = "-" if row["claim"] is None else f"{row['claim']:.2f} %" + ("" if row["full_width"] else " (full width)")
+        wall = "-" if row["wall"] is None else f"{row['wall'] / 60:.1f} min"
+        ips = "-" if row["ips"] is None else f"{row['ips']:,.0f}"
+        lines.append(f"| {row['label']} | {claim} | {_mean_std(row['accs'])} | {len(row['accs'])} | "
+                     f"{_epochs(row['done'], row['planned'])} | {wall} | {ips} | {row['device']} |")
+    shown = [(r["label"], r["done"], r["planned"], r["claim"] is not None and r["full_width"], r["accs"])
+             for r in result_rows(results_dir)]
     return "\n".join(lines) + "\n\n" + results_status(shown)
+
+
+TRY_CONFIGS = ("quick", "tiny")  # runs that show the software works, not what a recipe reaches
+
+
+def headline(results_dir: Path) -> str:
+    """The README's results: complete runs of the recipes only, one line each."""
+    lines = []
+    for row in result_rows(results_dir):
+        if row["done"] < row["planned"] or row["name"] in TRY_CONFIGS:
+            continue
+        seeds = f"{len(row['accs'])} seed{'s' if len(row['accs']) > 1 else ''}"
+        wall = "" if row["wall"] is None else f", {runlog_duration(row['wall'])}"
+        lines.append(f"- {row['label']}, {row['done']} epochs: **{_mean_std(row['accs'])}** final test accuracy "
+                     f"({seeds}, {row['device']}{wall})")
+    if not any(r["full_width"] and r["claim"] is not None and r["done"] == r["planned"] for r in result_rows(results_dir)):
+        lines.append("- No complete run at the recipes' own width yet: the original's 92.45 % has not been measured "
+                     "here (runs in progress: [docs/results.md](docs/results.md)).")
+    return "\n".join(lines)
+
+
+def quick_result(results_dir: Path) -> str:
+    """What configs/quick.py measured, from its result file(s)."""
+    runs = [json.loads(p.read_text()) for p in sorted(results_dir.glob("quick-*.json"))]
+    if not runs:
+        return "Not measured yet."
+    lines = []
+    for r in runs:
+        accs = r.get("final_test_accuracies", [r["final_test_accuracy"]])
+        lines.append(f"Measured: {_mean_std(accs)} test accuracy after {r['epochs_completed']} epochs, "
+                     f"{runlog_duration(r['wall_time_s'])} from the command to its summary line (dataset already "
+                     f"prepared and cached), on {r['device']} (`{results_dir.name}/quick-*.json`).")
+    return "\n".join(lines)
+
+
+RECIPES = ("quick", "vgg_fast", "vgg", "nin", "vgg_noflip", "nin_noflip", "vgg_nobn", "vgg_nodrop")
+
+
+def recipe_costs(results_dir: Path) -> str:
+    """Each recipe's epochs and what an epoch costs on a CPU and on a GPU, from the runs and benchmarks in
+    `results_dir` alone: at full width the benchmark's train-step images/s (a clean measurement), else the median
+    epoch of a run of the same model, width and batch."""
+    lines = ["| recipe | what it is | epochs | CPU: an epoch / the whole recipe | one GPU | measured on |",
+             "|---|---|---|---|---|---|"]
+    for name in RECIPES:
+        path = REPO / "configs" / f"{name}.py"
+        if not path.exists():
+            continue
+        c = _config(name)
+        doc = " ".join(path.read_text().split('"""')[1].strip().split("\n\n")[0].split())
+        doc = doc.split(". ")[0].rstrip(".")
+        cells, sources = [], []
+        for platform in ("cpu", "gpu"):
+            epoch, source = _epoch_cost(results_dir, c, platform)
+            cells.append("not measured yet" if epoch is None else
+                         f"{runlog_duration(epoch)} / {runlog_duration(epoch * c.num_epochs)}")
+            sources += [source] if source else []
+        lines.append(f"| `{name}` | {doc} | {c.num_epochs} | {cells[0]} | {cells[1]} | {'; '.join(sources) or '-'} |")
+    return "\n".join(lines)
+
+
+def _config(name: str):
+    import fidelity
+
+    return fidelity.config_from_file(REPO / "configs" / f"{name}.py")
+
+
+def _epoch_cost(results_dir: Path, c, platform: str) -> tuple[float | None, str | None]:
+    """(seconds an epoch of `c` takes on `platform`, where the figure comes from), or (None, None)."""
+    if c.width == 1:
+        for path in sorted(results_dir.glob("bench-*.json")):
+            b = json.loads(path.read_text())
+            if b["machine"]["platform"] == platform and b["dtype"] == "float32" and c.model in b["models"]:
+                ips = b["models"][c.model]["jax"]["images_per_s"]
+                return 50_000 / ips, f"`{path.name}`, train step only ({device_label(b['machine'])})"
+    for path in sorted(results_dir.glob("*.json")):
+        r = json.loads(path.read_text())
+        cfg = r.get("config", {})
+        if ("config_name" in r and platform in r["device"].lower() and cfg.get("model") == c.model
+                and cfg.get("width") == c.width and cfg.get("batch_size") == c.batch_size
+                and len(r.get("seeds", [0])) == 1):
+            return statistics.median(e["epoch_time_s"] for e in r["curve"]), f"`{path.name}` ({r['device']})"
+    return None, None
+
+
+def runlog_duration(seconds: float) -> str:
+    from jaxcifar import runlog
+
+    return runlog.duration(seconds)
 
 
 WIDTHS = {0.5: "½", 0.25: "¼", 0.125: "⅛"}
@@ -146,7 +248,10 @@ def recipe_epochs(name: str) -> int | None:
 
 
 def _mean_std(accs: list[float]) -> str:
-    return f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs) if len(accs) > 1 else 0.0:.2f} %"
+    """'87.34 %' for one seed (no spread to show), '86.90 ± 0.40 %' for several."""
+    if len(accs) == 1:
+        return f"{accs[0]:.2f} %"
+    return f"{statistics.mean(accs):.2f} ± {statistics.stdev(accs):.2f} %"
 
 
 def _epochs(done: int, planned: int) -> str:
@@ -189,40 +294,59 @@ def bench_table(results_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _fill(text: str, start: str, end: str, body: str, readme: Path, required: bool) -> str:
-    if start not in text or end not in text:
-        if required:
-            raise SystemExit(f"error: {readme} lacks the {start} / {end} markers")
-        return text
+def _fill(text: str, start: str, end: str, body: str) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
-def update_readme(results_dir: Path, readme: Path = REPO / "README.md") -> None:
+def generated_blocks(results_dir: Path) -> dict[tuple[str, str], str]:
+    """{(start marker, end marker): body} of every block made from `results_dir`."""
     note = f"<!-- generated by scripts/reproduce.py from {results_dir.name}/*.json; do not edit by hand -->"
-    text = _fill(readme.read_text(), TABLE_START, TABLE_END, f"{note}\n{results_table(results_dir)}", readme, True)
-    text = _fill(text, BENCH_START, BENCH_END, f"{note}\n{bench_table(results_dir)}", readme, False)
+    blocks = {(TABLE_START, TABLE_END): f"{note}\n{results_table(results_dir)}",
+              (BENCH_START, BENCH_END): f"{note}\n{bench_table(results_dir)}",
+              (HEADLINE_START, HEADLINE_END): f"{note}\n{headline(results_dir)}",
+              (QUICK_START, QUICK_END): f"{note}\n{quick_result(results_dir)}",
+              (RECIPES_START, RECIPES_END): f"{note}\n{recipe_costs(results_dir)}"}
     fidelity_runs = sorted(str(p) for p in (results_dir / "fidelity").glob("*.json"))
     if fidelity_runs:
         import fidelity
 
         note = f"<!-- generated by scripts/reproduce.py from {results_dir.name}/fidelity/*.json; do not edit by hand -->"
-        text = _fill(text, FIDELITY_START, FIDELITY_END, f"{note}\n{fidelity.table(fidelity_runs)}", readme, False)
-        blocks = [fidelity.gap_summary(fidelity_runs, GAP_WINDOW, num_epochs=GAP_WINDOW[1])]
+        blocks[FIDELITY_START, FIDELITY_END] = f"{note}\n{fidelity.table(fidelity_runs)}"
+        gaps = [fidelity.gap_summary(fidelity_runs, GAP_WINDOW, num_epochs=GAP_WINDOW[1])]
         for schedule in sorted({planned for *_, planned in reduced_width_runs(results_dir)}):  # recipes' whole ones
             table = fidelity.final_accuracy_comparison(fidelity_runs, schedule)
             if table:  # both sides have finished a run of it
-                blocks.append(table)
-        text = _fill(text, GAPS_START, GAPS_END, note + "\n" + "\n\n".join(blocks), readme, False)
+                gaps.append(table)
+        blocks[GAPS_START, GAPS_END] = note + "\n" + "\n\n".join(gaps)
     shifts = sorted((results_dir / "bn-shift").glob("*.json"))
     if shifts:
         import bn_shift
 
         note = f"<!-- generated by scripts/reproduce.py from {results_dir.name}/bn-shift/*.json; do not edit by hand -->"
         body = "\n\n".join(bn_shift.tables(json.loads(p.read_text())["runs"]) for p in shifts)
-        text = _fill(text, BN_SHIFT_START, BN_SHIFT_END, f"{note}\n{body}", readme, False)
-    readme.write_text(text)
+        blocks[BN_SHIFT_START, BN_SHIFT_END] = f"{note}\n{body}"
+    return blocks
+
+
+def update_docs(results_dir: Path, pages: list[Path] | None = None) -> list[Path]:
+    """Rewrites every generated block found in `pages` (default: README.md and docs/*.md); returns the pages
+    changed. The results table must be in one of them."""
+    pages = pages if pages is not None else [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    texts = {page: page.read_text() for page in pages}
+    if not any(TABLE_START in t and TABLE_END in t for t in texts.values()):
+        raise SystemExit(f"error: none of {', '.join(map(str, pages))} has the {TABLE_START} / {TABLE_END} markers")
+    changed = []
+    for (start, end), body in generated_blocks(results_dir).items():
+        for page, text in texts.items():
+            if start in text and end in text:
+                texts[page] = _fill(text, start, end, body)
+    for page, text in texts.items():
+        if text != page.read_text():
+            page.write_text(text)
+            changed.append(page)
+    return changed
 
 
 def main(argv=None) -> int:
@@ -237,8 +361,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-epochs", type=int, help="override every config's num_epochs (smoke runs)")
     p.add_argument("--from-workdir", help="write the result of an existing workdir instead of training")
     p.add_argument("--config-name", help="with --from-workdir: the config's name")
-    p.add_argument("--table-only", action="store_true", help="only rebuild the README table")
-    p.add_argument("--no-readme", action="store_true", help="do not touch README.md")
+    p.add_argument("--table-only", action="store_true", help="only rebuild the generated blocks of README.md and docs/")
+    p.add_argument("--no-readme", action="store_true", help="do not touch README.md and docs/")
     args = p.parse_args(argv)
     results_dir = Path(args.results)
     if args.from_workdir:
@@ -259,7 +383,8 @@ def main(argv=None) -> int:
                 # Written as soon as the run ends: a session cut short keeps every finished run.
                 print(write_result(result_from_workdir(workdir, name, wall), results_dir), flush=True)
     if not args.no_readme:
-        update_readme(results_dir)
+        changed = update_docs(results_dir)
+        print(f"rebuilt from {results_dir}: " + (", ".join(str(p.relative_to(REPO)) for p in changed) or "nothing changed"))
     return 0
 
 

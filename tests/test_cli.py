@@ -9,12 +9,17 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("case", ["unknown field", "missing config", "workdir under a file", "bad md5 line"])
+@pytest.mark.parametrize("case", ["unknown field", "typo", "nested typo", "missing config", "workdir under a file",
+                                  "bad md5 line"])
 def test_train_command_line_errors_are_one_line(tmp_path, case):
     (tmp_path / "file").write_text("")
     (tmp_path / "sums.md5").write_text("abc\n")
     args, expected = {
-        "unknown field": (["--config.bogus=1"], "--config.bogus: the config has no field 'bogus'"),
+        "unknown field": (["--config.bogus=1"], "--config.bogus: configs/tiny.py has no field bogus; its fields are "
+                                                "documented in configs/tiny.py and jaxcifar/config.py"),
+        "typo": (["--config.num_epoch=2"], "--config.num_epoch: configs/tiny.py has no field num_epoch; did you mean "
+                                           "--config.num_epochs?"),
+        "nested typo": (["--config.optimizer.learning_rat=2"], "did you mean --config.optimizer.learning_rate?"),
         "missing config": (["--config", "configs/nope.py"], "--config configs/nope.py: no such file"),
         "workdir under a file": (["--workdir", str(tmp_path / "file" / "x")], "cannot create --workdir"),
         "bad md5 line": ([f"--config.data.md5_file={tmp_path / 'sums.md5'}"], "sums.md5, line 1: 'abc'"),
@@ -31,3 +36,11 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
     assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip()[7:]}"] and expected in r.stderr, r.stderr
     if case == "bad md5 line":  # a run that fails on its data says why in its log too
         assert expected in (tmp_path / "w" / "log.txt").read_text()
+
+
+def test_help_lists_the_flags_and_where_the_fields_are_documented():
+    r = subprocess.run([sys.executable, "-m", "jaxcifar.train", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--config:" in r.stdout and "--workdir:" in r.stdout  # the flags themselves, not only --helpfull
+    assert "--config.FIELD=VALUE" in r.stdout and "jaxcifar/config.py" in r.stdout and "docs/training.md" in r.stdout

@@ -55,3 +55,33 @@ def test_predict_reads_its_inputs_before_loading_a_model(tmp_path, capsys):
     assert rc == 1  # the files' errors, found before the (absent) model would have been loaded
     assert "missing.png: no such file" in err and "bomb.png: refused" in err and "Traceback" not in err
     assert "no-such-run" not in err
+
+
+def test_predict_prints_one_line_per_image_and_the_table_on_request(trained_run, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    assert predict.main(["--workdir", str(trained_run), "--json", *paths]) == 0
+    probs = json.loads(capsys.readouterr().out)["probabilities"]
+    assert predict.main(["--workdir", str(trained_run), *paths]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    assert len(lines) == 3
+    for line, path in zip(lines, paths):
+        top = max(probs[path], key=probs[path].get)
+        assert line.split() == [f"{path}:", top, f"({100 * probs[path][top]:.2f}", "%)"]
+    assert captured.err.strip() == "3 images classified"
+    assert predict.main(["--workdir", str(trained_run), "--all", paths[0]]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 11 and [line.split(":")[0].strip() for line in lines[1:]] == list(archive.CLASS_NAMES)
+
+
+def test_predict_refuses_nan_probabilities(trained_run, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "im.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+    monkeypatch.setattr(evaluate, "predict_logits", lambda trained, x, batch_size: np.full((len(x), 10), np.nan))
+    assert predict.main(["--workdir", str(trained_run), str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "gives no probabilities (NaN) for 1 of 1 images" in captured.err and "nan" not in captured.out.lower()

@@ -46,13 +46,33 @@ def test_report_is_self_contained_html_with_a_decodable_plot(trained_run):
     parser = _Collector()
     parser.feed(page)
     assert parser.title.endswith("epoch 3") and "table" in parser.tags and "pre" in parser.tags
-    (src,) = parser.images
-    assert src.startswith("data:image/png;base64,")
-    img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
-    assert img.format == "PNG" and img.size[0] > 300
+    curves, heatmap = parser.images
+    for src in (curves, heatmap):
+        assert src.startswith("data:image/png;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        assert img.format == "PNG" and img.size[0] > 300
     assert "ConfusionMatrix:" in page and "learningRate" in page and "total" in page and "parameters" in page
     assert Image.open(trained_run / "accuracy.png").format == "PNG"
     assert "http" not in page.split("<body>")[1]  # nothing to fetch: opens offline
+
+
+def test_report_shows_the_network_in_order_and_what_auto_resolved_to(trained_run):
+    page = (trained_run / "report.html").read_text()
+    model = page.split("<h4>Model</h4>")[1]
+    layers = [line.split()[0] for line in model.split("<pre>")[1].split("</pre>")[0].splitlines()]
+    convs = [name for name in layers if name.endswith("/Conv_0")]
+    assert convs == [f"ConvBNReLU_{i}/Conv_0" for i in range(13)]  # 0, 1, 2, ..., 12: not 0, 1, 10, 11, 12, 2
+    assert layers[-4:] == ["Dense_0", "TorchBatchNorm_0", "Dense_1", "total"]  # the classifier as it runs
+    assert "<td>conv_impl</td><td>auto -&gt; small</td>" in page  # the tiny config leaves it to the backend (cpu)
+    assert "<td>model</td><td>vgg_bn_drop</td>" in page
+
+
+def test_confusion_heatmap_shows_each_rows_share(tmp_path):
+    confusion = np.zeros((10, 10), int)
+    confusion[np.arange(10), np.arange(10)] = 9
+    confusion[3, 5] = 91  # most cats called dogs
+    img = np.asarray(Image.open(io.BytesIO(report.plot_confusion(confusion, archive.CLASS_NAMES))).convert("L"))
+    assert img.shape[1] > 300 and img.std() > 10
 
 
 def test_report_escapes_text_and_is_replaced_atomically(trained_run, tmp_path):

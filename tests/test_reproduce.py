@@ -25,7 +25,7 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     reproduce.write_result(other, results)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{reproduce.TABLE_START}\nstale\n{reproduce.TABLE_END}\noutro\n")
-    reproduce.update_readme(results, readme)
+    reproduce.update_docs(results, [readme])
     text = readme.read_text()
     mean = result["final_test_accuracy"] + 1.0
     assert f"| `tiny` | - | {mean:.2f} ± 1.41 % | 2 | 2 |" in text
@@ -33,11 +33,11 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     assert "have not been measured here" in text
     partial = dict(result, config_name="vgg", epochs_completed=2, epochs_configured=300, partial=True)
     reproduce.write_result(partial, results)
-    reproduce.update_readme(results, readme)
+    reproduce.update_docs(results, [readme])
     assert "| `vgg` | 92.45 % |" in readme.read_text() and "2 of 300 (partial)" in readme.read_text()
     assert "`vgg` (2 of 300 epochs)" in readme.read_text() and "have not been measured here" in readme.read_text()
     reproduce.write_result(dict(partial, epochs_completed=300, partial=False), results)
-    reproduce.update_readme(results, readme)
+    reproduce.update_docs(results, [readme])
     assert "have not been measured here" not in readme.read_text()  # a complete vgg run answers the claim
     assert "stale" not in text and text.startswith("intro") and text.endswith("outro\n")
     # Seeds trained together in one program share a file; each counts once in the row.
@@ -45,8 +45,30 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     together = dict(result, config_name="vgg_fast", seeds=[0, 1, 2], final_test_accuracy=acc + 1.0,
                     final_test_accuracies=[acc, acc + 1.0, acc + 2.0])
     assert reproduce.write_result(together, results).name == "vgg_fast-seeds0-1-2-cpu.json"
-    reproduce.update_readme(results, readme)
+    reproduce.update_docs(results, [readme])
     assert f"| `vgg_fast` | 92.45 % | {acc + 1.0:.2f} ± 1.00 % | 3 | 2 |" in readme.read_text()
+
+
+def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=2), str(workdir))
+    results = tmp_path / "results"
+    quick = dict(reproduce.result_from_workdir(workdir, "quick", wall_time_s=312.0))
+    reproduce.write_result(quick, results)
+    acc = quick["final_test_accuracy"]
+    assert reproduce.quick_result(results).startswith(f"Measured: {acc:.2f} % test accuracy after 2 epochs, 5.2 min ")
+    assert reproduce.headline(results).startswith("- No complete run at the recipes' own width")  # quick is a try
+    full = dict(quick, config_name="vgg_fast", wall_time_s=7200.0,
+                curve=[dict(e, epoch_time_s=600.0) for e in quick["curve"]],
+                config=dict(quick["config"], width=1.0, batch_size=128, model="vgg_bn_drop"))
+    reproduce.write_result(full, results)
+    assert reproduce.headline(results) == (f"- `vgg_fast`, 2 epochs: **{acc:.2f} %** final test accuracy (1 seed, "
+                                           f"{full['device']}, 2 h 00 min)")
+    costs = {line.split(" | ")[0]: line.split(" | ") for line in reproduce.recipe_costs(results).splitlines()}
+    # The full-width run's median epoch prices every VGG recipe of that width and batch; NIN has no figure.
+    assert costs["| `vgg`"][3].startswith("10.0 min (") and costs["| `vgg`"][4] == "50 h 00 min"
+    assert costs["| `vgg_fast`"][4] == "6 h 40 min"
+    assert costs["| `nin`"][3:5] == ["-", "not measured yet"] and costs["| `vgg`"][5] == "not measured yet |"
 
 
 def test_benchmark_table_comes_from_bench_files(tmp_path):
@@ -63,7 +85,7 @@ def test_benchmark_table_comes_from_bench_files(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{reproduce.TABLE_START}\n{reproduce.TABLE_END}\nb\n{reproduce.BENCH_START}\nold\n"
                       f"{reproduce.BENCH_END}\nc\n")
-    reproduce.update_readme(results, readme)
+    reproduce.update_docs(results, [readme])
     text = readme.read_text()
     assert ("| `bench-cpu.json` (float32, batch 128) | vgg_bn_drop | 0.500 / 0.400 | 1.000 / 0.800 | 1.500 / 1.200 | "
             "1.600 / 1.280 | 1.25 | 4 | 80 | 1.2 % | 1 x cpu (Test CPU, 2 cores) |") in text
@@ -87,13 +109,17 @@ def test_reduced_width_runs_of_a_whole_schedule_join_the_results_table(tmp_path)
     fidelity_run("jax-short", "jax", 10, 10)  # another schedule: the fidelity table's alone
     fidelity_run("jax-variant", "jax", 40, 40, variant="dropout_bits=32")
     table = reproduce.results_table(results)
-    assert ("| `vgg_fast` at width ½, JAX | 92.45 % (full width) | 81.25 ± 0.00 % | 1 | 40 | - | - | "
+    assert ("| `vgg_fast` at width ½, JAX | 92.45 % (full width) | 81.25 % | 1 | 40 | - | - | "
             "1 x cpu (Test CPU, 1 thread) |") in table
-    assert "| `vgg_fast` at width ½, PyTorch port | 92.45 % (full width) | 70.00 ± 0.00 % | 1 | 12 of 40 (partial) |" in table
+    assert "| `vgg_fast` at width ½, PyTorch port | 92.45 % (full width) | 70.00 % | 1 | 12 of 40 (partial) |" in table
     assert len(table.split("\n\n")[0].splitlines()) == 2 + 2  # header, rule, the two whole-schedule runs
     assert "Complete runs, mean final test accuracy: `vgg_fast` at width ½, JAX (81.25 %, 1 seed)." in table
     assert "`vgg_fast` at width ½, PyTorch port (12 of 40 epochs)" in table
     assert "have not been measured here" in table  # a reduced width does not answer the full-width claim
+    lines = reproduce.headline(results).splitlines()  # the README's: complete runs only, one line each
+    assert lines[0] == ("- `vgg_fast` at width ½, JAX, 40 epochs: **81.25 %** final test accuracy (1 seed, "
+                        "1 x cpu (Test CPU, 1 thread))")
+    assert len(lines) == 2 and "No complete run at the recipes' own width yet" in lines[1]
 
 
 def test_readme_gap_block_takes_the_ten_epoch_fidelity_runs(tmp_path):
@@ -111,7 +137,7 @@ def test_readme_gap_block_takes_the_ten_epoch_fidelity_runs(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"{reproduce.TABLE_START}\n{reproduce.TABLE_END}\n"
                       f"{reproduce.GAPS_START}\nold\n{reproduce.GAPS_END}\n")
-    reproduce.update_readme(results, readme)
+    reproduce.update_docs(results, [readme])
     block = readme.read_text().split(reproduce.GAPS_START)[1]
     assert "| jax | 0.25 | recipe | 10 | 2 | 10.0 / 11.0 | 10.50 ± 0.50 | 60.00 ± 0.00 |" in block
     gaps, whole = block.split("\n\n")  # no torch run at 0.25: no comparison of G
@@ -134,7 +160,7 @@ def test_readme_bn_shift_block_compares_the_sides_layer_by_layer(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"{reproduce.TABLE_START}\n{reproduce.TABLE_END}\n"
                       f"{reproduce.BN_SHIFT_START}\nold\n{reproduce.BN_SHIFT_END}\n")
-    reproduce.update_readme(results, readme)
+    reproduce.update_docs(results, [readme])
     block = readme.read_text().split(reproduce.BN_SHIFT_START)[1]
     assert "old" not in block
     assert f"| jax | 1 | 11.00 (epochs 5-10) | 50.00 | {math.log(0.8) / 2:+.3f} | 0.150 |" in block
