@@ -23,6 +23,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with every mistake in the command line as one line and exit code 2."""
     from absl import flags
 
+    if any(a in ("--help", "-h", "-?", "--helpshort") for a in argv[1:]):
+        from absl import app
+
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)  # absl's own --help exits 1
     config_file = _flag_value(argv, "--config")
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     if config_file is None and overrides:

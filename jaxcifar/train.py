@@ -304,6 +304,8 @@ def main(argv) -> None:
               f"({runlog.keep_traceback(summary.workdir)})", file=sys.stderr)
     if summary.writer:
         print(summary.line(outcome), flush=True)
+    elif code:  # the other processes of a multi-process run say how they ended; process 0 sums the run up
+        print(f"jaxcifar: process {jax.process_index()}: {outcome}", flush=True)
     exit_now(code)
 
 

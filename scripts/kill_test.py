@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                 kills += 1
             proc.wait()
         text = out_path.read_text()
-        resumed = re.search(r"resumed from checkpoint at step (\d+) \(epoch (\d+)", text)
+        resumed = re.search(r"resumed from checkpoint at step (\d+), \w+ epoch \d+ \((\d+) of", text)
         resumed_epoch = int(resumed.group(2)) if resumed else 0
         lost_ok = resumed_epoch >= max(before - 1, 0)
         if not lost_ok:

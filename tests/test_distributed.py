@@ -96,7 +96,7 @@ def two_process_chain(prepared, tmp_path_factory):
 def test_a_signal_to_one_process_stops_both_at_one_step_after_a_common_save(two_process_chain):
     workdir, stopped, lost, _ = two_process_chain
     assert [rc for rc, _ in stopped] == [128 + signal.SIGTERM] * 2, stopped[0][1][-3000:] + stopped[1][1][-3000:]
-    at = [int(out.split("stopped by SIGTERM at step ")[1].split()[0]) for _, out in stopped]
+    at = [int(out.split("stopped by SIGTERM at step ")[1].split(",")[0]) for _, out in stopped]
     assert at[0] == at[1] and 0 < at[0] <= 6  # in epoch 1
     assert f"resumed from checkpoint at step {at[0]}" in lost[0][1] and "on 4 cpu device(s)" in lost[0][1]
 

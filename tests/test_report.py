@@ -62,7 +62,7 @@ def test_report_shows_the_network_in_order_and_what_auto_resolved_to(trained_run
     layers = [line.split()[0] for line in model.split("<pre>")[1].split("</pre>")[0].splitlines()]
     convs = [name for name in layers if name.endswith("/Conv_0")]
     assert convs == [f"ConvBNReLU_{i}/Conv_0" for i in range(13)]  # 0, 1, 2, ..., 12: not 0, 1, 10, 11, 12, 2
-    assert layers[-4:] == ["Dense_0", "TorchBatchNorm_0", "Dense_1", "total"]  # the classifier as it runs
+    assert layers[-5:] == ["Dense_0", "TorchBatchNorm_0", "Dense_1", "total", "batch_stats"]  # the classifier in order
     assert "<td>conv_impl</td><td>auto -&gt; small</td>" in page  # the tiny config leaves it to the backend (cpu)
     assert "<td>model</td><td>vgg_bn_drop</td>" in page
 

@@ -66,9 +66,9 @@ def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
                                            f"{full['device']}, 2 h 00 min)")
     costs = {line.split(" | ")[0]: line.split(" | ") for line in reproduce.recipe_costs(results).splitlines()}
     # The full-width run's median epoch prices every VGG recipe of that width and batch; NIN has no figure.
-    assert costs["| `vgg`"][3].startswith("10.0 min (") and costs["| `vgg`"][4] == "50 h 00 min"
-    assert costs["| `vgg_fast`"][4] == "6 h 40 min"
-    assert costs["| `nin`"][3:5] == ["-", "not measured yet"] and costs["| `vgg`"][5] == "not measured yet |"
+    assert costs["| `vgg`"][3:5] == ["10.0 min / 50 h 00 min", "not measured yet"]
+    assert costs["| `vgg_fast`"][3] == "10.0 min / 6 h 40 min" and "vgg_fast-seed0-cpu.json" in costs["| `vgg_fast`"][5]
+    assert costs["| `nin`"][3:6] == ["not measured yet", "not measured yet", "- |"]
 
 
 def test_benchmark_table_comes_from_bench_files(tmp_path):

@@ -86,7 +86,8 @@ def test_a_signal_saves_then_a_new_process_resumes_bit_identically_and_past_the_
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGINT, (out + rest)[-2000:]
-    assert "stopped by SIGINT" in rest and "run the same command again" in rest
+    assert "SIGINT received: stopping after the compiled call in progress" in rest
+    assert "jaxcifar: stopped by SIGINT at step " in rest and "saved (the same command resumes)" in rest
     assert checkpoint.Checkpointer(tmp_path).steps()
     r = cli(tmp_path, prepared, "--config.num_epochs=4")
     assert r.returncode == 0, r.stderr[-2000:]
