@@ -44,3 +44,15 @@ def test_help_lists_the_flags_and_where_the_fields_are_documented():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--config:" in r.stdout and "--workdir:" in r.stdout  # the flags themselves, not only --helpfull
     assert "--config.FIELD=VALUE" in r.stdout and "jaxcifar/config.py" in r.stdout and "docs/training.md" in r.stdout
+
+
+def test_a_failed_run_ends_on_its_error_and_a_summary_line(tmp_path, prepared):
+    data_dir, cache_dir, _, md5_file = prepared
+    r = subprocess.run([sys.executable, "-m", "jaxcifar.train", "--config", str(REPO / "configs/tiny.py"),
+                        "--workdir", str(tmp_path / "run"), "--config.optimizer.learning_rate=1e30",
+                        f"--config.data.data_dir={data_dir}", f"--config.data.cache_dir={cache_dir}",
+                        f"--config.data.md5_file={md5_file}"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors_ = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("error")]
+    assert len(errors_) == 1 and "loss became nan" in errors_[0] and "Traceback" not in r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("jaxcifar: failed: 0 of 2 epochs; ")
