@@ -51,7 +51,6 @@ LAYOUT = "replicas-1"
 # flipped bit changes it (odd weight times a power of two is never 0 mod 2^32). Method 2 adds the
 # SHA-256 of the meta itself ("meta_sha256"), which holds the normalization statistics and config.
 CHECKSUM_METHOD = "u32-weighted-sum-2"
-LEAVES_ONLY_METHOD = "u32-weighted-sum-1"  # saves of the version before: leaf checksums, meta unchecked
 
 
 def check_layout(meta: dict, where) -> None:
@@ -107,6 +106,18 @@ def incompatible_run(meta: dict, config, seeds: list[int], choices: dict) -> lis
     return differing
 
 
+def other_dataset(meta: dict, fingerprint: str, stats: dict) -> str | None:
+    """How the data a save was trained on differs from the data at hand (its fingerprint, or its normalization
+    statistics beyond float rounding), or None when they are the same."""
+    if meta.get("fingerprint") != fingerprint:
+        return f"dataset fingerprint {meta.get('fingerprint')}; the data at hand has {fingerprint}"
+    saved = meta.get("stats", {})
+    if saved.get("method") != stats["method"] or not all(
+            len(saved.get(k, ())) == len(stats[k]) and np.allclose(saved[k], stats[k], rtol=1e-6) for k in ("mean", "std")):
+        return f"normalization statistics {saved}; the data at hand has {stats}"
+    return None
+
+
 def incompatible_fields(saved_config: dict, config) -> list[str]:
     """'field: saved -> now' for each setting whose change would make a resumed run another run."""
     fields = FIXED_FIELDS
@@ -155,9 +166,7 @@ def verify_checksums(tree, meta: dict, where: str, partial: bool = False) -> Non
 
     `partial`: `tree` holds only some of the saved leaves; those are checked.
     """
-    saved = meta.get("checksums")
-    if saved is None:
-        return  # written before checksums existed (check_meta_checksum refuses a meta that lost them)
+    saved = meta["checksums"]  # check_meta_checksum refused a meta without them
     now = tree_checksums(tree)
     bad = [k for k in now if saved.get(k) != now[k]] + ([] if partial else [k for k in saved if k not in now])
     if bad:
@@ -172,19 +181,28 @@ def meta_sha256(meta: dict) -> str:
 
 
 def check_meta_checksum(meta: dict, where: str) -> None:
-    """Raises CheckpointDamaged when a meta fails its digest, or names a checksum method this version does not know
-    (a damaged name must not switch verification off). Saves from before checksums existed name none and pass."""
+    """Raises CheckpointDamaged when a meta fails its digest, lacks its checksums, or names a checksum method this
+    version does not know (a damaged name must not switch verification off). Every released version wrote
+    CHECKSUM_METHOD with the meta's SHA-256, so a meta without them has lost them."""
     method = meta.get("checksum_method")
-    if method is None and "checksums" not in meta and "meta_sha256" not in meta:
-        return
-    if method == LEAVES_ONLY_METHOD and "meta_sha256" not in meta:
-        return
+    if method is None or "checksums" not in meta or "meta_sha256" not in meta:
+        missing = [k for k in ("checksum_method", "checksums", "meta_sha256") if k not in meta]
+        raise CheckpointDamaged(f"{where}: its meta file lacks {', '.join(missing)}, which every save records; the "
+                                "meta file is damaged, so its arrays cannot be verified")
     if method != CHECKSUM_METHOD:
         raise CheckpointDamaged(f"{where}: its meta names the checksum method {method!r}, which this version does not "
                                 f"know ({CHECKSUM_METHOD!r}); the meta file is damaged, or a newer jaxcifar wrote it")
     if meta.get("meta_sha256") != meta_sha256(meta):
         raise CheckpointDamaged(f"{where}: its meta file (config, normalization statistics, history) fails its saved "
                                 "SHA-256; its files were damaged")
+
+
+def check_meta_step(meta: dict, step: int, where: str) -> None:
+    """Raises CheckpointDamaged when a save's folder name and its meta name different steps (a copied or renamed
+    folder: as found, it would resume from or label the wrong state)."""
+    if meta.get("step") != step:
+        raise CheckpointDamaged(f"{where}: its meta records step {meta.get('step')}, not {step}; the folder was "
+                                "copied or renamed, so it is not the save of that step")
 
 
 def _abstract(x) -> jax.ShapeDtypeStruct:
@@ -262,9 +280,9 @@ class Checkpointer:
         At most one save per folder (checkpoints/, best/) is in flight, one in all with several
         processes: a new one first waits for the previous to be on disk, so when an epoch is logged
         after its save starts, the epoch before it is durable.
-        The meta records each leaf's checksum (computed on the device, before the copy).
+        The meta records the step and each leaf's checksum (computed on the device, before the copy).
         """
-        meta = {**meta, "checksums": tree_checksums(state_tree), "checksum_method": CHECKSUM_METHOD}
+        meta = {**meta, "step": step, "checksums": tree_checksums(state_tree), "checksum_method": CHECKSUM_METHOD}
         meta["meta_sha256"] = meta_sha256(meta)
         for manager, wanted in ((self.latest, True), (self.best, is_best)):
             # Several processes: one save in flight in all (orbax's background threads of two concurrent
@@ -383,6 +401,7 @@ class Checkpointer:
         if not isinstance(meta, dict):
             raise CheckpointDamaged(f"checkpoint {step} in {manager.directory} has a damaged meta file")
         check_meta_checksum(meta, f"checkpoint {step} in {manager.directory}")
+        check_meta_step(meta, step, f"checkpoint {step} in {manager.directory}")
         return meta
 
     def steps(self, best: bool = False) -> list[int]:
@@ -450,8 +469,11 @@ class Checkpointer:
                     log(f"warning: moved damaged checkpoint(s) {', '.join(map(str, damaged))} to {aside}")
             return state, meta, s
         if available:
-            raise CheckpointDamaged(f"every checkpoint in {manager.directory} is damaged; move the folder away to "
-                                    "start afresh, or use a fresh --workdir")
+            kept = [] if best else self.steps(best=True)
+            spare = (f" (best/ holds the save of step {kept[-1]}, which `evaluate --best` and `predict --best` read; "
+                     "keep it)") if kept else ""
+            raise CheckpointDamaged(f"every checkpoint in {manager.directory} is damaged; move that folder away to "
+                                    f"start afresh{spare}, or use a fresh --workdir")
         return None
 
 

@@ -140,6 +140,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("batch_size", "eval_batch_size", "num_epochs", "num_classes", "log_every_steps",
                   "checkpoint_every_epochs", "keep_checkpoints"):
         need(int(c[field]) == c[field] and c[field] > 0, f"{field}={c[field]} must be a positive integer")
+    need(c.num_classes == 10, f"num_classes={c.num_classes}; CIFAR-10 has 10 classes, so it must be 10")
     need(c.flip in FLIP_MODES, f"flip={c.flip!r}; choose one of {', '.join(FLIP_MODES)}")
     need(0 <= c.label_smoothing < 1, f"label_smoothing={c.label_smoothing} must be in [0, 1)")
     o = c.optimizer

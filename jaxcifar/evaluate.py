@@ -25,7 +25,7 @@ from jaxcifar import workdir as workdir_lib
 from jaxcifar import step as step_lib
 from jaxcifar import evaluator as evaluator_lib
 from jaxcifar import mesh as mesh_lib
-from jaxcifar.errors import ConfigError
+from jaxcifar.errors import ConfigError, DataError
 
 
 class TrainedModel(NamedTuple):
@@ -65,21 +65,18 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
                 f"no {'best ' if best else ''}checkpoints in {workdir}; train first with "
                 f"`python -m jaxcifar.train --workdir {workdir} ...`")
         step = max(steps) if step is None else step
-        meta = ckpt.read_meta(step, best)
-        checkpoint.check_layout(meta, workdir)
-        config = ml_collections.ConfigDict(meta["config"])
-        model = step_lib.build_model(config)
-        seeds = meta["seeds"]
-        try:  # only what inference needs: the optimizer state and training metrics stay on disk
+        try:
+            meta = ckpt.read_meta(step, best)
+            checkpoint.check_layout(meta, workdir)
+            config = ml_collections.ConfigDict(meta["config"])
+            model = step_lib.build_model(config)
+            seeds = meta["seeds"]
+            # Only what inference needs: the optimizer state and training metrics stay on disk.
             tree, meta, _ = ckpt.restore({"train_state": inference_template(model, len(seeds))}, step=step, best=best,
                                          partial=True)
         except checkpoint.CheckpointDamaged as e:
-            others = ckpt.steps() if best else [s for s in steps if s != step]
-            instead = ("no other checkpoint" if not others else
-                       f"drop --best to use the latest in checkpoints/, or pass --step with one of {others}" if best
-                       else f"pass --step with one of {others}")
-            raise checkpoint.CheckpointDamaged(
-                f"{e}; not using it: {instead} (a resumed training run sets it aside and falls back by itself)") from None
+            raise checkpoint.CheckpointDamaged(f"{e}; not using it: {_other_saves(ckpt, steps, step, best)} (a resumed "
+                                               "training run sets it aside and falls back by itself)") from None
     finally:
         ckpt.close()
     state = tree["train_state"]
@@ -87,6 +84,18 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
     return [TrainedModel(model, {"params": step_lib.replica(state["params"], k),
                                  "batch_stats": step_lib.replica(state["batch_stats"], k)}, config, stats, meta, step, s)
             for k, s in enumerate(seeds)]
+
+
+def _other_saves(ckpt: checkpoint.Checkpointer, steps: list[int], step: int, best: bool) -> str:
+    """Which other saves to name instead of a damaged one."""
+    others = ckpt.steps() if best else [s for s in steps if s != step]
+    best_steps = [] if best else ckpt.steps(best=True)
+    if not others and not best_steps:
+        return "no other checkpoint"
+    if best:
+        return f"drop --best to use the latest in checkpoints/, or pass --step with one of {others}"
+    return " or ".join(([f"pass --step with one of {others}"] if others else [])
+                       + ([f"--best (step {best_steps[-1]}, the best epoch's save in best/)"] if best_steps else []))
 
 
 def inference_template(model, replicas: int) -> dict:
@@ -158,13 +167,18 @@ def recompute_batch_stats(model, variables: dict, images: np.ndarray, num_batche
 
 
 def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = None,
-             cache_dir: str | None = None, recompute_bn_batches: int = 0) -> dict:
+             cache_dir: str | None = None, recompute_bn_batches: int = 0, other_data: bool = False) -> dict:
+    """Accuracy and confusion of `trained` on a split of the prepared dataset; a dataset other than the one it
+    trained on is refused (DataError) unless `other_data`."""
     cfg = trained.config
     dataset = cache.load_preprocessed(data_dir or cfg.data.data_dir or None, cache_dir or cfg.data.cache_dir or None,
                                      cfg.data.preprocess, md5s=None, log=lambda m: print(m, file=sys.stderr))
-    if dataset.stats != trained.stats:
-        print("warning: the dataset's normalization statistics differ from the checkpoint's; "
-              "using the dataset's cache", file=sys.stderr)
+    differs = checkpoint.other_dataset(trained.meta, dataset.fingerprint, dataset.stats.to_json())
+    if differs and not other_data:
+        raise DataError(f"checkpoint {trained.step} was trained on other data than {dataset.fingerprint} ({differs}); "
+                        "point --data-dir at the data it trained on, or pass --other-data to evaluate it on this set")
+    if differs:
+        print(f"warning: evaluating on other data than the run trained on ({differs})", file=sys.stderr)
     images = dataset.test_images if split == "test" else dataset.train_images
     labels = dataset.test_labels if split == "test" else dataset.train_labels
     if recompute_bn_batches:
@@ -233,6 +247,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--data-dir", help="tfds data dir (default: the run's, else $TFDS_DATA_DIR)")
     p.add_argument("--cache-dir", help="preprocessed cache dir (default: the run's)")
+    p.add_argument("--other-data", action="store_true",
+                   help="evaluate on the dataset found even if it is not the one the run trained on")
     args = p.parse_args(argv)
     quiet_libraries()
     try:
@@ -244,7 +260,8 @@ def main(argv=None) -> int:
                 else load_all_seeds(args.workdir, args.step, args.best))
         results = []
         for trained in runs:
-            results.append(evaluate(trained, args.split, args.data_dir, args.cache_dir, args.recompute_bn_stats))
+            results.append(evaluate(trained, args.split, args.data_dir, args.cache_dir, args.recompute_bn_stats,
+                                    args.other_data))
             if len(runs) > 1:
                 print(f"seed {trained.seed}: accuracy {results[-1]['accuracy']:.2f} %")
         result = summarize_seeds(results)

@@ -33,7 +33,7 @@ def load_image(path: str) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
         with im:
-            im = im.convert("RGB")
+            im = _eight_bit(im).convert("RGB")
             if im.size != (32, 32):
                 im = im.resize((32, 32), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
@@ -47,6 +47,29 @@ def load_image(path: str) -> np.ndarray:
         raise ValueError(f"refused: {e}") from None
     except (OSError, SyntaxError) as e:
         raise ValueError(f"unreadable image ({e})") from None
+
+
+def _eight_bit(im):
+    """`im` itself, or an 8-bit grayscale image for Pillow's 16-bit integer and float modes, which its own
+    conversion clips (a 16-bit PNG comes out near-white) or zeroes (a float TIFF in [0, 1] comes out black)."""
+    from PIL import Image
+
+    if im.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return im
+    values = np.asarray(im, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"a {im.mode} image with values that are not finite; refused")
+    low, high = float(values.min()), float(values.max())
+    if im.mode == "F" and low >= 0 and high <= 1:
+        scale = 255.0  # a float image in [0, 1]
+    elif im.mode == "F" and low >= 0 and high <= 255:
+        scale = 1.0
+    elif im.mode != "F" and low >= 0 and high <= 65535:
+        scale = 255.0 / 65535.0  # 16 bits per sample
+    else:
+        raise ValueError(f"a {im.mode} image with values from {low:g} to {high:g}: no known range to scale to 8 bits; "
+                         "save it as an 8-bit image")
+    return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), mode="L")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -154,6 +154,11 @@ def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Prep
 
     def refuse_other_runs(meta):
         checkpoint.check_layout(meta, workdir)
+        other_data = checkpoint.other_dataset(meta, dataset.fingerprint, dataset.stats.to_json())
+        if other_data:
+            raise checkpoint.CheckpointError(f"{workdir} holds a run trained on other data ({other_data}); resuming "
+                                             "would train it on different images: point --config.data.* (or "
+                                             "TFDS_DATA_DIR) at the data it trained on, or use a fresh --workdir")
         differing = checkpoint.incompatible_run(meta, config, trainer.seeds, trainer.choices)
         if differing:
             raise checkpoint.CheckpointError(

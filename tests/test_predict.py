@@ -85,3 +85,18 @@ def test_predict_refuses_nan_probabilities(trained_run, tmp_path, capsys, monkey
     assert predict.main(["--workdir", str(trained_run), str(path)]) == 2
     captured = capsys.readouterr()
     assert "gives no probabilities (NaN) for 1 of 1 images" in captured.err and "nan" not in captured.out.lower()
+
+
+def test_predict_reads_16_bit_and_float_images_by_their_range(tmp_path):
+    mid16 = tmp_path / "gray16.png"
+    Image.fromarray(np.full((40, 40), 32768, np.uint16)).save(mid16)  # half of 16 bits
+    floats = tmp_path / "float.tiff"
+    Image.fromarray(np.full((32, 32), 0.5, np.float32), mode="F").save(floats)  # half of [0, 1]
+    for path in (mid16, floats):
+        assert Image.open(path).mode in ("I", "I;16", "F")
+        image = predict.load_image(str(path))
+        assert image.shape == (32, 32, 3) and abs(float(image.mean()) - 127.5) <= 1, (path, image.mean())
+    huge = tmp_path / "huge.tiff"
+    Image.fromarray(np.full((32, 32), 1e6, np.float32), mode="F").save(huge)
+    with pytest.raises(ValueError, match="no known range to scale to 8 bits"):
+        predict.load_image(str(huge))

@@ -177,6 +177,8 @@ def test_divergence_stops_with_a_clear_message(prepared, tmp_path):
     ("--config.model=resnet", "model='resnet'"),
     ("--config.batch_size=0", "batch_size=0 must be a positive integer"),
     ("--config.flip=sideways", "flip='sideways'"),
+    ("--config.num_classes=5", "num_classes=5; CIFAR-10 has 10 classes"),
+    ("--config.num_classes=11", "num_classes=11; CIFAR-10 has 10 classes"),
 ])
 def test_cli_rejects_bad_config_before_compiling(tmp_path, override, message):
     r = subprocess.run([sys.executable, "-m", "jaxcifar.train", "--config", str(REPO / "configs/tiny.py"),

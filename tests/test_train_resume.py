@@ -240,7 +240,7 @@ def _rewrite_meta(step_dir: Path, change) -> None:
     path.write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("damage", ["stats", "method", "method_name"])
+@pytest.mark.parametrize("damage", ["stats", "method", "method_name", "no checksums"])
 def test_damage_to_the_meta_is_refused_by_evaluate_and_predict(reference_run, tmp_path, capsys, damage):
     import shutil
 
@@ -257,15 +257,18 @@ def test_damage_to_the_meta_is_refused_by_evaluate_and_predict(reference_run, tm
             meta["stats"]["mean"][0] = float(np.frombuffer((mean.view(np.uint64) ^ np.uint64(1)).tobytes(), np.float64)[0])
         elif damage == "method":  # with damaged data too: the unknown method must not switch verification off
             meta["checksum_method"] = "u32-weighted-sum-x"
+        elif damage == "no checksums":  # with damaged data too: no released version saved without them
+            for key in ("checksum_method", "checksums", "meta_sha256"):
+                del meta[key]
         else:
             meta["checksum_methoe"] = meta.pop("checksum_method")
 
     _rewrite_meta(workdir / "checkpoints" / str(step), change)
-    if damage == "method":
-            damage_every_data_file(workdir / "checkpoints" / str(step))
+    if damage in ("method", "no checksums"):
+        damage_every_data_file(workdir / "checkpoints" / str(step))
     assert evaluate.main(["--workdir", str(workdir)]) == 2
     err = capsys.readouterr().err
-    assert f"checkpoint {step}" in err and ("SHA-256" in err or "checksum method" in err), err
+    assert f"checkpoint {step}" in err and ("SHA-256" in err or "checksum method" in err or "lacks" in err), err
     image = tmp_path / "x.png"
     Image.new("RGB", (32, 32), (200, 30, 90)).save(image)
     assert predict.main(["--workdir", str(workdir), str(image)]) == 2
@@ -291,3 +294,49 @@ def test_a_bug_in_the_restore_path_keeps_its_traceback_and_sets_nothing_aside(re
         ck.close()
     assert checkpoint.Checkpointer(workdir, read_only=True).steps() == steps
     assert not (workdir / "damaged-checkpoints").exists()
+
+
+@pytest.mark.parametrize("copy", ["to an unused number", "over a later step"])
+def test_a_save_whose_folder_names_another_step_is_damage(reference_run, tmp_path, capsys, copy):
+    import shutil
+
+    from jaxcifar import evaluate
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    steps = checkpoint.Checkpointer(workdir, read_only=True).steps()
+    folder = workdir / "checkpoints"
+    if copy == "to an unused number":  # would be the newest: every resume would start from its older state
+        shutil.copytree(folder / str(steps[0]), folder / "99999")
+        wrong = 99999
+    else:  # the newest save replaced by an older one under its name
+        shutil.rmtree(folder / str(steps[-1]))
+        shutil.copytree(folder / str(steps[0]), folder / str(steps[-1]))
+        wrong = steps[-1]
+    assert evaluate.main(["--workdir", str(workdir), "--step", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {wrong}" in err and f"its meta records step {steps[0]}, not {wrong}" in err, err
+    assert evaluate.main(["--workdir", str(workdir)]) == 2  # the newest: refused, naming the intact saves
+    err = capsys.readouterr().err
+    assert f"its meta records step {steps[0]}, not {wrong}" in err and "pass --step with one of" in err, err
+    assert "--best (step" in err  # best/ holds an intact save too
+
+
+def test_a_resume_or_an_evaluation_on_other_data_is_refused(reference_run, prepared, tmp_path, capsys):
+    import shutil
+
+    from jaxcifar import archive, evaluate, fake_data, tfds_cifar10
+    other, md5_file = fake_data.write_fake_archive(tmp_path / "archive", seed=7)  # same shapes, other images
+    tfds_cifar10.prepare(str(tmp_path / "tfds"), str(other), archive.read_md5_file(md5_file), log=lambda m: None)
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    before = (workdir / "metrics.jsonl").read_text()
+    c = tiny_config(prepared, num_epochs=5, log_every_steps=1)
+    c.data.data_dir, c.data.cache_dir, c.data.md5_file = str(tmp_path / "tfds"), str(tmp_path / "cache"), str(md5_file)
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds a run trained on other data \(dataset fingerprint "):
+        train.train_and_evaluate(c, str(workdir))
+    assert (workdir / "metrics.jsonl").read_text() == before  # nothing trained, nothing lost
+    args = ["--workdir", str(workdir), "--data-dir", str(tmp_path / "tfds"), "--cache-dir", str(tmp_path / "cache")]
+    assert evaluate.main(args) == 2
+    assert "was trained on other data" in capsys.readouterr().err
+    assert evaluate.main([*args, "--other-data"]) == 0
+    assert "warning: evaluating on other data than the run trained on" in capsys.readouterr().err
