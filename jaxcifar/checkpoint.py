@@ -28,7 +28,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcifar import distributed, trees
-from jaxcifar.errors import CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, os_error_cause
+from jaxcifar.errors import (CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, os_error_cause,
+                             short_path)
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
 
@@ -43,6 +44,13 @@ FIXED_FIELDS = ("model", "width", "batch_norm", "dropout", "num_classes", "batch
 SCHEDULES_OVER_THE_RUN = ("cosine", "onecycle")
 # Step choices that change the random stream (not only the rounding): a resume must keep them.
 FIXED_STEP_CHOICES = ("dropout_bits",)
+
+# The deepest path a save creates below checkpoints/ or best/, each part at its longest: orbax's temporary step
+# folder (<step>.orbax-checkpoint-tmp-<timestamp>), an item, its OCDBT data folder and a data file (measured: a
+# finished save's deepest file is <step>/state/ocdbt.process_0/d/<32 hex digits>). The writability probe creates
+# it, so that a workdir path too long for the file system stops the run before its first step, not at its first save.
+SAVE_PATH_SHAPE = ("99999999.orbax-checkpoint-tmp-99999999999999999999", "state.orbax-checkpoint-tmp-9999999999",
+                   "ocdbt.process_9999", "d", "f" * 32)
 
 # Every state leaf has a leading replica axis (one entry per seed), recorded in the meta as "seeds".
 LAYOUT = "replicas-1"
@@ -500,10 +508,16 @@ def check_writable_folder(folder: Path) -> None:
                            "or train in another --workdir")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=folder))
+        probe = Path(tempfile.mkdtemp(prefix=".write-test-", dir=folder))
+        try:
+            deepest = probe.joinpath(*SAVE_PATH_SHAPE)
+            deepest.parent.mkdir(parents=True)
+            deepest.touch()
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
     except OSError as e:
-        raise WorkdirError(f"cannot save checkpoints in {folder}: {write_failure_cause(e)}; make it writable, "
-                           "or train in another --workdir") from None
+        raise WorkdirError(f"cannot save checkpoints in {short_path(folder)}: {write_failure_cause(e)}; make it "
+                           "writable or give a shorter --workdir path, or train in another --workdir") from None
 
 
 def unreadable(e: BaseException) -> bool:

@@ -23,6 +23,12 @@ def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def short_path(path, keep: int = 120) -> str:
+    """A path as a one-line message can show it: a 4,000-character one by its two ends and its length."""
+    text = str(path)
+    return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]} ({len(text):,} characters)"
+
+
 class JaxcifarError(Exception):
     """A problem with the user's input, files or environment; the message says how to fix it."""
 

@@ -278,8 +278,8 @@ class ScalarWriter:
     """
 
     def __init__(self, logdir: str | Path, purge_after: int | None = None):
-        """`purge_after`: the step of the checkpoint a run resumed from (0 when it starts afresh); TensorBoard hides
-        the events this logdir holds past it (logged after that save, before a crash), which the run logs again."""
+        """`purge_after`: TensorBoard hides the events this logdir already holds past this step (train.open_scalars
+        passes 0 and writes the run's history again)."""
         SummaryWriter = _summary_writer_class()
         self.logdir = logdir
         purge = None if purge_after is None else purge_after + 1

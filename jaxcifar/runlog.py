@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxcifar import archive, metrics, report
+from jaxcifar.errors import short_path
 
 
 class RunLog:
@@ -224,10 +225,18 @@ class RunSummary:
             best = max(h, key=lambda r: r["test_accuracy"])
             done += (f", final test accuracy {h[-1]['test_accuracy']:.2f} % (epoch {h[-1]['epoch']}), best "
                      f"{best['test_accuracy']:.2f} % (epoch {best['epoch']})")
-        where = [f"{name} {path}" for name, path in (("report", self.workdir / "report.html"),
-                                                     ("checkpoints", self.workdir / "checkpoints")) if path.exists()]
+        where = [f"{name} {short_path(path)}" for name, path in (("report", self.workdir / "report.html"),
+                                                                 ("checkpoints", self.workdir / "checkpoints"))
+                 if _exists(path)]
         return f"jaxcifar: {outcome}: {done}; {duration(time.monotonic() - self.started)}" + "".join(
             f"; {w}" for w in where)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
 
 
 def keep_traceback(workdir: Path) -> str:

@@ -130,7 +130,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     summary.follow(run.history)
     stop.describe = functools.partial(stop_announcement, run.trainer)
     model_summary = describe_run(run, log)
-    scalars = report.ScalarWriter(workdir / "tensorboard", purge_after=run.resumed_step) if log.writer else None
+    scalars = open_scalars(workdir, run.history) if log.writer else None
     if scalars is not None:
         closing.callback(scalars.close)
     for epoch in epochs_to_train(run, log):
@@ -141,6 +141,16 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
             ckpt.wait()
             raise TrainingInterrupted(stop.signum, record["step"])
     return run.state
+
+
+def open_scalars(workdir: Path, history: list[dict]) -> report.ScalarWriter:
+    """TensorBoard's writer, holding exactly the epochs of `history`: what earlier writers left (epochs logged after
+    the last save, or lost in a writer's buffer to a hard stop) is hidden and the history written again, as the
+    metrics files are rewritten."""
+    scalars = report.ScalarWriter(workdir / "tensorboard", purge_after=0)
+    for record in history:
+        scalars.write(record["step"], runlog.scalar_summary(record))
+    return scalars
 
 
 def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Preprocessed,

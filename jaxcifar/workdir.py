@@ -17,7 +17,7 @@ import socket
 import time
 from pathlib import Path
 
-from jaxcifar.errors import WorkdirError
+from jaxcifar.errors import WorkdirError, short_path
 
 LOCK_NAME = "train.lock"
 
@@ -25,18 +25,24 @@ LOCK_NAME = "train.lock"
 def _not_empty(path: str | os.PathLike) -> Path:
     if not str(path).strip():  # Path("") is ".": an unset $VAR would train into the current folder
         raise WorkdirError("--workdir is empty (an unset variable?); give the run's folder, e.g. --workdir runs/vgg")
+    try:
+        str(path).encode("utf-8")  # logs, metrics and the report name the workdir in UTF-8
+    except UnicodeEncodeError:
+        raise WorkdirError(f"--workdir {ascii(str(path))} holds bytes that are not UTF-8; rename the folder or give "
+                           "another") from None
     return Path(path)
 
 
 def make_workdir(path: str | os.PathLike) -> Path:
     """Creates the workdir if needed and checks it is a writable folder."""
     path = _not_empty(path)
-    if path.exists() and not path.is_dir():
-        raise WorkdirError(f"--workdir {path} is a file, not a folder; give a folder path")
     try:
+        if path.exists() and not path.is_dir():
+            raise WorkdirError(f"--workdir {path} is a file, not a folder; give a folder path")
         path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise WorkdirError(f"cannot create --workdir {path}: {e.strerror or e}; give a folder you can write to") from None
+    except OSError as e:  # also a name too long for the file system, which exists() does not swallow
+        raise WorkdirError(f"cannot create --workdir {short_path(path)}: {e.strerror or e}; give a folder you can write "
+                           "to") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise WorkdirError(f"--workdir {path} is not writable; give a folder you can write to")
     return path

@@ -10,7 +10,8 @@ from conftest import REPO
 
 
 @pytest.mark.parametrize("case", ["unknown field", "typo", "nested typo", "missing config", "workdir under a file",
-                                  "bad md5 line"])
+                                  "bad md5 line", "workdir too long to save in", "workdir name too long",
+                                  "workdir not utf-8", "eleven classes"])
 def test_train_command_line_errors_are_one_line(tmp_path, case):
     (tmp_path / "file").write_text("")
     (tmp_path / "sums.md5").write_text("abc\n")
@@ -23,6 +24,11 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
         "missing config": (["--config", "configs/nope.py"], "--config configs/nope.py: no such file"),
         "workdir under a file": (["--workdir", str(tmp_path / "file" / "x")], "cannot create --workdir"),
         "bad md5 line": ([f"--config.data.md5_file={tmp_path / 'sums.md5'}"], "sums.md5, line 1: 'abc'"),
+        # A path that fits the file system's limit, but not with a save's folders below it: stopped before training.
+        "workdir too long to save in": (["--workdir", _path_of_length(tmp_path, 4000)], "give a shorter --workdir path"),
+        "workdir name too long": (["--workdir", str(tmp_path / ("x" * 300))], "File name too long"),
+        "workdir not utf-8": (["--workdir", str(tmp_path / "run\udcff")], "holds bytes that are not UTF-8"),
+        "eleven classes": (["--config.num_classes=11"], "num_classes=11; CIFAR-10 has 10 classes"),
     }[case]
     base = {"--config": "configs/tiny.py", "--workdir": str(tmp_path / "w")}
     for flag in ("--config", "--workdir"):
@@ -36,6 +42,13 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
     assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip()[7:]}"] and expected in r.stderr, r.stderr
     if case == "bad md5 line":  # a run that fails on its data says why in its log too
         assert expected in (tmp_path / "w" / "log.txt").read_text()
+
+
+def _path_of_length(root, length: int) -> str:
+    path = str(root)
+    while len(path) + 201 < length:
+        path += "/" + "d" * 200
+    return path + "/" + "e" * (length - len(path) - 1)
 
 
 def test_help_lists_the_flags_and_where_the_fields_are_documented():

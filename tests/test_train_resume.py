@@ -211,6 +211,23 @@ def test_a_full_disk_stops_the_run_with_one_line_and_it_resumes_identically(prep
                        checkpoint.read_saved(tmp_path / "w")[0]["train_state"]["params"])
 
 
+def test_tensorboard_holds_every_logged_epoch_after_a_hard_stop_lost_its_events(prepared, reference_run, tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    for events in (workdir / "tensorboard").glob("events.out.tfevents.*"):  # a writer's buffer lost to kill -9
+        events.write_bytes(events.read_bytes()[:len(events.read_bytes()) // 2])
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=5, log_every_steps=1), str(workdir))
+    history = runlog.untimed_records(workdir)
+    reader = EventAccumulator(str(workdir / "tensorboard"))
+    reader.Reload()
+    for tag in ("train_loss", "test_accuracy"):
+        assert [(e.step, e.value) for e in reader.Scalars(tag)] == [
+            (r["step"], pytest.approx(r[tag], rel=1e-6)) for r in history], tag
+
+
 def test_tensorboard_holds_each_epoch_once_after_a_resume_from_an_earlier_save(prepared, reference_run, tmp_path):
     import shutil
 
