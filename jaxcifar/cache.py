@@ -73,9 +73,32 @@ def _load_cache(folder: Path, fingerprint: str) -> Preprocessed | None:
     return Preprocessed(**arrays, stats=stats, fingerprint=fingerprint)
 
 
+def remove_orphans(folder: Path, log) -> None:
+    """Removes versions of the cache `folder` whose writer died before finishing (a kill while it wrote 586 MB):
+    those the link does not point to, written by a process of this host that is gone."""
+    current = folder.resolve() if folder.is_symlink() else None
+    for version in sorted(folder.parent.glob(f"{folder.name}.version-*")):
+        pid = version.name[len(folder.name) + len(".version-"):].split("-")[0]
+        if version == current or not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(version, ignore_errors=True)
+        log(f"removed {version}, a preprocessed cache whose writing was stopped before its end")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _write_cache(folder: Path, dataset: Preprocessed) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".version-", dir=folder.parent))
+    # The writer's pid in the name: a version whose writer has died is an orphan (remove_orphans).
+    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.version-{os.getpid()}-", dir=folder.parent))
     try:
         sums = {}
         for name in _ARRAYS:
@@ -121,6 +144,7 @@ def load_preprocessed(
     log(f"dataset: {tfds_cifar10.describe(b)} in {b.data_dir}")
     fingerprint = tfds_cifar10.dataset_fingerprint(b)
     folder = Path(cache_dir or default_cache_dir()) / _cache_key(fingerprint, method)
+    remove_orphans(folder, log)
     cached = _load_cache(folder, fingerprint)
     if cached is not None:
         log(f"loaded preprocessed CIFAR-10 from {folder}")

@@ -353,6 +353,14 @@ class Checkpointer:
         if self.failed:  # the other folder's save of the same step may have failed after the first report
             self._remove_partial_saves()
 
+    def remove_leftovers(self, log) -> None:
+        """Removes the temporary folders of saves that a hard stop interrupted (a second Ctrl-C, a kill); called
+        by the training run that holds the workdir's lock, before it saves anything."""
+        for m in (self.latest, self.best):
+            for leftover in sorted(Path(m.directory).glob("*.orbax-checkpoint-tmp*")):
+                shutil.rmtree(leftover, ignore_errors=True)
+                log(f"removed {leftover}, a save that was stopped before its end (the complete saves are untouched)")
+
     def _remove_partial_saves(self, settle_s: float = 1.0, give_up_s: float = 30.0) -> None:
         """Deletes the temporary folders of saves that failed (never a complete save).
 

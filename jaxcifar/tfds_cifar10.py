@@ -7,11 +7,13 @@ archive they came from (SOURCE_FILE). Runs on the host at preparation time.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -113,16 +115,26 @@ def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mappi
 
     A given `archive` is always read and verified, prepared or not, and must be the one the
     prepared files came from. `md5s=None` accepts whatever is prepared (readers of a finished run).
+    One process prepares a folder at a time; another one waits for it, then uses what it prepared.
     """
     b = builder(data_dir)
     members = read_archive(archive, md5s or OFFICIAL_MD5) if archive else None
-    if b.is_prepared():
-        source = prepared_source(b)
-        if members is not None and source is not None and source["md5"] != md5s_of(members):
-            raise DataError(f"{b.data_dir} already holds a dataset prepared from another archive than {archive}; "
-                            "give another --data-dir (--config.data.data_dir), or delete that folder to prepare this one")
-        check_prepared(b, md5s, source)
-        return b
+    if not b.is_prepared():
+        with _preparing(Path(b.data_dir).parent, log):
+            b = builder(data_dir)  # another process may have prepared it meanwhile
+            if not b.is_prepared():
+                _remove_incomplete(Path(b.data_dir).parent, log)
+                _prepare_from(b, data_dir, archive, members, md5s, log)
+                return builder(data_dir)
+    source = prepared_source(b)
+    if members is not None and source is not None and source["md5"] != md5s_of(members):
+        raise DataError(f"{b.data_dir} already holds a dataset prepared from another archive than {archive}; "
+                        "give another --data-dir (--config.data.data_dir), or delete that folder to prepare this one")
+    check_prepared(b, md5s, source)
+    return b
+
+
+def _prepare_from(b, data_dir, archive, members, md5s, log) -> None:
     if members is not None:
         b = builder(data_dir, archive_members=members, md5s=md5s or OFFICIAL_MD5)
     elif not _can_download():
@@ -139,7 +151,35 @@ def prepare(data_dir: str | None = None, archive: str | None = None, md5s: Mappi
         b.download_and_prepare(file_format="array_record")
     source = {"md5": b.source_md5s, "official": b.source_md5s == OFFICIAL_MD5}
     (Path(b.data_dir) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
-    return b
+
+
+@contextlib.contextmanager
+def _preparing(dataset_folder: Path, log):
+    """Holds the dataset folder's preparation lock (an OS file lock, released if its process dies); says so
+    when it has to wait for another process."""
+    import fcntl
+
+    try:
+        dataset_folder.mkdir(parents=True, exist_ok=True)
+        lock = open(dataset_folder / ".jaxcifar-prepare.lock", "a")
+    except OSError as e:
+        raise DataError(f"cannot prepare CIFAR-10 in {dataset_folder}: {e.strerror or e}; make the folder writable "
+                        "or give another --data-dir (TFDS_DATA_DIR)") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another process is preparing CIFAR-10 in {dataset_folder}; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _remove_incomplete(dataset_folder: Path, log) -> None:
+    """Removes what a preparation killed before its end left (tfds's incomplete.* folders); only called with the
+    preparation lock held, so no living process is writing them."""
+    for leftover in sorted(dataset_folder.glob("incomplete.*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        log(f"removed {leftover}, left by a preparation that was stopped before its end")
 
 
 def _prepare_quietly(b) -> None:

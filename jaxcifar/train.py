@@ -67,6 +67,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             enable_compile_cache(config.compile_cache_dir)
             ckpt = checkpoint.Checkpointer(workdir, config.keep_checkpoints)
             stack.callback(ckpt.close)
+            if writer:  # it holds the lock: no other run of this workdir is saving
+                ckpt.remove_leftovers(log.print)
             reporter = report.BackgroundReporter(enabled=writer)  # plotting overlaps the next epoch
             stack.callback(reporter.close)
             stack.callback(ckpt.wait)  # exit waits for pending saves, and reports a failed one

@@ -290,3 +290,51 @@ def test_an_md5_file_line_error_names_the_file_and_line(tmp_path, capsys):
     assert data.main(["prepare", "--md5-file", str(bad), "--data-dir", str(tmp_path / "tfds")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}, line 2: 'not-a-digest'" in err and "Traceback" not in err
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_cache_version_whose_writer_died_is_removed_on_the_next_load(prepared, tmp_path):
+    data_dir, _, md5s, _ = prepared
+    said = []
+    cache.load_preprocessed(data_dir, str(tmp_path), md5s=md5s, log=said.append)  # writes the cache
+    (current,) = [p for p in tmp_path.iterdir() if p.is_symlink()]
+    orphan = tmp_path / f"{current.name}.version-{_dead_pid()}-x1y2"  # as a kill during the write leaves it
+    orphan.mkdir()
+    (orphan / "train_images.npy").write_bytes(b"\0" * 1000)
+    alive = tmp_path / f"{current.name}.version-{os.getpid()}-z3"  # a writer still at work: left alone
+    alive.mkdir()
+    said.clear()
+    cache.load_preprocessed(data_dir, str(tmp_path), md5s=md5s, log=said.append)
+    assert not orphan.exists() and alive.exists() and current.resolve().is_dir()
+    assert f"removed {orphan}, a preprocessed cache whose writing was stopped before its end" in said
+
+
+def test_preparers_of_one_folder_wait_for_each_other_and_clean_a_killed_ones_leftovers(tmp_path, fake_archive):
+    import fcntl
+    import subprocess
+    import sys
+
+    archive, md5_file = fake_archive
+    folder = tmp_path / "tfds" / "cifar10"
+    folder.mkdir(parents=True)
+    (folder / "incomplete.ABC123_3.0.2").mkdir()  # as a killed preparation leaves it
+    cmd = [sys.executable, "-m", "jaxcifar.data", "prepare", "--data-dir", str(tmp_path / "tfds"),
+           "--archive", str(archive), "--md5-file", str(md5_file)]
+    with open(folder / ".jaxcifar-prepare.lock", "a") as held:  # a preparer at work
+        fcntl.flock(held, fcntl.LOCK_EX)
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        for proc in procs:
+            assert "waiting for it" in proc.stdout.readline()
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert sum("preparing CIFAR-10 in" in out for out in outputs) == 1  # the other adopted its result
+    assert sum("removed " in out and "incomplete.ABC123_3.0.2" in out for out in outputs) == 1
+    assert not list(folder.glob("incomplete.*")) and "Traceback" not in "".join(outputs)

@@ -357,3 +357,20 @@ def test_a_resume_or_an_evaluation_on_other_data_is_refused(reference_run, prepa
     assert "was trained on other data" in capsys.readouterr().err
     assert evaluate.main([*args, "--other-data"]) == 0
     assert "warning: evaluating on other data than the run trained on" in capsys.readouterr().err
+
+
+def test_saves_interrupted_by_a_hard_stop_are_removed_on_the_next_start(reference_run, prepared, tmp_path, capsys):
+    import shutil
+
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    leftovers = [workdir / folder / "77.orbax-checkpoint-tmp-1796289032" for folder in ("checkpoints", "best")]
+    for leftover in leftovers:  # what a second Ctrl-C during a save leaves
+        (leftover / "state").mkdir(parents=True)
+        (leftover / "state" / "part").write_bytes(b"x" * 100)
+    complete = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=4, log_every_steps=1), str(workdir))
+    out = capsys.readouterr().out
+    for leftover in leftovers:
+        assert not leftover.exists() and f"removed {leftover}, a save that was stopped before its end" in out
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [c for c in complete if "tmp" not in c]
