@@ -49,7 +49,11 @@ def read_md5_file(path: str | os.PathLike) -> dict[str, str]:
         if len(fields) != 2 or len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
             raise DataError(f"{path}, line {number}: {line.strip()[:80]!r} is not '<32 hex digits>  <file name>' "
                             "(the format `md5sum` writes); fix or remove that line")
-        sums[Path(fields[1].strip().lstrip("*")).name] = digest
+        name = Path(fields[1].strip().lstrip("*")).name
+        if sums.get(name, digest) != digest:
+            raise DataError(f"{path}, line {number}: a second MD5 for {name} ({digest}; an earlier line says "
+                            f"{sums[name]}); keep the one line that is right")
+        sums[name] = digest
     if not sums:
         raise DataError(f"MD5 file {path} lists no files; it needs a line per batch file, as `md5sum` writes them")
     return sums

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from jaxcifar import models, optim, preprocess
@@ -10,6 +12,7 @@ from jaxcifar.errors import ConfigError
 FLIP_MODES = ("batchflip", "independent", "none")
 DTYPES = ("float32", "bfloat16")
 STEP_LOOPS = ("unroll", "scan")
+MAX_WIDTH = 16  # the channel multiplier: 16 times the original VGG is already ~4 billion parameters
 
 # How the train step is built on each backend: the one place where a backend changes the program.
 # Every alternative computes the same function (tests/test_models.py, tests/test_train.py); only speed differs.
@@ -53,14 +56,23 @@ def seed_list(config) -> list[int]:
     """The seeds of the runs trained together: `seeds` if set, else [`seed`]."""
     text = str(config.get("seeds", "") or "").strip()
     if not text:
+        check_seeds([int(config["seed"])], "seed")
         return [int(config["seed"])]
     try:
-        seeds = [int(s) for s in text.replace(" ", "").split(",") if s != ""]
+        seeds = [int(s) for s in text.replace(" ", "").split(",")]  # an empty entry ("1,,2") is a mistake too
     except ValueError:
         raise ConfigError(f"bad config: seeds={text!r}; give comma-separated integers, e.g. --config.seeds=0,1,2") from None
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"bad config: seeds={text!r} must list at least one seed, each once")
+    check_seeds(seeds, "seeds")
     return seeds
+
+
+def check_seeds(seeds: list[int], field: str) -> None:
+    """A seed is a random key's 32 bits: jax.random.key takes nothing larger (an OverflowError, mid-start)."""
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise ConfigError(f"bad config: {field}={bad[0]} is out of range; a seed is an integer from 0 to {2**32 - 1}")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -111,6 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _dotted_fields(c, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in c.items():
+        out += _dotted_fields(v, f"{prefix}{k}.") if isinstance(v, ml_collections.ConfigDict) else [f"{prefix}{k}"]
+    return out
+
+
 def nin_config() -> ml_collections.ConfigDict:
     """cifar.torch's models/nin.lua with the same training recipe."""
     c = base_config()
@@ -124,8 +143,15 @@ def validate(c: ml_collections.ConfigDict) -> None:
         if not cond:
             raise ConfigError(f"bad config: {msg}")
 
+    need(isinstance(c, ml_collections.ConfigDict),
+         f"get_config() returned a {type(c).__name__}, not an ml_collections.ConfigDict; build it from "
+         "jaxcifar.config.base_config(), as configs/vgg.py does")
+    missing = sorted(set(_dotted_fields(base_config())) - set(_dotted_fields(c)))
+    need(not missing, f"it lacks the fields {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; build it "
+                      "from jaxcifar.config.base_config(), as configs/vgg.py does")
     need(c.model in models.MODEL_NAMES, f"model={c.model!r}; choose one of {', '.join(models.MODEL_NAMES)}")
-    need(c.width > 0, f"width={c.width} must be positive")
+    need(math.isfinite(c.width) and 0 < c.width <= MAX_WIDTH,
+         f"width={c.width} must be a positive number up to {MAX_WIDTH}")
     need(c.conv_impl in ("auto", *models.CONV_IMPLS),
          f"conv_impl={c.conv_impl!r}; choose one of auto, {', '.join(models.CONV_IMPLS)}")
     need(c.step_loop in ("auto", *STEP_LOOPS), f"step_loop={c.step_loop!r}; choose one of auto, {', '.join(STEP_LOOPS)}")

@@ -64,4 +64,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxcifar import cli
+
+    cli.run_command(main)

@@ -33,7 +33,9 @@ class Evaluator:
         self.num_classes, self.replicas, self.count = num_classes, replicas, len(labels)
         self.images = replicate(images, replicated)
         self.labels = replicate(labels.astype(np.int32), replicated)
-        batch = -(-batch_size // devices) * devices  # a multiple of the device count; padding rows are masked out
+        # No larger than the split (a batch of 10^8 asked for 3.2 TB after an epoch of training), and a multiple of
+        # the device count; padding rows are masked out.
+        batch = -(-min(batch_size, len(labels)) // devices) * devices
         indices, valid = batches.eval_batches(len(labels), batch)
         rows = NamedSharding(mesh, P(None, "data"))
         self.indices, self.valid = replicate(indices, rows), replicate(valid, rows)

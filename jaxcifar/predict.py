@@ -159,4 +159,6 @@ def print_results(results: dict, every_class: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxcifar import cli
+
+    cli.run_command(main)

@@ -218,7 +218,7 @@ class RunSummary:
     def line(self, outcome: str) -> str:
         """'jaxcifar: finished: 40 of 40 epochs, final test accuracy ..., best ...; 6 h 05 min; report ...; ...'."""
         h = self.history
-        done = f"{len(h)} of {self.num_epochs} epochs"
+        done = f"{len(h)} of {self.num_epochs} epochs" if self.num_epochs else "nothing trained"
         if len(h) > self.epochs_before and self.epochs_before:
             done += f" ({len(h) - self.epochs_before} this time)"
         if h:

@@ -302,9 +302,11 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and tfds narrate every file at INFO
     cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    summary = runlog.RunSummary(Path(workdir), cfg.num_epochs)
+    summary = runlog.RunSummary(Path(workdir), 0)
     code, outcome = 0, "finished"
     try:
+        config_lib.validate(cfg)  # first: a get_config() that returned a dict has no num_epochs to show
+        summary.num_epochs = cfg.num_epochs
         distributed.initialize_distributed()
         train_and_evaluate(cfg, workdir, summary)
     except TrainingInterrupted as e:

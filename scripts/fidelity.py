@@ -583,4 +583,6 @@ def cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxcifar import cli
+
+    cli.run_command(main)

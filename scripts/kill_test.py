@@ -154,4 +154,6 @@ def _wait_for_training_steps(out_path: Path, proc: subprocess.Popen, timeout: fl
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxcifar import cli
+
+    cli.run_command(main)

@@ -389,4 +389,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from jaxcifar import cli
+
+    cli.run_command(main)

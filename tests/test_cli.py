@@ -11,7 +11,9 @@ from conftest import REPO
 
 @pytest.mark.parametrize("case", ["unknown field", "typo", "nested typo", "missing config", "workdir under a file",
                                   "bad md5 line", "workdir too long to save in", "workdir name too long",
-                                  "workdir not utf-8", "eleven classes"])
+                                  "workdir not utf-8", "eleven classes", "infinite width", "huge seed",
+                                  "empty seed entry", "config returns None", "config returns a dict",
+                                  "config lacks fields"])
 def test_train_command_line_errors_are_one_line(tmp_path, case):
     (tmp_path / "file").write_text("")
     (tmp_path / "sums.md5").write_text("abc\n")
@@ -29,6 +31,14 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
         "workdir name too long": (["--workdir", str(tmp_path / ("x" * 300))], "File name too long"),
         "workdir not utf-8": (["--workdir", str(tmp_path / "run\udcff")], "holds bytes that are not UTF-8"),
         "eleven classes": (["--config.num_classes=11"], "num_classes=11; CIFAR-10 has 10 classes"),
+        "infinite width": (["--config.width=inf"], "width=inf must be a positive number up to 16"),
+        "huge seed": (["--config.seeds=0,99999999999999999999"], "seeds=99999999999999999999 is out of range"),
+        "empty seed entry": (["--config.seeds=1,,2"], "seeds='1,,2'; give comma-separated integers"),
+        "config returns None": (["--config", _config_file(tmp_path, "None")], "get_config() returned None"),
+        "config returns a dict": (["--config", _config_file(tmp_path, "{'model': 'vgg_bn_drop'}")],
+                                  "get_config() returned a dict, not an ml_collections.ConfigDict"),
+        "config lacks fields": (["--config", _config_file(tmp_path, "ml_collections.ConfigDict({'model': 'nin'})")],
+                                "it lacks the fields batch_norm, batch_size,"),
     }[case]
     base = {"--config": "configs/tiny.py", "--workdir": str(tmp_path / "w")}
     for flag in ("--config", "--workdir"):
@@ -42,6 +52,12 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
     assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip()[7:]}"] and expected in r.stderr, r.stderr
     if case == "bad md5 line":  # a run that fails on its data says why in its log too
         assert expected in (tmp_path / "w" / "log.txt").read_text()
+
+
+def _config_file(folder, returned: str) -> str:
+    path = folder / f"config{len(list(folder.glob('config*.py')))}.py"
+    path.write_text(f"import ml_collections\n\n\ndef get_config():\n    return {returned}\n")
+    return str(path)
 
 
 def _path_of_length(root, length: int) -> str:
@@ -69,3 +85,30 @@ def test_a_failed_run_ends_on_its_error_and_a_summary_line(tmp_path, prepared):
     errors_ = [line for line in r.stderr.replace("\r", "\n").splitlines() if line.startswith("error")]
     assert len(errors_) == 1 and "loss became nan" in errors_[0] and "Traceback" not in r.stderr
     assert r.stdout.strip().splitlines()[-1].startswith("jaxcifar: failed: 0 of 2 epochs; ")
+
+
+@pytest.mark.parametrize("command", ["data prepare", "predict"])
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, command):
+    import signal
+    import time
+
+    fifo = tmp_path / "input"
+    os.mkfifo(fifo)  # opening it blocks: the command waits there until the signal
+    args = {"data prepare": ["jaxcifar.data", "prepare", "--data-dir", str(tmp_path / "tfds"), "--archive", str(fifo)],
+            "predict": ["jaxcifar.predict", "--workdir", str(tmp_path), str(fifo)]}[command]
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while True:  # until the command has opened the pipe: past its imports, then blocked reading it
+        try:
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    os.close(writer)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip() == "jaxcifar: interrupted (Ctrl-C)" and "Traceback" not in out + err

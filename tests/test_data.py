@@ -338,3 +338,10 @@ def test_preparers_of_one_folder_wait_for_each_other_and_clean_a_killed_ones_lef
     assert sum("preparing CIFAR-10 in" in out for out in outputs) == 1  # the other adopted its result
     assert sum("removed " in out and "incomplete.ABC123_3.0.2" in out for out in outputs) == 1
     assert not list(folder.glob("incomplete.*")) and "Traceback" not in "".join(outputs)
+
+
+def test_an_md5_list_with_two_sums_for_one_file_is_refused(tmp_path):
+    listing = tmp_path / "sums.md5"
+    listing.write_text(f"{'a' * 32}  data_batch_1.bin\n{'a' * 32}  data_batch_1.bin\n{'b' * 32}  data_batch_1.bin\n")
+    with pytest.raises(errors.DataError, match=r"line 3: a second MD5 for data_batch_1.bin \(b{32}; an earlier line"):
+        archive_lib.read_md5_file(listing)
