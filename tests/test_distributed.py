@@ -137,3 +137,22 @@ def test_two_processes_compute_what_one_process_computes(one_process_run, two_pr
     assert np.linalg.norm(two - one) <= 1e-2 * np.linalg.norm(one - one_epoch_before)
     one_conf, two_conf = (np.asarray(records[-1]["test_confusion"]) for records in (one_log, two_log))
     assert np.abs(one_conf - two_conf).sum() <= 2 and two_conf.sum() == 50
+
+
+def test_a_process_whose_peers_never_come_says_so_at_once_and_gives_up_in_one_line(prepared, tmp_path):
+    env = dict(environment(prepared, 1), JAX_COORDINATOR_ADDRESS=f"localhost:{29700 + os.getpid() % 200}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0", JAXCIFAR_CONNECT_TIMEOUT_S="3")
+    started = time.time()
+    r = subprocess.run([sys.executable, *train_args(tmp_path / "w", prepared)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and time.time() - started < 60
+    assert r.stdout.startswith("jaxcifar: joining a run of 2 processes through the coordinator at localhost:")
+    assert r.stderr.strip().splitlines() == [
+        f"error: gave up after 3 s: not all 2 processes joined through the coordinator at "
+        f"{env['JAX_COORDINATOR_ADDRESS']}; start every process (or run under srun), or raise JAXCIFAR_CONNECT_TIMEOUT_S"]
+
+
+def test_a_cluster_variable_that_is_not_a_number_is_one_line(prepared, tmp_path):
+    r = subprocess.run([sys.executable, *train_args(tmp_path / "w", prepared)], cwd=REPO, capture_output=True, text=True,
+                       env=dict(environment(prepared, 1), SLURM_NTASKS="abc"), timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: SLURM_NTASKS='abc' must be an integer", r.stderr
