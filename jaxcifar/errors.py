@@ -48,8 +48,12 @@ class CheckpointError(JaxcifarError):
 class CheckpointDamaged(CheckpointError):
     """A checkpoint whose files are unreadable or whose arrays fail their recorded checksums.
 
-    The only kind of checkpoint a resuming run sets aside and falls back from.
+    The only kind of checkpoint a resuming run sets aside and falls back from. `step`: the save's, where known.
     """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class WorkdirError(JaxcifarError):

@@ -53,17 +53,36 @@ def load_trained(workdir: str | Path, step: int | None = None, best: bool = Fals
 def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = False) -> list[TrainedModel]:
     """Every seed's run in a checkpoint of `workdir` (latest by default), in the order trained.
 
-    Reads only (nothing is written into `workdir`), so it works while the run trains; a damaged
-    checkpoint is refused, not fallen back from: name another with `step`.
+    Reads only (nothing is written into `workdir`), so it works while the run trains: the latest save, replaced by a
+    newer one (and deleted) while it was read, is read again as the newest. A damaged checkpoint is refused, not
+    fallen back from: name another with `step`.
     """
     workdir = workdir_lib.existing_workdir(workdir)
+    for attempt in range(REREADS + 1):
+        try:
+            return _load_all_seeds(workdir, step, best)
+        except checkpoint.CheckpointDamaged as e:
+            if step is not None or attempt == REREADS or e.step is None or _still_there(workdir, e.step, best):
+                raise
+            # Rotated away mid-read by the training run beside us: not damage. Read the newest instead.
+
+
+REREADS = 3  # a save rotated away mid-read is read again as the newest, at most this often
+
+
+def _still_there(workdir: Path, step: int, best: bool) -> bool:
+    return (workdir / ("best" if best else "checkpoints") / str(step)).exists()
+
+
+def _load_all_seeds(workdir: Path, step: int | None, best: bool) -> list[TrainedModel]:
     ckpt = checkpoint.Checkpointer(workdir, read_only=True)
     try:
         steps = ckpt.steps(best)
         if not steps:
             raise checkpoint.CheckpointError(
-                f"no {'best ' if best else ''}checkpoints in {workdir}; train first with "
-                f"`python -m jaxcifar.train --workdir {workdir} ...`")
+                f"no {'best ' if best else ''}checkpoints in {workdir}; " + (
+                    "the run saves one there when an epoch improves the test accuracy; drop --best to read the latest"
+                    if best and ckpt.steps() else f"train first with `python -m jaxcifar.train --workdir {workdir} ...`"))
         step = max(steps) if step is None else step
         try:
             meta = ckpt.read_meta(step, best)
@@ -76,7 +95,7 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
                                          partial=True)
         except checkpoint.CheckpointDamaged as e:
             raise checkpoint.CheckpointDamaged(f"{e}; not using it: {_other_saves(ckpt, steps, step, best)} (a resumed "
-                                               "training run sets it aside and falls back by itself)") from None
+                                               "training run sets it aside and falls back by itself)", step=step) from None
     finally:
         ckpt.close()
     state = tree["train_state"]

@@ -45,7 +45,35 @@ def make_workdir(path: str | os.PathLike) -> Path:
                            "to") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise WorkdirError(f"--workdir {path} is not writable; give a folder you can write to")
+    check_entries(path)
     return path
+
+
+# What a run keeps in its workdir, and of what kind: something else of that name stops it before it starts.
+RUN_FILES = ("log.txt", "metrics.jsonl", "metrics.csv", "metrics.discarded.jsonl", "report.html", "accuracy.png",
+             "train.lock")
+RUN_FOLDERS = ("checkpoints", "best", "tensorboard", "damaged-checkpoints")
+
+
+def check_entries(path: Path) -> None:
+    """Raises WorkdirError naming the first entry of the workdir that is not of the kind the run keeps there."""
+    import stat
+
+    for name in RUN_FILES + RUN_FOLDERS:
+        try:
+            mode = (path / name).stat().st_mode  # through a link: a checkpoints/ link to another disk is fine
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise WorkdirError(f"cannot read {path / name}: {e.strerror or e}; fix its permissions") from None
+        want_folder = name in RUN_FOLDERS
+        if (stat.S_ISDIR(mode) if want_folder else stat.S_ISREG(mode)):
+            continue
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else
+                "a socket" if stat.S_ISSOCK(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a file")
+        raise WorkdirError(f"{path / name} is {kind}, where the run keeps {'a folder' if want_folder else 'a file'}; "
+                           "move it away, or train in another --workdir")
 
 
 def existing_workdir(path: str | os.PathLike) -> Path:
@@ -56,6 +84,10 @@ def existing_workdir(path: str | os.PathLike) -> Path:
     if not path.is_dir():
         raise WorkdirError(f"--workdir {path} is a file, not a training run's folder; give the --workdir a training "
                            "run wrote")
+    for folder in ("checkpoints", "best"):
+        if (path / folder).is_dir() and not os.access(path / folder, os.R_OK | os.X_OK):
+            raise WorkdirError(f"{path / folder} cannot be read (permission denied); fix its permissions, or run as "
+                               "the user who trained")
     return path
 
 

@@ -131,3 +131,34 @@ def test_evaluate_on_an_empty_folder_writes_nothing(tmp_path, capsys):
     assert evaluate.main(["--workdir", str(tmp_path)]) == 2
     assert "no checkpoints in" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_rotated_away_while_it_is_read_is_not_damage(trained_run, tmp_path, monkeypatch):
+    import shutil
+
+    from jaxcifar import checkpoint
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_run, workdir)
+    steps = checkpoint.Checkpointer(workdir, read_only=True).steps()
+    real_restore = checkpoint.Checkpointer.restore
+    calls = []
+
+    def restore_while_rotated(self, *args, **kwargs):  # the training run beside deletes the save mid-read
+        calls.append(kwargs.get("step"))
+        if len(calls) == 1:
+            shutil.rmtree(workdir / "checkpoints" / str(steps[-1]))
+        return real_restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", restore_while_rotated)
+    (trained,) = evaluate.load_all_seeds(workdir)
+    assert calls == [steps[-1], steps[-2]] and trained.step == steps[-2]  # read again, as the newest there is
+
+
+def test_best_with_no_best_save_says_what_to_read_instead(trained_run, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_run, workdir)
+    shutil.rmtree(workdir / "best")
+    (workdir / "best").mkdir()
+    assert evaluate.main(["--workdir", str(workdir), "--best"]) == 2
+    err = capsys.readouterr().err
+    assert "no best checkpoints in" in err and "drop --best to read the latest" in err and "train first" not in err

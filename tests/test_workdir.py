@@ -40,3 +40,20 @@ def test_the_lock_of_a_killed_run_is_taken_over_and_named(tmp_path):
         assert lock.stale is not None and f"pid {holder.pid} " in lock.stale
     finally:
         lock.release()
+
+
+@pytest.mark.parametrize("entry,make,kind,wanted", [
+    ("metrics.jsonl", "folder", "a folder", "a file"), ("log.txt", "folder", "a folder", "a file"),
+    ("tensorboard", "file", "a file", "a folder"), ("train.lock", "fifo", "a named pipe", "a file")])
+def test_a_workdir_entry_of_the_wrong_kind_stops_the_run_before_it_starts(tmp_path, entry, make, kind, wanted):
+    from jaxcifar import workdir as workdir_lib
+
+    target = tmp_path / entry
+    {"folder": target.mkdir, "file": target.touch, "fifo": lambda: os.mkfifo(target)}[make]()
+    with pytest.raises(errors.WorkdirError, match=f"{entry} is {kind}, where the run keeps {wanted}; move it away"):
+        workdir_lib.make_workdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "checkpoints").symlink_to(tmp_path / "elsewhere")  # a link to a folder on another disk is fine
+    assert workdir_lib.make_workdir(linked) == linked
