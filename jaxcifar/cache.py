@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxcifar import preprocess, tfds_cifar10
 from jaxcifar.archive import OFFICIAL_MD5, read_md5_file
-from jaxcifar.errors import DataError
+from jaxcifar.errors import DataError, os_error_cause
 from jaxcifar.tfds_cifar10 import DamagedDataset
 
 CACHE_FORMAT_VERSION = 1
@@ -71,6 +71,20 @@ def _load_cache(folder: Path, fingerprint: str) -> Preprocessed | None:
         shutil.rmtree(folder, ignore_errors=True)
         return None
     return Preprocessed(**arrays, stats=stats, fingerprint=fingerprint)
+
+
+def usable_cache_dir(cache_dir: str | None) -> Path:
+    """The cache folder (made if needed); DataError naming the problem when it is a file or cannot be made."""
+    root = Path(cache_dir or default_cache_dir())
+    try:
+        if root.exists() and not root.is_dir():
+            raise DataError(f"the preprocessed-data cache {root} is a file, not a folder; move it away, or set "
+                            "JAXCIFAR_CACHE_DIR (--config.data.cache_dir) to a folder")
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot use {root} for the preprocessed-data cache: {os_error_cause(e) or e}; set "
+                        "JAXCIFAR_CACHE_DIR (--config.data.cache_dir) to a folder you can write") from None
+    return root
 
 
 def remove_orphans(folder: Path, log) -> None:
@@ -143,7 +157,7 @@ def load_preprocessed(
     b = tfds_cifar10.prepare(data_dir, archive, md5s, log)
     log(f"dataset: {tfds_cifar10.describe(b)} in {b.data_dir}")
     fingerprint = tfds_cifar10.dataset_fingerprint(b)
-    folder = Path(cache_dir or default_cache_dir()) / _cache_key(fingerprint, method)
+    folder = usable_cache_dir(cache_dir) / _cache_key(fingerprint, method)
     remove_orphans(folder, log)
     cached = _load_cache(folder, fingerprint)
     if cached is not None:
@@ -161,7 +175,12 @@ def load_preprocessed(
     log(f"preprocessing CIFAR-10 ({method}); this runs once and is cached in {folder}")
     train, test, stats = preprocess.NORMALIZERS[method](raw["train_images"], raw["test_images"])
     data = Preprocessed(train, raw["train_labels"], test, raw["test_labels"], stats, fingerprint)
-    _write_cache(folder, data)
+    try:
+        _write_cache(folder, data)
+    except OSError as e:
+        raise DataError(f"cannot write the preprocessed cache in {folder.parent}: {os_error_cause(e) or e}; free "
+                        "space or make it writable, or set JAXCIFAR_CACHE_DIR (--config.data.cache_dir) to another "
+                        "folder") from None
     log(f"preprocessed in {time.time() - t0:.1f} s")
     return data
 

@@ -21,6 +21,12 @@ def run_command(main) -> None:
         print("\njaxcifar: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
+        from jaxcifar import runlog
+
+        print(f"error: unexpected {type(e).__name__}: {errors.first_line(e)} ({runlog.keep_traceback(None)})",
+              file=sys.stderr, flush=True)
+        code = 1
     sys.exit(code)
 
 

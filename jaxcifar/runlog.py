@@ -239,7 +239,7 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def keep_traceback(workdir: Path) -> str:
+def keep_traceback(workdir: Path | None) -> str:
     """Appends the exception being handled, with its traceback, to workdir/log.txt (or, failing that, a file of
     its own in the temporary folder); returns where it went, for the one-line error."""
     import tempfile
@@ -247,6 +247,8 @@ def keep_traceback(workdir: Path) -> str:
 
     text = traceback.format_exc()
     try:
+        if workdir is None:
+            raise OSError("no workdir")
         with open(Path(workdir) / "log.txt", "a") as f:
             f.write(text)
         return f"a bug: please report it with {Path(workdir) / 'log.txt'}, which holds the traceback"

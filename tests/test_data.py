@@ -345,3 +345,10 @@ def test_an_md5_list_with_two_sums_for_one_file_is_refused(tmp_path):
     listing.write_text(f"{'a' * 32}  data_batch_1.bin\n{'a' * 32}  data_batch_1.bin\n{'b' * 32}  data_batch_1.bin\n")
     with pytest.raises(errors.DataError, match=r"line 3: a second MD5 for data_batch_1.bin \(b{32}; an earlier line"):
         archive_lib.read_md5_file(listing)
+
+
+def test_a_cache_folder_that_is_a_file_is_named_as_such(prepared, tmp_path):
+    data_dir, _, md5s, _ = prepared
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(errors.DataError, match="the preprocessed-data cache .*cache is a file, not a folder"):
+        cache.load_preprocessed(data_dir, str(tmp_path / "cache"), md5s=md5s, log=lambda m: None)
