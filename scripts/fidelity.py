@@ -79,7 +79,10 @@ class Resumable:
         last = num_epochs if self.stop_after is None else min(num_epochs, self.stop_after)
         return range(len(self.rows) + 1, last + 1)
 
-    def check(self, saved_identity: dict) -> None:
+    def check(self, saved_identity: dict | None) -> None:
+        if saved_identity is None:  # e.g. a `python -m jaxcifar.train` workdir
+            raise SystemExit(f"error: {self.workdir} holds checkpoints that are not a fidelity run's (a "
+                             "jaxcifar.train workdir?); pass another --workdir")
         if saved_identity != self.identity:
             differing = sorted(k for k in set(saved_identity) | set(self.identity)
                                if saved_identity.get(k) != self.identity.get(k))
@@ -109,7 +112,7 @@ def run_jax(config, dataset, train_eval, recompute_at, recompute_batches, run: R
     state = trainer.init_state()
     ckpt = checkpoint.Checkpointer(run.workdir, keep=2)
     template = checkpoint.to_tree({"train_state": state})
-    restored = ckpt.restore(template, check_meta=lambda meta: run.check(meta["run"]),
+    restored = ckpt.restore(template, check_meta=lambda meta: run.check(meta.get("run")),
                             log=lambda m: print(m, file=sys.stderr), set_aside_damaged=True)
     if restored is not None:
         tree, meta, _ = restored
@@ -237,7 +240,7 @@ def run_torch(config, dataset, train_eval, recompute_at, recompute_batches, run:
     if saved.exists():
         with np.load(saved, allow_pickle=False) as arrays:
             meta = json.loads(str(arrays["meta"]))
-            run.check(meta["run"])
+            run.check(meta.get("run"))
             port.load_state_arrays(arrays)
         run.resumed(meta["rows"])
     for epoch in run.epochs(config.num_epochs):
@@ -311,10 +314,40 @@ def table(paths: list[str]) -> str:
 def parse_seeds(text: str) -> list[int]:
     """'0-7' or '0,2,5' -> seeds."""
     seeds = []
-    for part in text.split(","):
-        lo, dash, hi = part.partition("-")
-        seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    try:
+        for part in text.split(","):
+            lo, dash, hi = part.partition("-")
+            seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    except ValueError:
+        raise SystemExit(f"error: --seeds {text}: give seeds as 0-7 or 0,2,5") from None
     return seeds
+
+
+def recompute_epochs(text: str, epochs: int) -> set[int]:
+    """--recompute-at's epochs: 'all', 'last' or a list such as 1,5,10 (each within the run)."""
+    if text in ("all", "last"):
+        return set(range(1, epochs + 1)) if text == "all" else {epochs}
+    try:
+        chosen = {int(e) for e in text.split(",")}
+    except ValueError:
+        raise SystemExit(f"error: --recompute-at {text}: give 'last', 'all' or epochs such as 1,5,10") from None
+    if not all(1 <= e <= epochs for e in chosen):
+        raise SystemExit(f"error: --recompute-at {text}: every epoch must be from 1 to --epochs {epochs}")
+    return chosen
+
+
+def check_run_args(args) -> None:
+    """One line and exit code 2 for values that would fail mid-run or train nothing."""
+    for flag, value in (("--epochs", args.epochs), ("--train-eval-images", args.train_eval_images),
+                        ("--recompute-bn-batches", args.recompute_bn_batches), ("--jobs", args.jobs),
+                        ("--threads", args.threads)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} {value} must be at least 1")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise SystemExit(f"error: --stop-after {args.stop_after} must be at least 1 (an epoch to stop after)")
+    recompute_epochs(args.recompute_at, args.epochs)
+    if args.seeds:
+        parse_seeds(args.seeds)
 
 
 def run_seeds(argv: list[str], seeds: list[int], out: str, jobs: int) -> int:
@@ -515,6 +548,7 @@ def main(argv=None) -> int:
         return 0
     if not (args.side and args.out):
         p.error("--side and --out are required to run")
+    check_run_args(args)
     if args.seeds:
         return run_seeds(argv, parse_seeds(args.seeds), args.out, args.jobs)
 
@@ -542,8 +576,7 @@ def main(argv=None) -> int:
     dataset = cache.load_dataset(config, log=lambda m: print(m, file=sys.stderr))
     n = args.train_eval_images
     train_eval = (dataset.train_images[:n], dataset.train_labels[:n])
-    recompute_at = (set(range(1, args.epochs + 1)) if args.recompute_at == "all" else {args.epochs}
-                    if args.recompute_at == "last" else {int(e) for e in args.recompute_at.split(",")})
+    recompute_at = recompute_epochs(args.recompute_at, args.epochs)
     result = {"side": args.side, "variant": variant, "seed": args.seed,
               "config_file": os.path.relpath(args.config, REPO), "overrides": args.set, "width": args.width,
               "num_epochs": args.epochs, "threads": args.threads, "commit": git_commit(), "cpu": cpu_name(),

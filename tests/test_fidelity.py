@@ -186,3 +186,18 @@ def test_bn_shift_findings_state_the_correlations_and_count_the_differences_beyo
     assert "Per-layer differences jax - torch beyond 2 standard errors: 1 of 2;" in text
     assert "about 0.1 there by chance" in text
     assert "per-layer" not in bn_shift.findings(runs[:2])  # one side: nothing to compare
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train-eval-images", "0"], "--train-eval-images 0 must be at least 1"),
+    (["--recompute-bn-batches", "0"], "--recompute-bn-batches 0 must be at least 1"),
+    (["--recompute-at", "x"], "--recompute-at x: give 'last', 'all' or epochs such as 1,5,10"),
+    (["--recompute-at", "7", "--epochs", "5"], "--recompute-at 7: every epoch must be from 1 to --epochs 5"),
+    (["--seeds", "0-x"], "--seeds 0-x: give seeds as 0-7 or 0,2,5"),
+    (["--epochs", "0"], "--epochs 0 must be at least 1"),
+    (["--stop-after", "0"], "--stop-after 0 must be at least 1"),
+])
+def test_run_flags_that_would_fail_mid_run_or_train_nothing_are_refused_first(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        fidelity.main(["--side", "jax", "--out", str(tmp_path / "x.json"), *flags])
+    assert not (tmp_path / "x.json").exists()
