@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 
 from jaxcifar import distributed, trees
 from jaxcifar.errors import (CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, os_error_cause,
-                             short_path)
+                             os_error_fix, short_path)
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
 
@@ -340,7 +340,7 @@ class Checkpointer:
         last = (f"the last complete checkpoint is step {complete[-1]} in {self.workdir / 'checkpoints'}"
                 if complete else "no checkpoint of this run is complete yet")
         raise CheckpointSaveFailed(f"{write_failure_cause(e)} while saving step {step} to {directory}; {last}. "
-                                   "Free space or make the folder writable, then run the same command to resume") \
+                                   f"{os_error_fix(e).capitalize()}, then run the same command to resume") \
             from None
 
     def close(self) -> None:

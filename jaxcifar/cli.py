@@ -21,6 +21,9 @@ def run_command(main) -> None:
         print("\njaxcifar: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
+    except MemoryError:
+        print(f"error: {errors.OUT_OF_MEMORY}", file=sys.stderr, flush=True)
+        code = 2
     except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
         from jaxcifar import runlog
 

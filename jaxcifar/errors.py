@@ -18,6 +18,26 @@ def os_error_cause(e: BaseException) -> str | None:
     return None
 
 
+OUT_OF_MEMORY = ("out of memory: the process could not get the memory it asked for; free memory, raise the limit "
+                 "(ulimit -v), or ask for less (--config.batch_size, --config.width, fewer --config.seeds)")
+
+
+def os_error_fix(e: BaseException) -> str:
+    """What to do about the OSError in `e`'s chain, by its errno: the advice a write failure ends with."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            if seen.errno in (errno.EMFILE, errno.ENFILE):
+                return "raise the limit on open files (ulimit -n) or close other programs"
+            if seen.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return "make the folder writable"
+            if seen.errno in (errno.ENOSPC, errno.EDQUOT):
+                return "free space"
+            break
+        seen = seen.__cause__ or seen.__context__
+    return "free space or make the folder writable"
+
+
 def first_line(e: BaseException) -> str:
     """An exception's message as one line (tarfile, array_record and orbax write several)."""
     return (str(e).strip().splitlines() or [type(e).__name__])[0]

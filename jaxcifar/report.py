@@ -19,11 +19,11 @@ from typing import Sequence
 import numpy as np
 
 from jaxcifar import metrics
-from jaxcifar.errors import WorkdirError, os_error_cause
+from jaxcifar.errors import WorkdirError, os_error_cause, os_error_fix
 
 
 def workdir_write_failed(e: OSError, path) -> WorkdirError:
-    return WorkdirError(f"{os_error_cause(e) or e} while writing {path}; free space or make the folder writable, then run the same "
+    return WorkdirError(f"{os_error_cause(e) or e} while writing {path}; {os_error_fix(e)}, then run the same "
                         "command to resume from the last checkpoint")
 
 

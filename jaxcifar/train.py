@@ -317,6 +317,9 @@ def main(argv) -> None:
         code, outcome = 2, "failed"
     except KeyboardInterrupt:  # before the stop handlers were installed, or after they were removed
         code, outcome = 130, "interrupted"
+    except MemoryError:
+        print(f"error: {errors.OUT_OF_MEMORY}", file=sys.stderr)
+        code, outcome = 2, "failed"
     except Exception as e:  # a bug: one line here, the traceback in log.txt
         code, outcome = 1, "failed"
         print(f"error: unexpected {type(e).__name__}: {errors.first_line(e)} "

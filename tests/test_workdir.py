@@ -57,3 +57,15 @@ def test_a_workdir_entry_of_the_wrong_kind_stops_the_run_before_it_starts(tmp_pa
     linked.mkdir()
     (linked / "checkpoints").symlink_to(tmp_path / "elsewhere")  # a link to a folder on another disk is fine
     assert workdir_lib.make_workdir(linked) == linked
+
+
+@pytest.mark.parametrize("code,advice", [("EMFILE", "raise the limit on open files (ulimit -n)"),
+                                         ("ENOSPC", "free space"), ("EROFS", "make the folder writable")])
+def test_a_write_failure_is_advised_by_its_cause(tmp_path, code, advice):
+    import errno
+
+    from jaxcifar import report
+    error = report.workdir_write_failed(OSError(getattr(errno, code), os.strerror(getattr(errno, code))),
+                                        tmp_path / "metrics.jsonl")
+    assert f"while writing {tmp_path / 'metrics.jsonl'}; {advice}, then run the same command" in str(error)
+    assert code != "EMFILE" or "free space" not in str(error)
