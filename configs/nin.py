@@ -1,4 +1,4 @@
-"""cifar.torch's Network-in-Network with BatchNorm and Dropout, same training recipe (the seed reports 91.9 %)."""
+"""cifar.torch's Network-in-Network with BatchNorm and Dropout, same training recipe (the original reports 91.9 %)."""
 
 from jaxcifar.config import nin_config
 

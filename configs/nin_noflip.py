@@ -1,4 +1,4 @@
-"""NIN-BN-Drop without flips (the seed reports 90.4 %)."""
+"""NIN-BN-Drop without flips (the original reports 90.4 %)."""
 
 from jaxcifar.config import nin_config
 

@@ -1,4 +1,4 @@
-"""VGG-Drop without BatchNorm (the seed: 91.4 % when BN or Dropout is removed)."""
+"""VGG-Drop without BatchNorm (the original: 91.4 % when BN or Dropout is removed)."""
 
 from jaxcifar.config import base_config
 

@@ -1,4 +1,4 @@
-"""VGG-BN without Dropout (the seed: 91.4 % when BN or Dropout is removed)."""
+"""VGG-BN without Dropout (the original: 91.4 % when BN or Dropout is removed)."""
 
 from jaxcifar.config import base_config
 

@@ -1,4 +1,4 @@
-"""VGG-BN-Drop without flips (the seed reports 91.3 %)."""
+"""VGG-BN-Drop without flips (the original reports 91.3 %)."""
 
 from jaxcifar.config import base_config
 

@@ -170,7 +170,7 @@ def test_a_checkpoints_folder_that_cannot_be_written_stops_the_run_before_traini
     r = cli(workdir, prepared, "--config.num_epochs=1")
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     err = r.stderr.strip()
-    assert err.count("\n") == 0 and "checkpoints is a file, not a folder" in err, err
+    assert err.count("\n") == 0 and "checkpoints is a file, where the run keeps a folder" in err, err
     assert "==> epoch" not in r.stdout and (workdir / "checkpoints").read_text() == "not a folder"
 
 
