@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcifar import distributed, trees
-from jaxcifar.errors import (CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, os_error_cause,
+from jaxcifar.errors import (CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, disk_failure_cause,
                              os_error_fix, short_path)
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
@@ -503,10 +503,7 @@ def complete_steps(directory: Path) -> list[int]:
 
 def write_failure_cause(e: BaseException) -> str:
     """What stopped a save, in words (TensorStore reports a full disk as a RESOURCE_EXHAUSTED ValueError)."""
-    cause = os_error_cause(e)
-    if cause is None and ("No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e)):
-        cause = "no space left on device"
-    return cause or _one_line(e)
+    return disk_failure_cause(e) or _one_line(e)
 
 
 def check_writable_folder(folder: Path) -> None:

@@ -22,6 +22,15 @@ OUT_OF_MEMORY = ("out of memory: the process could not get the memory it asked f
                  "(ulimit -v), or ask for less (--config.batch_size, --config.width, fewer --config.seeds)")
 
 
+def disk_failure_cause(e: BaseException) -> str | None:
+    """`os_error_cause`, or "no space left on device" where a library reported a full disk only in words
+    (TensorStore: a RESOURCE_EXHAUSTED ValueError; array_record: a RuntimeError)."""
+    cause = os_error_cause(e)
+    if cause is None and ("No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e)):
+        cause = "no space left on device"
+    return cause
+
+
 def os_error_fix(e: BaseException) -> str:
     """What to do about the OSError in `e`'s chain, by its errno: the advice a write failure ends with."""
     seen = e

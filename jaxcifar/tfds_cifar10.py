@@ -23,7 +23,7 @@ from typing import Mapping
 import numpy as np
 
 from jaxcifar.archive import CLASS_NAMES, OFFICIAL_MD5, TEST_FILES, TRAIN_FILES, md5s_of, parse_batches, read_archive
-from jaxcifar.errors import DataError, first_line
+from jaxcifar.errors import DataError, disk_failure_cause, first_line, os_error_fix
 
 DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)
 DOWNLOAD_PROBE_TIMEOUT_S = 5.0
@@ -144,13 +144,22 @@ def _prepare_from(b, data_dir, archive, members, md5s, log) -> None:
             "(or --config.data.archive=PATH when training)"
         )
     # tfds writes to a temporary folder and renames it when complete: no partial dataset survives a failure.
-    if members is not None:
-        log(f"preparing CIFAR-10 in {b.data_dir} from {archive} (once; about half a minute for the real set)")
-        _prepare_quietly(b)  # tfds's "Downloading ... Unknown size" and its bars say nothing true offline
-    else:
-        b.download_and_prepare(file_format="array_record")
-    source = {"md5": b.source_md5s, "official": b.source_md5s == OFFICIAL_MD5}
-    (Path(b.data_dir) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+    try:
+        if members is not None:
+            log(f"preparing CIFAR-10 in {b.data_dir} from {archive} (once; about half a minute for the real set)")
+            _prepare_quietly(b)  # tfds's "Downloading ... Unknown size" and its bars say nothing true offline
+        else:
+            b.download_and_prepare(file_format="array_record")
+        source = {"md5": b.source_md5s, "official": b.source_md5s == OFFICIAL_MD5}
+        (Path(b.data_dir) / SOURCE_FILE).write_text(json.dumps(source, indent=1))
+    except Exception as e:  # noqa: BLE001 - tfds and array_record wrap the OSError of a full or read-only disk
+        cause = disk_failure_cause(e)
+        if cause is None:
+            raise
+        shutil.rmtree(b.data_dir, ignore_errors=True)  # a half-written dataset would be taken as prepared
+        fix = "free space" if cause == "no space left on device" else os_error_fix(e)
+        raise DataError(f"cannot prepare CIFAR-10 in {b.data_dir}: {cause}; {fix}, or give another "
+                        "--data-dir (TFDS_DATA_DIR)") from None
 
 
 @contextlib.contextmanager

@@ -161,3 +161,15 @@ def png_header(path: Path, width: int, height: int) -> Path:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     return path
+
+
+def mount_tmpfs(mount: Path, options: str):
+    """Mounts a tmpfs with `options` (e.g. "size=3m", "ro") at `mount`, or skips where mounting is not allowed (it
+    needs root); returns a function that unmounts it."""
+    import subprocess
+
+    mount.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    return lambda: subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -352,3 +352,21 @@ def test_a_cache_folder_that_is_a_file_is_named_as_such(prepared, tmp_path):
     (tmp_path / "cache").write_text("not a folder")
     with pytest.raises(errors.DataError, match="the preprocessed-data cache .*cache is a file, not a folder"):
         cache.load_preprocessed(data_dir, str(tmp_path / "cache"), md5s=md5s, log=lambda m: None)
+
+
+@pytest.mark.parametrize("options,cause", [("size=64k", "no space left on device"), ("ro", "read-only file system")])
+def test_preparing_on_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(tmp_path, fake_archive, capsys,
+                                                                             options, cause):
+    from conftest import mount_tmpfs
+
+    archive, md5_file = fake_archive
+    disk = tmp_path / "disk"
+    unmount = mount_tmpfs(disk, options)
+    try:
+        rc = data.main(["prepare", "--data-dir", str(disk), "--archive", str(archive), "--md5-file", str(md5_file)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: cannot prepare CIFAR-10 in ") and cause in err.lower(), err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert not list(disk.rglob("*.array_record*"))  # nothing half-written to be taken as prepared
+    finally:
+        unmount()
