@@ -7,16 +7,12 @@ runs reach). Dropout is off because at this width and length it hides the learni
 statistics gathered under dropout do not fit the eval-mode network early in training (docs/fidelity.md).
 """
 
-from jaxcifar.config import base_config
+from jaxcifar.config import fast_config
 
 
 def get_config():
-    c = base_config()
+    c = fast_config()
     c.width = 0.25
     c.dropout = False
     c.num_epochs = 3
-    c.optimizer.schedule = "onecycle"
-    c.optimizer.learning_rate = 1.0
-    c.optimizer.learning_rate_decay = 0.0
-    c.label_smoothing = 0.1
     return c

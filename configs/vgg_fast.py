@@ -6,14 +6,8 @@ linear decay to 0) instead of halving every 25 epochs, no `learningRateDecay`, a
 smoothing 0.1. Target: >= 92.45 % test accuracy at the final epoch.
 """
 
-from jaxcifar.config import base_config
+from jaxcifar.config import fast_config
 
 
 def get_config():
-    c = base_config()
-    c.num_epochs = 40
-    c.optimizer.schedule = "onecycle"
-    c.optimizer.learning_rate = 1.0
-    c.optimizer.learning_rate_decay = 0.0
-    c.label_smoothing = 0.1
-    return c
+    return fast_config()

@@ -130,6 +130,18 @@ def _dotted_fields(c, prefix: str = "") -> list[str]:
     return out
 
 
+def fast_config() -> ml_collections.ConfigDict:
+    """configs/vgg_fast.py's schedule: one-cycle learning rate up to the original's peak of 1, no
+    learningRateDecay, label smoothing 0.1, 40 epochs."""
+    c = base_config()
+    c.num_epochs = 40
+    c.optimizer.schedule = "onecycle"
+    c.optimizer.learning_rate = 1.0
+    c.optimizer.learning_rate_decay = 0.0
+    c.label_smoothing = 0.1
+    return c
+
+
 def nin_config() -> ml_collections.ConfigDict:
     """cifar.torch's models/nin.lua with the same training recipe."""
     c = base_config()
