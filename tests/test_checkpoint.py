@@ -182,3 +182,19 @@ def test_safe_changes_pass_and_num_epochs_counts_only_where_the_schedule_spans_t
     assert checkpoint.incompatible_fields(saved, now) == []
     saved, now = configs({"optimizer.schedule": "cosine"}, num_epochs=400)
     assert checkpoint.incompatible_fields(saved, now) == ["num_epochs: 300 -> 400"]
+
+
+def test_an_unretrieved_future_of_a_failed_save_logs_nothing(caplog):
+    import asyncio
+    import gc
+
+    from jaxcifar import checkpoint  # noqa: F401 - its log filters
+
+    async def a_failed_write():
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(OSError(28, "No space left on device"))  # as orbax's writes hold it, never awaited
+        del future
+        gc.collect()
+
+    asyncio.run(a_failed_write())
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
