@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxcifar import distributed, trees
-from jaxcifar.errors import (CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, disk_failure_cause,
+from jaxcifar.errors import (CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, failure_line,
                              os_error_fix, short_path)
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
@@ -237,7 +237,7 @@ def _saved_arrays(manager, step: int) -> dict:
     except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
         if not unreadable(e):
             raise
-        raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
+        raise CheckpointDamaged(f"{where} is unreadable: {failure_line(e)}") from None
     tree = getattr(tree, "tree", tree)
     if tree is None:
         raise CheckpointDamaged(f"{where} is unreadable: its array metadata is missing")
@@ -343,7 +343,7 @@ class Checkpointer:
         complete = complete_steps(self.workdir / "checkpoints")
         last = (f"the last complete checkpoint is step {complete[-1]} in {self.workdir / 'checkpoints'}"
                 if complete else "no checkpoint of this run is complete yet")
-        raise CheckpointSaveFailed(f"{write_failure_cause(e)} while saving step {step} to {directory}; {last}. "
+        raise CheckpointSaveFailed(f"{failure_line(e)} while saving step {step} to {directory}; {last}. "
                                    f"{os_error_fix(e).capitalize()}, then run the same command to resume") \
             from None
 
@@ -417,7 +417,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
             if not unreadable(e):
                 raise
-            raise CheckpointDamaged(f"checkpoint {step} in {manager.directory} is unreadable: {_one_line(e)}") from None
+            raise CheckpointDamaged(f"checkpoint {step} in {manager.directory} is unreadable: {failure_line(e)}") from None
         if not isinstance(meta, dict):
             raise CheckpointDamaged(f"checkpoint {step} in {manager.directory} has a damaged meta file")
         check_meta_checksum(meta, f"checkpoint {step} in {manager.directory}")
@@ -445,7 +445,7 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
             if not unreadable(e):
                 raise
-            raise CheckpointDamaged(f"{where} is unreadable: {_one_line(e)}") from None
+            raise CheckpointDamaged(f"{where} is unreadable: {failure_line(e)}") from None
         verify_checksums(state, meta, where, partial)
         return state, meta
 
@@ -505,11 +505,6 @@ def complete_steps(directory: Path) -> list[int]:
         return []
 
 
-def write_failure_cause(e: BaseException) -> str:
-    """What stopped a save, in words (TensorStore reports a full disk as a RESOURCE_EXHAUSTED ValueError)."""
-    return disk_failure_cause(e) or _one_line(e)
-
-
 def check_writable_folder(folder: Path) -> None:
     """Raises WorkdirError unless `folder` is (or can be made) a folder this process can create saves in."""
     if folder.exists() and not folder.is_dir():
@@ -525,7 +520,7 @@ def check_writable_folder(folder: Path) -> None:
         finally:
             shutil.rmtree(probe, ignore_errors=True)
     except OSError as e:
-        raise WorkdirError(f"cannot save checkpoints in {short_path(folder)}: {write_failure_cause(e)}; make it "
+        raise WorkdirError(f"cannot save checkpoints in {short_path(folder)}: {failure_line(e)}; make it "
                            "writable or give a shorter --workdir path, or train in another --workdir") from None
 
 
@@ -579,11 +574,6 @@ def _is_echo(exc) -> bool:
     text = str(exc)
     return ((isinstance(exc, RuntimeError) and text == "Event loop is closed")
             or "Encountered error while reading array" in text or any(d in text for d in _watched_dirs))
-
-
-def _one_line(e: Exception) -> str:
-    text = f"{type(e).__name__}: {e}".strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
 
 
 def to_tree(obj) -> Any:

@@ -23,12 +23,26 @@ OUT_OF_MEMORY = ("out of memory: the process could not get the memory it asked f
 
 
 def disk_failure_cause(e: BaseException) -> str | None:
-    """`os_error_cause`, or "no space left on device" where a library reported a full disk only in words
-    (TensorStore: a RESOURCE_EXHAUSTED ValueError; array_record: a RuntimeError)."""
+    """`os_error_cause`, or the cause where a library reported it only in words: a full disk (TensorStore: a
+    RESOURCE_EXHAUSTED ValueError; array_record: a RuntimeError), a file it may not read."""
     cause = os_error_cause(e)
-    if cause is None and ("No space left" in str(e) or "RESOURCE_EXHAUSTED" in str(e)):
-        cause = "no space left on device"
-    return cause
+    if cause is not None:
+        return cause
+    seen = e
+    while seen is not None:  # orbax wraps TensorStore's error in a bare Exception that names neither
+        text = str(seen)
+        if "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+            return "no space left on device"
+        if "PERMISSION_DENIED" in text or "Permission denied" in text:
+            return "permission denied"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def failure_line(e: BaseException) -> str:
+    """What failed, as one line: the cause in words where the chain holds one, else the exception's first line."""
+    text = f"{type(e).__name__}: {e}".strip().splitlines()
+    return disk_failure_cause(e) or (text[0][:300] if text else type(e).__name__)
 
 
 def os_error_fix(e: BaseException) -> str:

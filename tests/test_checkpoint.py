@@ -198,3 +198,17 @@ def test_an_unretrieved_future_of_a_failed_save_logs_nothing(caplog):
 
     asyncio.run(a_failed_write())
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_a_read_refused_by_permissions_is_named_as_such_through_orbax_wrapping():
+    from jaxcifar import errors
+
+    try:
+        try:
+            raise ValueError("PERMISSION_DENIED: Error opening file: /w/checkpoints/12/state/d/abc: Permission denied")
+        except ValueError:
+            raise Exception("Encountered error while reading array index (0,) <bound method pybind11 ...>")  # noqa
+    except Exception as e:  # noqa: BLE001 - as orbax raises it
+        assert errors.failure_line(e) == "permission denied"
+    assert errors.failure_line(OSError(28, "No space left on device")) == "no space left on device"
+    assert errors.failure_line(TypeError("a bug\nsecond line")) == "TypeError: a bug"
