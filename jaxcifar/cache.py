@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxcifar import preprocess, tfds_cifar10
 from jaxcifar.archive import OFFICIAL_MD5, read_md5_file
-from jaxcifar.errors import DataError, os_error_cause
+from jaxcifar.errors import DataError, failure_line, os_error_cause
 from jaxcifar.tfds_cifar10 import DamagedDataset
 
 CACHE_FORMAT_VERSION = 1
@@ -178,7 +178,7 @@ def load_preprocessed(
     try:
         _write_cache(folder, data)
     except OSError as e:
-        raise DataError(f"cannot write the preprocessed cache in {folder.parent}: {os_error_cause(e) or e}; free "
+        raise DataError(f"cannot write the preprocessed cache in {folder.parent}: {failure_line(e)}; free "
                         "space or make it writable, or set JAXCIFAR_CACHE_DIR (--config.data.cache_dir) to another "
                         "folder") from None
     log(f"preprocessed in {time.time() - t0:.1f} s")

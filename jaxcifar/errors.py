@@ -5,6 +5,7 @@ else (a bug here, or in jax/flax/orbax) keeps its traceback.
 """
 
 import errno
+import re
 
 
 def os_error_cause(e: BaseException) -> str | None:
@@ -31,7 +32,8 @@ def disk_failure_cause(e: BaseException) -> str | None:
     seen = e
     while seen is not None:  # orbax wraps TensorStore's error in a bare Exception that names neither
         text = str(seen)
-        if "No space left" in text or "RESOURCE_EXHAUSTED" in text:
+        # numpy reports a write the disk cut short as "614400 requested and 16352 written", without an errno.
+        if "No space left" in text or "RESOURCE_EXHAUSTED" in text or re.search(r"\d+ requested and \d+ written", text):
             return "no space left on device"
         if "PERMISSION_DENIED" in text or "Permission denied" in text:
             return "permission denied"

@@ -370,3 +370,18 @@ def test_preparing_on_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(tm
         assert not list(disk.rglob("*.array_record*"))  # nothing half-written to be taken as prepared
     finally:
         unmount()
+
+
+def test_a_full_disk_under_the_cache_is_one_line(prepared, tmp_path):
+    from conftest import mount_tmpfs
+
+    data_dir, _, md5s, _ = prepared
+    disk = tmp_path / "disk"
+    unmount = mount_tmpfs(disk, "size=64k")  # the fake set's arrays take ~3 MB
+    try:
+        with pytest.raises(errors.DataError, match=r"cannot write the preprocessed cache in .*: no space left on device; "
+                                                   r"free space or make it writable, or set JAXCIFAR_CACHE_DIR"):
+            cache.load_preprocessed(data_dir, str(disk), md5s=md5s, log=lambda m: None)
+        assert not [p for p in disk.iterdir() if ".version-" in p.name]  # the partial version is removed
+    finally:
+        unmount()
