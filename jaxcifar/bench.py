@@ -443,13 +443,15 @@ def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = Fa
 
 
 def main(argv=None) -> int:
+    from jaxcifar import models
+
     p = argparse.ArgumentParser(prog="python -m jaxcifar.bench", description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: vgg_bn_drop,nin")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (the recipe's: 1)")
     p.add_argument("--runs", type=int, default=5, help="timed calls per measurement (median reported)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--conv-impl", choices=("auto", "xla", "matmul"), default="auto")
+    p.add_argument("--conv-impl", choices=("auto", *models.CONV_IMPLS), default="auto")
     p.add_argument("--compare-torch", action="store_true", help="also time PyTorch (pip install torch)")
     p.add_argument("--threads", type=int, help="PyTorch threads (default: all cores, as XLA uses)")
     p.add_argument("--epoch-steps", type=int, default=8, help="steps of the timed training-loop epoch")

@@ -1,5 +1,6 @@
 """The preprocessed dataset (the original's provider.t7), computed once and cached: npy files and a JSON manifest
-with their SHA-256s, no pickle. `load_preprocessed` is what training, evaluation and the benchmarks call.
+with their SHA-256s, no pickle. `load_dataset` (a config's data fields) is what training and the fidelity scripts
+call, `load_preprocessed` what `evaluate`, `data prepare` and the tests call.
 """
 
 from __future__ import annotations

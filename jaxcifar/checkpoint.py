@@ -1,7 +1,8 @@
 """Orbax checkpoints of a whole run: train state, epoch metrics so far, history, stats and config.
 
 Layout of a workdir:
-    checkpoints/<step>/{state,meta}   the last `keep` saves (every epoch, and on SIGINT/SIGTERM)
+    checkpoints/<step>/{state,meta}   the last `keep` saves (every `checkpoint_every_epochs`, at the end, on
+                                      a new best, and on SIGINT/SIGTERM)
     best/<step>/{state,meta}          the single save with the best test accuracy so far
 Orbax writes each save under a temporary name and renames it when complete, so a crash
 mid-save leaves nothing that `all_steps()` lists. Damage after that (flipped bits, a truncated

@@ -2,7 +2,7 @@
 
 archive --(md5-verified, tfds builder)--> TFDS_DATA_DIR/cifar10/3.0.2 (array_record)
         --tfds.data_source--> uint8 arrays --preprocess--> cache (npy + manifest)
-        --device_put once--> per-epoch permutation, gather and flips inside jit.
+        --placed once on the device mesh (mesh.replicate)--> per-epoch permutation, gather and flips inside jit.
 
 archive.py, tfds_cifar10.py, cache.py and batches.py hold those stages, in that order.
 """

@@ -108,9 +108,14 @@ class Run:
     history: list = dataclasses.field(default_factory=list)
     resumed_step: int = 0  # the step of the checkpoint it resumed from; 0 when it started afresh
 
+    @property
+    def step(self) -> int:
+        """The updates done so far (every replica has done the same number)."""
+        return int(self.state.step[0])
+
     def save(self, ckpt: checkpoint.Checkpointer, epochs_done: int, is_best: bool = False) -> None:
         """Starts the asynchronous save of the run after `epochs_done` epochs (plus the epoch in progress's steps)."""
-        c, step = self.config, int(self.state.step[0])
+        c, step = self.config, self.step
         meta = {"epoch": epochs_done, "step": step, "history": self.history, "stats": self.dataset.stats.to_json(),
                 "fingerprint": self.dataset.fingerprint, "config": c.to_dict(), "seeds": config_lib.seed_list(c),
                 "layout": checkpoint.LAYOUT, "step_choices": self.trainer.choices}
@@ -237,7 +242,7 @@ def describe_run(run: Run, log: RunLog) -> str:
 
 def epochs_to_train(run: Run, log: RunLog) -> range:
     """The epochs (1-based) left to train: from the one the state's step falls in, to `num_epochs`."""
-    start = int(run.state.step[0]) // run.trainer.steps_per_epoch + 1
+    start = run.step // run.trainer.steps_per_epoch + 1
     if run.history and start > run.config.num_epochs:
         log.print(f"nothing to train: the run in {run.workdir} has already trained {len(run.history)} epochs, past "
                   f"num_epochs={run.config.num_epochs}; raise --config.num_epochs to train further")
@@ -253,7 +258,7 @@ def train_and_evaluate_epoch(run: Run, epoch: int, ckpt: checkpoint.Checkpointer
     lr = step_lib.learning_rate_at(config, trainer.steps_per_epoch, (epoch - 1) * trainer.steps_per_epoch)
     log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]"
               + runlog.run_eta(run.history, epochs_left=config.num_epochs - epoch + 1))
-    first = int(run.state.step[0]) - (epoch - 1) * trainer.steps_per_epoch
+    first = run.step - (epoch - 1) * trainer.steps_per_epoch
     t0 = time.time()
     bar, progress = runlog.progress_bar(epoch, trainer.steps_per_epoch, first)
     try:
@@ -264,13 +269,13 @@ def train_and_evaluate_epoch(run: Run, epoch: int, ckpt: checkpoint.Checkpointer
     if not finished:
         run.save(ckpt, epoch - 1)
         ckpt.wait()
-        raise TrainingInterrupted(stop.signum, int(run.state.step[0]))
+        raise TrainingInterrupted(stop.signum, run.step)
     train_time = time.time() - t0
     train_loss, train_conf = trainer.epoch_summary(run.epoch_metrics)
     run.epoch_metrics = None
     t1 = time.time()
     test_conf, test_loss = trainer.evaluate(run.state.params, run.state.batch_stats)
-    return runlog.epoch_record(epoch=epoch, step=int(run.state.step[0]), lr=lr, seeds=trainer.seeds,
+    return runlog.epoch_record(epoch=epoch, step=run.step, lr=lr, seeds=trainer.seeds,
                                train_loss=train_loss, train_conf=train_conf, test_loss=test_loss, test_conf=test_conf,
                                train_time=train_time, eval_time=time.time() - t1,
                                images=(trainer.steps_per_epoch - first) * config.batch_size)

@@ -1,4 +1,4 @@
-"""The package's shape (DESIGN.md): no import circle between jaxcifar's modules, no function over 60 lines."""
+"""The package's shape (docs/layout.md): no import circle between jaxcifar's modules, no function over 60 lines."""
 
 import ast
 from pathlib import Path
