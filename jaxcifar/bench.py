@@ -10,6 +10,11 @@ matmul peak measured in the same run. `--compare-torch` times the same models in
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while they load is one line too
+    from jaxcifar import cli
+
+    cli.interrupt_exits_quietly()
+
 import argparse
 import datetime
 import functools

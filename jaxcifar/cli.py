@@ -11,6 +11,19 @@ from pathlib import Path
 from jaxcifar import errors
 
 
+def interrupt_exits_quietly() -> None:
+    """Ctrl-C from now on: one line and exit code 130, without the interpreter's teardown. For a command's
+    start, before its heavy imports (jax, tfds, torch: seconds), where a KeyboardInterrupt would be a traceback."""
+    import signal
+
+    def handler(signum, frame):
+        print("\njaxcifar: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, handler)
+
+
 def run_command(main) -> None:
     """Runs a command's `main()` and exits with its code. Ctrl-C outside training (whose own handler saves first) is
     one line and exit code 130, never a traceback; the process then ends without the interpreter's teardown, which

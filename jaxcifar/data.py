@@ -9,6 +9,11 @@ archive.py, tfds_cifar10.py, cache.py and batches.py hold those stages, in that 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while they load is one line too
+    from jaxcifar import cli
+
+    cli.interrupt_exits_quietly()
+
 import argparse
 import sys
 import time

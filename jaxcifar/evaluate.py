@@ -7,6 +7,11 @@ Exits non-zero on any failure. Checkpoints restore onto whatever devices this ma
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while they load is one line too
+    from jaxcifar import cli
+
+    cli.interrupt_exits_quietly()
+
 import argparse
 import functools
 import json

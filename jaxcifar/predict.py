@@ -12,6 +12,11 @@ Exit code 1 if any file failed, 2 if the model could not be loaded or gives no p
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while they load is one line too
+    from jaxcifar import cli
+
+    cli.interrupt_exits_quietly()
+
 import argparse
 import json
 import sys

@@ -17,6 +17,11 @@ errors, as `fidelity.py --gaps` compares G.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while they load is one line too
+    from jaxcifar import cli
+
+    cli.interrupt_exits_quietly()
+
 import argparse
 import json
 import math

@@ -18,6 +18,11 @@ short from its last finished epoch, bit-identically (orbax on the JAX side, an n
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while they load is one line too
+    from jaxcifar import cli
+
+    cli.interrupt_exits_quietly()
+
 import argparse
 import json
 import os

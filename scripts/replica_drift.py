@@ -14,6 +14,11 @@ step as an O(1e-2) loss difference; rounding starts at ~1e-7 and grows, as the c
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: Ctrl-C while they load is one line too
+    from jaxcifar import cli
+
+    cli.interrupt_exits_quietly()
+
 import argparse
 import json
 import os

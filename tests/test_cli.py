@@ -112,3 +112,17 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, command):
     os.close(writer)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip() == "jaxcifar: interrupted (Ctrl-C)" and "Traceback" not in out + err
+
+
+def test_ctrl_c_while_a_command_loads_is_one_line_too(tmp_path):
+    import signal
+    import time
+
+    fifo = tmp_path / "input"
+    os.mkfifo(fifo)  # should its imports be over by then, it waits on this
+    proc = subprocess.Popen([sys.executable, "-m", "jaxcifar.predict", "--workdir", str(tmp_path), str(fifo)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # inside its imports of jax (2-3 s here), past the interpreter's own start
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "jaxcifar: interrupted (Ctrl-C)", err[-2000:]
