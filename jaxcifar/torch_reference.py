@@ -1,7 +1,8 @@
 """An independent PyTorch port of cifar.torch's recipe: the yardstick for jaxcifar's numerics.
 
-It shares with the JAX side only the preprocessed arrays and the config's hyper-parameters;
-everything random is its own (torch7 initialization drawn with torch's generator, the epoch's
+It shares with the JAX side only the preprocessed arrays and the config's fields: its layouts are written from
+the original's models/*.lua and its learning rates from train.lua and optim.sgd, so a mistake in the JAX side's
+layout or schedule shows as a difference; everything random is its own (torch7 initialization drawn with torch's generator, the epoch's
 order from `randperm`, BatchFlip's half, dropout masks), and so is every kernel. Optional:
 `pip install torch`.
 
@@ -10,7 +11,7 @@ convolutions, 1e-5 in the classifier, momentum 0.1, running variance unbiased), 
 convolution weights, zero conv biases, `nn.Linear`'s U(+-1/sqrt(fan_in)) for weight and bias,
 BatchNorm weight U(0, 1); torch7 `optim.sgd` (weight decay on every parameter, the first
 gradient copied into the momentum buffer, dampening = momentum unless set), the rate at every
-step from jaxcifar.optim's schedule; label smoothing as the config says.
+step from `learning_rates`; label smoothing as the config says.
 """
 
 from __future__ import annotations
@@ -21,55 +22,86 @@ import numpy as np
 import torch
 import torch.nn as tnn
 
-from jaxcifar import models
+
+# models/vgg_bn_drop.lua, in order: ConvBNReLU(in, out) with the Dropout added after it (None: none), and "pool" for
+# MaxPooling(2,2,2,2):ceil(); then View(512) and the classifier (Dropout(0.5), Linear(512,512),
+# BatchNormalization(512), ReLU, Dropout(0.5), Linear(512,10)).
+VGG_BLOCKS = (
+    (3, 64, 0.3), (64, 64, None), "pool",
+    (64, 128, 0.4), (128, 128, None), "pool",
+    (128, 256, 0.4), (256, 256, 0.4), (256, 256, None), "pool",
+    (256, 512, 0.4), (512, 512, 0.4), (512, 512, None), "pool",
+    (512, 512, 0.4), (512, 512, 0.4), (512, 512, None), "pool",
+)
+# models/nin.lua, in order: Block(in, out, k, k, 1, 1, pad, pad), "max" for SpatialMaxPooling(3,3,2,2):ceil() and
+# "avg" for SpatialAveragePooling(3,3,2,2):ceil(), each followed by Dropout() (0.5); the last Block's 10 planes are
+# the classes; then SpatialAveragePooling(8,8,1,1):ceil() and View(10).
+NIN_BLOCKS = (
+    (3, 192, 5, 2), (192, 160, 1, 0), (160, 96, 1, 0), "max",
+    (96, 192, 5, 2), (192, 192, 1, 0), (192, 192, 1, 0), "avg",
+    (192, 192, 3, 1), (192, 192, 1, 0), (192, 10, 1, 0),
+)
+MODELS = ("vgg_bn_drop", "nin")
+
+
+def planes(n: int, width: float) -> int:
+    """A layer's planes at the width multiplier (the recipes' 1; reduced widths for fidelity runs), at least one."""
+    return max(1, int(round(n * width)))
 
 
 def build_model(name: str, width: float = 1.0, num_classes: int = 10, batch_norm: bool = True,
                 dropout: bool = True) -> tnn.Sequential:
     """cifar.torch's models/vgg_bn_drop.lua or models/nin.lua (NCHW), torch7-initialized."""
-    def block(cin, cout, k, pad, std):
-        conv = tnn.Conv2d(cin, cout, k, 1, pad)
-        tnn.init.normal_(conv.weight, 0.0, std)
-        tnn.init.zeros_(conv.bias)
-        layers = [conv]
-        if batch_norm:
-            layers.append(_bn(tnn.BatchNorm2d(cout, eps=1e-3)))
-        return layers + [tnn.ReLU(inplace=True)]
-
-    layers, cin = [], 3
     if name == "vgg_bn_drop":
-        for layer in models.VGG_LAYOUT:
-            if layer == "M":
-                layers.append(tnn.MaxPool2d(2, 2, ceil_mode=True))
-                continue
-            channels, rate = layer
-            cout = models.scaled(channels, width)
-            layers += block(cin, cout, 3, 1, math.sqrt(2.0 / (9 * cout)))
-            if rate and dropout:
-                layers.append(tnn.Dropout(rate))
-            cin = cout
-        hidden = models.scaled(512, width)
-        drop = (lambda: [tnn.Dropout(0.5)]) if dropout else (lambda: [])
-        layers += [tnn.Flatten(), *drop(), _linear(cin, hidden)]
-        if batch_norm:
-            layers.append(_bn(tnn.BatchNorm1d(hidden, eps=1e-5)))
-        layers += [tnn.ReLU(inplace=True), *drop(), _linear(hidden, num_classes)]
-    elif name == "nin":
-        for layer in models.NIN_LAYOUT:
-            if layer in ("max", "avg"):
-                pool = tnn.MaxPool2d if layer == "max" else tnn.AvgPool2d
-                layers.append(pool(3, 2, ceil_mode=True))
-                if dropout:
-                    layers.append(tnn.Dropout(0.5))
-                continue
-            channels, k, pad = layer
-            cout = num_classes if channels is None else models.scaled(channels, width)
-            layers += block(cin, cout, k, pad, 0.05)
-            cin = cout
-        layers += [tnn.AvgPool2d(8, 1, ceil_mode=True), tnn.Flatten()]
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(models.MODEL_NAMES)}")
-    return tnn.Sequential(*layers)
+        return tnn.Sequential(*_vgg_layers(width, num_classes, batch_norm, dropout))
+    if name == "nin":
+        return tnn.Sequential(*_nin_layers(width, num_classes, batch_norm, dropout))
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+
+
+def _block(cin, cout, k, pad, std, batch_norm):
+    conv = tnn.Conv2d(cin, cout, k, 1, pad)
+    tnn.init.normal_(conv.weight, 0.0, std)
+    tnn.init.zeros_(conv.bias)
+    layers = [conv]
+    if batch_norm:
+        layers.append(_bn(tnn.BatchNorm2d(cout, eps=1e-3)))
+    return layers + [tnn.ReLU(inplace=True)]
+
+
+def _vgg_layers(width, num_classes, batch_norm, dropout) -> list:
+    layers, cin = [], 3
+    for block in VGG_BLOCKS:
+        if block == "pool":
+            layers.append(tnn.MaxPool2d(2, 2, ceil_mode=True))
+            continue
+        _, out, rate = block
+        cout = planes(out, width)
+        layers += _block(cin, cout, 3, 1, math.sqrt(2.0 / (9 * cout)), batch_norm)  # MSRinit: n = kW*kH*nOut
+        if rate is not None and dropout:
+            layers.append(tnn.Dropout(rate))
+        cin = cout
+    hidden = planes(512, width)
+    drop = [tnn.Dropout(0.5)] if dropout else []
+    layers += [tnn.Flatten(), *drop, _linear(cin, hidden)]
+    if batch_norm:
+        layers.append(_bn(tnn.BatchNorm1d(hidden, eps=1e-5)))
+    return layers + [tnn.ReLU(inplace=True), *([tnn.Dropout(0.5)] if dropout else []), _linear(hidden, num_classes)]
+
+
+def _nin_layers(width, num_classes, batch_norm, dropout) -> list:
+    layers, cin = [], 3
+    for i, block in enumerate(NIN_BLOCKS):
+        if block in ("max", "avg"):
+            layers.append((tnn.MaxPool2d if block == "max" else tnn.AvgPool2d)(3, 2, ceil_mode=True))
+            if dropout:
+                layers.append(tnn.Dropout(0.5))
+            continue
+        _, out, k, pad = block
+        cout = num_classes if i == len(NIN_BLOCKS) - 1 else planes(out, width)
+        layers += _block(cin, cout, k, pad, 0.05, batch_norm)
+        cin = cout
+    return layers + [tnn.AvgPool2d(8, 1, ceil_mode=True), tnn.Flatten()]
 
 
 def _bn(bn):
@@ -86,12 +118,27 @@ def _linear(fan_in: int, out: int) -> tnn.Linear:
     return lin
 
 
-def learning_rates(config, steps_per_epoch: int) -> np.ndarray:
-    """The rate of every update of the run, from the schedule the JAX side uses."""
-    from jaxcifar import step as step_lib
+ONECYCLE_WARMUP = 0.15  # configs/vgg_fast.py: a linear warm-up over 15 % of the steps
 
-    schedule = step_lib.learning_rate_schedule(config, steps_per_epoch)
-    return np.asarray(schedule(np.arange(steps_per_epoch * config.num_epochs)), np.float64)
+
+def learning_rates(config, steps_per_epoch: int) -> np.ndarray:
+    """The rate of every update of the run, from the config's fields: train.lua halves `learningRate` at the start
+    of every `epoch_step`-th epoch, and torch7's optim.sgd divides it by 1 + evalCounter * learningRateDecay; the
+    cosine and one-cycle schedules span the run."""
+    o = config.optimizer
+    total = steps_per_epoch * config.num_epochs
+    count = np.arange(total, dtype=np.float64)  # evalCounter before each update
+    progress = np.clip(count / total, 0.0, 1.0)
+    if o.schedule == "torch_step":
+        base = o.learning_rate * 0.5 ** ((count // steps_per_epoch + 1) // o.epoch_step)
+    elif o.schedule == "cosine":
+        base = o.learning_rate * 0.5 * (1 + np.cos(np.pi * progress))
+    elif o.schedule == "onecycle":
+        w = ONECYCLE_WARMUP
+        base = o.learning_rate * np.where(progress < w, progress / w, (1 - progress) / (1 - w))
+    else:
+        raise ValueError(f"unknown schedule {o.schedule!r}")
+    return base / (1 + count * o.learning_rate_decay)
 
 
 class Run:
