@@ -118,14 +118,15 @@ def result_rows(results_dir: Path) -> list[dict]:
 def results_table(results_dir: Path) -> str:
     lines = ["| config | seed's claim | final test accuracy (mean ± std) | seeds | epochs | wall time | images/s | device |",
              "|---|---|---|---|---|---|---|---|"]
-    for row in result_rows(results_dir):
+    rows = result_rows(results_dir)  # reads every results file once
+    for row in rows:
         claim = "-" if row["claim"] is None else f"{row['claim']:.2f} %" + ("" if row["full_width"] else " (full width)")
         wall = "-" if row["wall"] is None else f"{row['wall'] / 60:.1f} min"
         ips = "-" if row["ips"] is None else f"{row['ips']:,.0f}"
         lines.append(f"| {row['label']} | {claim} | {_mean_std(row['accs'])} | {len(row['accs'])} | "
                      f"{_epochs(row['done'], row['planned'])} | {wall} | {ips} | {row['device']} |")
     shown = [(r["label"], r["done"], r["planned"], r["claim"] is not None and r["full_width"], r["accs"])
-             for r in result_rows(results_dir)]
+             for r in rows]
     return "\n".join(lines) + "\n\n" + results_status(shown)
 
 
@@ -134,15 +135,15 @@ TRY_CONFIGS = ("quick", "tiny")  # runs that show the software works, not what a
 
 def headline(results_dir: Path) -> str:
     """The README's results: complete runs of the recipes only, one line each."""
-    lines = []
-    for row in result_rows(results_dir):
+    lines, rows = [], result_rows(results_dir)
+    for row in rows:
         if row["done"] < row["planned"] or row["name"] in TRY_CONFIGS:
             continue
         seeds = f"{len(row['accs'])} seed{'s' if len(row['accs']) > 1 else ''}"
         wall = "" if row["wall"] is None else f", {runlog_duration(row['wall'])}"
         lines.append(f"- {row['label']}, {row['done']} epochs: **{_mean_std(row['accs'])}** final test accuracy "
                      f"({seeds}, {row['device']}{wall})")
-    if not any(r["full_width"] and r["claim"] is not None and r["done"] == r["planned"] for r in result_rows(results_dir)):
+    if not any(r["full_width"] and r["claim"] is not None and r["done"] == r["planned"] for r in rows):
         lines.append("- No complete run at the recipes' own width yet: the original's 92.45 % has not been measured "
                      "here (runs in progress: [docs/results.md](docs/results.md)).")
     return "\n".join(lines)
