@@ -10,7 +10,7 @@ def get_config():
     c.eval_batch_size = 64
     c.num_epochs = 2
     # One step per compiled call: a run this short is mostly compilation. With the CPU's 4 steps per call
-    # (config.STEP_CHOICES) the first call took 16 s, with one step 7 s (Sapphire Rapids, this config).
+    # (backends.STEP_CHOICES) the first call took 16 s, with one step 7 s (Sapphire Rapids, this config).
     # Tests of grouped steps set steps_per_call themselves.
     c.steps_per_call = 1
     c.optimizer.learning_rate = 0.5

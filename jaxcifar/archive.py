@@ -19,6 +19,7 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILES = ("test_batch.bin",)
 ARCHIVE_PREFIX = "cifar-10-batches-bin"
+IMAGE_SHAPE = (32, 32, 3)  # height, width, channels (RGB), as the arrays hold them
 # The published MD5 sums of the official binary batches.
 OFFICIAL_MD5 = {
     "data_batch_1.bin": "5dd7e06a14cb22eb9f671a540d1b7c25",

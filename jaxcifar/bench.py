@@ -16,17 +16,15 @@ if __name__ == "__main__":  # before the heavy imports: Ctrl-C while they load i
     cli.interrupt_exits_quietly()
 
 import argparse
-import datetime
 import functools
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from jaxcifar import machine
 
 MODELS = ("vgg_bn_drop", "nin")
 PHASES = ("forward", "backward", "forward+backward", "train step")
@@ -150,7 +148,7 @@ def time_passes(forward, forward_train, forward_backward, runs: int) -> tuple[di
                      "forward+backward": first_both - seconds["forward+backward"]}
 
 
-# Each alternative of config.STEP_CHOICES, timed against the backend's defaults by `--step-variants`.
+# Each alternative of backends.STEP_CHOICES, timed against the backend's defaults by `--step-variants`.
 STEP_VARIANTS = {
     "defaults": {},
     "1 step per call": {"steps_per_call": 1, "step_loop": "unroll"},
@@ -232,20 +230,17 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
 def _jax_passes(trainer, images, labels):
     """Zero-argument callables, each blocking until done: eval forward, training forward, forward and backward."""
     import jax
-    import optax
 
-    from jaxcifar import models
     from jaxcifar import step as step_lib
 
     state, model = step_lib.replica(trainer.init_state(), 0), trainer.model
     x, y, key = jax.device_put(images), jax.device_put(labels), jax.random.key(1)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    jit = functools.partial(jax.jit, compiler_options=models.compiler_options())
-
-    def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                      rngs={"dropout": key}, mutable=["batch_stats"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
+    jit = functools.partial(jax.jit, compiler_options=trainer.compiler_options)
+    c = trainer.config
+    loss_fn = functools.partial(step_lib.training_loss, batch_stats=state.batch_stats, images=x, labels=y,
+                                dropout_key=key, model=model, label_smoothing=c.label_smoothing,
+                                num_classes=c.num_classes)
 
     forward = jit(lambda v: model.apply(v, x, train=False))
     forward_train = jit(lambda p: loss_fn(p)[0])
@@ -306,12 +301,12 @@ def bench_torch(model_name: str, batch: int, runs: int, threads: int, device: st
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    from jaxcifar import torch_reference
+    from jaxcifar.fidelity import torch_port
 
     if device == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as XLA's default precision
-    model = torch_reference.build_model(model_name).to(device=device, memory_format=torch.channels_last)
+    model = torch_port.build_model(model_name).to(device=device, memory_format=torch.channels_last)
     x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=device)
     *passes, step = _torch_passes(model, x, y, device, dtype)
@@ -356,30 +351,6 @@ def _torch_passes(model, x, y, device: str, dtype: str):
 
 
 # ---------------------------------------------------------------------------
-
-
-def machine_info() -> dict:
-    import flax
-    import jax
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return {"platform": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
-            "device_count": jax.device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
-            "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def format_table(result: dict) -> str:
@@ -429,7 +400,7 @@ def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = Fa
 
     threads = threads or os.cpu_count()
     result = {"batch": batch, "width": width, "runs": runs, "dtype": dtype, "threads": threads,
-              "machine": machine_info(), "matmul_peak_gflops": matmul_peak_gflops(dtype), "models": {}}
+              "machine": machine.machine_info(), "matmul_peak_gflops": matmul_peak_gflops(dtype), "models": {}}
     for name in models:
         entry = {"jax": bench_jax(name, batch, runs, dtype, conv_impl, epoch_steps, steps_per_call, width)}
         entry["jax"]["fraction_of_matmul_peak"] = entry["jax"]["achieved_gflops"] / result["matmul_peak_gflops"]
@@ -464,7 +435,7 @@ def main(argv=None) -> int:
     p.add_argument("--replicas", default="", help="comma-separated seed counts K trained at once, e.g. 1,4,8: "
                    "images/s summed over the K runs (batch --batch each)")
     p.add_argument("--step-variants", nargs="?", const="all", default="",
-                   help="time every alternative of the step (config.STEP_CHOICES), or those named (comma-separated "
+                   help="time every alternative of the step (backends.STEP_CHOICES), or those named (comma-separated "
                         f"from: {', '.join(STEP_VARIANTS)}), against the defaults, and name the fastest")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """The preprocessed dataset (the original's provider.t7), computed once and cached: npy files and a JSON manifest
 with their SHA-256s, no pickle. `load_dataset` (a config's data fields) is what training and the fidelity scripts
-call, `load_preprocessed` what `evaluate`, `data prepare` and the tests call.
+call, `load_preprocessed` what `evaluate`, `prepare` and the tests call.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _cache_key(fingerprint: str, method: str) -> str:
     return f"cifar10-{fingerprint[:16]}-{method}-v{preprocess.PREPROCESS_VERSION}.{CACHE_FORMAT_VERSION}"
 
 
-def _load_cache(folder: Path, fingerprint: str) -> Preprocessed | None:
+def read_cache(folder: Path, fingerprint: str) -> Preprocessed | None:
     """Returns the cached arrays, or None when absent; a cache that fails any check is removed."""
     folder = folder.resolve()  # one version throughout, even if a writer swaps the link meanwhile
     manifest_path = folder / "manifest.json"
@@ -110,7 +110,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _write_cache(folder: Path, dataset: Preprocessed) -> None:
+def write_cache(folder: Path, dataset: Preprocessed) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     # The writer's pid in the name: a version whose writer has died is an orphan (remove_orphans).
     tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.version-{os.getpid()}-", dir=folder.parent))
@@ -128,7 +128,9 @@ def _write_cache(folder: Path, dataset: Preprocessed) -> None:
         link.unlink(missing_ok=True)
         os.symlink(tmp.name, link)
         old = folder.resolve() if folder.is_symlink() else None
-        if folder.is_dir() and not folder.is_symlink():  # a cache of the layout before links
+        # A plain folder: a cache written before commit a22a6f1 (the layout before links; its format number was not
+        # raised), which nothing writes now but which machines still hold. Replaced by the linked layout here.
+        if folder.is_dir() and not folder.is_symlink():
             old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
             os.replace(folder, old)
         os.replace(link, folder)
@@ -160,7 +162,7 @@ def load_preprocessed(
     fingerprint = tfds_cifar10.dataset_fingerprint(b)
     folder = usable_cache_dir(cache_dir) / _cache_key(fingerprint, method)
     remove_orphans(folder, log)
-    cached = _load_cache(folder, fingerprint)
+    cached = read_cache(folder, fingerprint)
     if cached is not None:
         log(f"loaded preprocessed CIFAR-10 from {folder}")
         return cached
@@ -177,7 +179,7 @@ def load_preprocessed(
     train, test, stats = preprocess.NORMALIZERS[method](raw["train_images"], raw["test_images"])
     data = Preprocessed(train, raw["train_labels"], test, raw["test_labels"], stats, fingerprint)
     try:
-        _write_cache(folder, data)
+        write_cache(folder, data)
     except OSError as e:
         raise DataError(f"cannot write the preprocessed cache in {folder.parent}: {failure_line(e)}; free "
                         "space or make it writable, or set JAXCIFAR_CACHE_DIR (--config.data.cache_dir) to another "

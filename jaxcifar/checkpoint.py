@@ -32,19 +32,7 @@ from jaxcifar import distributed, trees
 from jaxcifar.errors import (CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, failure_line,
                              os_error_fix, short_path)
 
-__all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "FIXED_FIELDS", "LAYOUT", "CHECKSUM_METHOD"]
-
-# Changing any of these makes the resumed run differ from an uninterrupted run of the new config:
-# another network, input, step -> epoch mapping, random stream or update rule. (The seeds are compared
-# apart, as the list the run trained; `num_epochs` only where the schedule spans the run.)
-FIXED_FIELDS = ("model", "width", "batch_norm", "dropout", "num_classes", "batch_size", "dtype", "flip",
-                "label_smoothing", "data.preprocess", "optimizer.learning_rate", "optimizer.momentum",
-                "optimizer.dampening", "optimizer.weight_decay", "optimizer.learning_rate_decay",
-                "optimizer.epoch_step", "optimizer.schedule")
-# Schedules whose rate at a step depends on the run's length.
-SCHEDULES_OVER_THE_RUN = ("cosine", "onecycle")
-# Step choices that change the random stream (not only the rounding): a resume must keep them.
-FIXED_STEP_CHOICES = ("dropout_bits",)
+__all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "LAYOUT", "CHECKSUM_METHOD"]
 
 # The deepest path a save creates below checkpoints/ or best/, each part at its longest: orbax's temporary step
 # folder (<step>.orbax-checkpoint-tmp-<timestamp>), an item, its OCDBT data folder and a data file (measured: a
@@ -98,56 +86,6 @@ def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.Checkpo
     state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
     handlers = {"state": state_handler, "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
-
-
-def config_field(config, dotted: str):
-    value = config
-    for part in dotted.split("."):
-        value = value[part]
-    return value
-
-
-def incompatible_run(meta: dict, config, seeds: list[int], choices: dict) -> list[str]:
-    """'what: saved -> now' for each difference between a save's run and the run about to resume from it:
-    the config's fixed fields, the seeds, and the step choices that change the random stream."""
-    differing = incompatible_fields(meta["config"], config)
-    if meta["seeds"] != seeds:
-        differing.append(f"seeds: {meta['seeds']} -> {seeds}")
-    saved = meta.get("step_choices", {})
-    differing += [f"{k} (step choice): {saved[k]!r} -> {choices[k]!r}"
-                  for k in FIXED_STEP_CHOICES if k in saved and saved[k] != choices[k]]
-    return differing
-
-
-def other_dataset(meta: dict, fingerprint: str, stats: dict) -> str | None:
-    """How the data a save was trained on differs from the data at hand (its fingerprint, or its normalization
-    statistics beyond float rounding), or None when they are the same."""
-    if meta.get("fingerprint") != fingerprint:
-        return f"dataset fingerprint {meta.get('fingerprint')}; the data at hand has {fingerprint}"
-    saved = meta.get("stats", {})
-    if saved.get("method") != stats["method"] or not all(
-            len(saved.get(k, ())) == len(stats[k]) and np.allclose(saved[k], stats[k], rtol=1e-6) for k in ("mean", "std")):
-        return f"normalization statistics {saved}; the data at hand has {stats}"
-    return None
-
-
-def incompatible_fields(saved_config: dict, config) -> list[str]:
-    """'field: saved -> now' for each setting whose change would make a resumed run another run."""
-    fields = FIXED_FIELDS
-    if config.optimizer.schedule in SCHEDULES_OVER_THE_RUN:
-        fields += ("num_epochs",)
-    out = []
-    for field in fields:
-        try:
-            saved = config_field(saved_config, field)
-        except (KeyError, TypeError):  # a field added after that checkpoint was written
-            continue
-        now = config_field(config, field)
-        if field == "optimizer.dampening" and saved is not None and saved < 0:
-            saved = None  # written when "unset" was spelled -1
-        if saved != now:
-            out.append(f"{field}: {saved!r} -> {now!r}")
-    return out
 
 
 # ---------------------------------------------------------------------------
@@ -340,7 +278,7 @@ class Checkpointer:
                     other.wait_until_finished()
                 except Exception:  # noqa: BLE001 - the same cause; its partial save is removed below
                     pass
-        self._remove_partial_saves()
+        self.remove_failed_saves()
         complete = complete_steps(self.workdir / "checkpoints")
         last = (f"the last complete checkpoint is step {complete[-1]} in {self.workdir / 'checkpoints'}"
                 if complete else "no checkpoint of this run is complete yet")
@@ -356,17 +294,20 @@ class Checkpointer:
                 if not self.failed:
                     self._fail(m, e)
         if self.failed:  # the other folder's save of the same step may have failed after the first report
-            self._remove_partial_saves()
+            self.remove_failed_saves()
 
     def remove_leftovers(self, log) -> None:
         """Removes the temporary folders of saves that a hard stop interrupted (a second Ctrl-C, a kill); called
         by the training run that holds the workdir's lock, before it saves anything."""
-        for m in (self.latest, self.best):
-            for leftover in sorted(Path(m.directory).glob("*.orbax-checkpoint-tmp*")):
-                shutil.rmtree(leftover, ignore_errors=True)
-                log(f"removed {leftover}, a save that was stopped before its end (the complete saves are untouched)")
+        for leftover in self.partial_saves():
+            shutil.rmtree(leftover, ignore_errors=True)
+            log(f"removed {leftover}, a save that was stopped before its end (the complete saves are untouched)")
 
-    def _remove_partial_saves(self, settle_s: float = 1.0, give_up_s: float = 30.0) -> None:
+    def partial_saves(self) -> list[Path]:
+        """The temporary folders of saves not finished (orbax renames a save when it is complete)."""
+        return [p for m in (self.latest, self.best) for p in sorted(Path(m.directory).glob("*.orbax-checkpoint-tmp*"))]
+
+    def remove_failed_saves(self, settle_s: float = 1.0, give_up_s: float = 30.0) -> None:
         """Deletes the temporary folders of saves that failed (never a complete save).
 
         A failed orbax save reports its first failed write while its other writes go on (its ChainedFuture
@@ -378,8 +319,7 @@ class Checkpointer:
         give_up = time.monotonic() + give_up_s
         quiet_since = time.monotonic()
         while time.monotonic() < give_up:
-            leftovers = [p for m in (self.latest, self.best)
-                         for p in Path(m.directory).glob("*.orbax-checkpoint-tmp*")]
+            leftovers = self.partial_saves()
             for leftover in leftovers:
                 shutil.rmtree(leftover, ignore_errors=True)
             if leftovers:

@@ -98,12 +98,10 @@ def _unknown_field(config_file: str, overrides: list[str]) -> str | None:
     """'--config.num_epoch: configs/tiny.py has no field num_epoch; did you mean num_epochs?' for the first override
     that names no field (ml_collections' own message is escaped twice over)."""
     import difflib
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("config_file", config_file.split(":")[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    from jaxcifar import config as config_lib
+
+    config = config_lib.load_config_file(config_file.split(":")[0])
     for flag in overrides:
         node, path = config, flag[len("--config."):].split(".")
         for depth, key in enumerate(path):

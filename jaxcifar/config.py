@@ -6,51 +6,12 @@ import math
 
 import ml_collections
 
-from jaxcifar import models, optim, preprocess
+from jaxcifar import backends, models, optim, preprocess
 from jaxcifar.errors import ConfigError
 
 FLIP_MODES = ("batchflip", "independent", "none")
 DTYPES = ("float32", "bfloat16")
-STEP_LOOPS = ("unroll", "scan")
 MAX_WIDTH = 16  # the channel multiplier: 16 times the original VGG is already ~4 billion parameters
-
-# How the train step is built on each backend: the one place where a backend changes the program.
-# Every alternative computes the same function (tests/test_models.py, tests/test_train.py); only speed differs.
-# cpu (Xeon Sapphire Rapids / EPYC Zen 4, 2 cores, jax 0.10; bench in results/bench-cpu.json):
-#   steps_per_call 4, unroll: XLA:CPU zero-fills a call's temporaries page by page on every call; 4 steps per
-#     call pay that once. Under lax.scan its convolution gradients leave Eigen for a naive loop: 25-50x slower.
-#   conv_impl small: XLA:CPU's convolution is ~40x slower than a matmul on 2x2 maps and for 1x1 kernels.
-#   pool_grad first_max: torch's tie rule on unit-stride views; a gradient splitting ties (jnp.max) cost VGG's
-#     32x32 pooling 7x the time. `bench --step-variants` (VGG, batch 8, one run each, Sapphire Rapids):
-#     default 0.157 s/step, pool_grad=xla 0.166, bn_grad=autodiff 0.196, conv_impl=xla 0.595, whole-epoch scan 3.7.
-#   bn_grad closed_form: 3-6 % of a step (less memory traffic than autodiff's chain).
-#   dropout_bits 16: random bits are dropout's largest cost on CPU; 16-bit draws halve them.
-# gpu: PROVISIONAL, the CPU's choices except where the reason is XLA:CPU's alone; not yet measured on a GPU.
-#   `python -m jaxcifar.bench --step-variants` times every alternative there (scripts/gpu_run.sh runs it and
-#   trains with the fastest); replace these entries with what it measured.
-STEP_CHOICES = {
-    "cpu": {"steps_per_call": 4, "step_loop": "unroll", "conv_impl": "small", "pool_grad": "first_max",
-            "bn_grad": "closed_form", "dropout_bits": 16},
-    "gpu": {"steps_per_call": 4, "step_loop": "unroll", "conv_impl": "xla", "pool_grad": "first_max",
-            "bn_grad": "closed_form", "dropout_bits": 16},
-}
-STEP_FIELDS = tuple(STEP_CHOICES["cpu"])
-
-
-def step_choices(config, backend: str | None = None) -> dict:
-    """The config's step fields with 0 / "auto" replaced by `backend`'s (default: JAX's) entry of STEP_CHOICES."""
-    if backend is None:
-        import jax
-
-        backend = jax.default_backend()
-    table = STEP_CHOICES[backend_row(backend)]
-    return {k: table[k] if config[k] in (0, "auto") else config[k] for k in STEP_FIELDS}
-
-
-def backend_row(backend: str) -> str:
-    """The STEP_CHOICES row of a JAX backend name ("cpu", "gpu", "cuda", "rocm", ...)."""
-    return "cpu" if backend == "cpu" else "gpu"
-
 
 def seed_list(config) -> list[int]:
     """The seeds of the runs trained together: `seeds` if set, else [`seed`]."""
@@ -75,6 +36,16 @@ def check_seeds(seeds: list[int], field: str) -> None:
         raise ConfigError(f"bad config: {field}={bad[0]} is out of range; a seed is an integer from 0 to {2**32 - 1}")
 
 
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """get_config() of a recipe file such as configs/vgg_fast.py (the command line's --config loads it itself)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def base_config() -> ml_collections.ConfigDict:
     """cifar.torch's train.lua defaults: VGG-BN-Drop, batch 128, 300 epochs, lr 1 halved every 25."""
     c = ml_collections.ConfigDict()
@@ -82,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.width = 1.0  # channel multiplier (small values for fast tests)
     c.batch_norm = True
     c.dropout = True
-    c.conv_impl = "auto"  # "xla", "matmul", "small" (matmuls on maps <= 2x2 and 1x1 kernels); "auto": STEP_CHOICES
+    c.conv_impl = "auto"  # "xla", "matmul", "small" (matmuls on maps <= 2x2 and 1x1 kernels); "auto": backends.STEP_CHOICES
     c.dtype = "float32"  # "bfloat16": convolutions and matmuls in bf16, parameters and BN statistics fp32
     c.num_classes = 10
 
@@ -111,7 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.preprocess = "yuv"  # provider.lua's; "rgb": per-channel standardization
 
     c.compile_cache_dir = ""  # JAX's persistent compilation cache; empty: $JAXCIFAR_COMPILE_CACHE, $JAXCIFAR_CACHE_DIR/xla or ~/.cache/jaxcifar/xla; "none" disables
-    # How the step is built; 0 / "auto" take the backend's entry of STEP_CHOICES.
+    # How the step is built; 0 / "auto" take the backend's entry of backends.STEP_CHOICES.
     c.steps_per_call = 0  # train steps per compiled call; more than an epoch's steps: one call per epoch
     c.step_loop = "auto"  # "unroll": steps traced one after another; "scan": lax.scan over them
     c.pool_grad = "auto"  # "first_max": custom VJP on phase-split views; "xla": autodiff of lax.reduce_window
@@ -166,7 +137,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
          f"width={c.width} must be a positive number up to {MAX_WIDTH}")
     need(c.conv_impl in ("auto", *models.CONV_IMPLS),
          f"conv_impl={c.conv_impl!r}; choose one of auto, {', '.join(models.CONV_IMPLS)}")
-    need(c.step_loop in ("auto", *STEP_LOOPS), f"step_loop={c.step_loop!r}; choose one of auto, {', '.join(STEP_LOOPS)}")
+    need(c.step_loop in ("auto", *backends.STEP_LOOPS),
+         f"step_loop={c.step_loop!r}; choose one of auto, {', '.join(backends.STEP_LOOPS)}")
     need(c.pool_grad in ("auto", *models.POOL_GRADS),
          f"pool_grad={c.pool_grad!r}; choose one of auto, {', '.join(models.POOL_GRADS)}")
     need(c.bn_grad in ("auto", *models.BN_GRADS), f"bn_grad={c.bn_grad!r}; choose one of auto, {', '.join(models.BN_GRADS)}")

@@ -86,6 +86,10 @@ class DataError(JaxcifarError):
     """A problem with the dataset (archive, MD5 list, prepared files)."""
 
 
+class OtherDataError(DataError):
+    """A saved run asked to be scored on another dataset than the one it trained on."""
+
+
 class CheckpointError(JaxcifarError):
     """A checkpoint that cannot be used for what was asked (absent, of another run, of another version)."""
 

@@ -25,12 +25,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxcifar import archive, cache, checkpoint, errors, metrics, models, preprocess
+from jaxcifar import archive, backends, cache, checkpoint, errors, metrics, models, preprocess, resume
 from jaxcifar import workdir as workdir_lib
 from jaxcifar import step as step_lib
-from jaxcifar import evaluator as evaluator_lib
+from jaxcifar import scoring
 from jaxcifar import mesh as mesh_lib
-from jaxcifar.errors import ConfigError, DataError
+from jaxcifar.errors import ConfigError
 
 
 class TrainedModel(NamedTuple):
@@ -124,27 +124,28 @@ def _other_saves(ckpt: checkpoint.Checkpointer, steps: list[int], step: int, bes
 
 def inference_template(model, replicas: int) -> dict:
     """Shapes and dtypes (nothing computed) of {params, batch_stats} with a leading axis of `replicas`."""
-    def variables():
-        v = model.init({"params": jax.random.key(0)}, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
-        return {"params": v["params"], "batch_stats": v.get("batch_stats", {})}
-
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((replicas, *s.shape), s.dtype),
-                                  jax.eval_shape(variables))
+    shapes = jax.eval_shape(lambda key: models.init_variables(model, key, archive.IMAGE_SHAPE), jax.random.key(0))
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((replicas, *s.shape), s.dtype), shapes)
 
 
 @functools.cache
 def _logits_fn(model):
-    return jax.jit(functools.partial(model.apply, train=False), compiler_options=models.compiler_options())
+    return jax.jit(functools.partial(model.apply, train=False), compiler_options=backends.compiler_options())
 
 
 def predict_logits(trained: TrainedModel, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Logits for preprocessed float32 images (N, 32, 32, 3), in fixed-size batches (one compile)."""
-    logits, out = _logits_fn(trained.model), []
+    """Logits of a saved run for preprocessed float32 images (N, 32, 32, 3)."""
+    return logits_of(trained.model, trained.variables, images, trained.config.num_classes, batch_size)
+
+
+def logits_of(model, variables: dict, images: np.ndarray, num_classes: int, batch_size: int = 500) -> np.ndarray:
+    """Eval-mode logits of `variables` for preprocessed images, in fixed-size batches (one compile)."""
+    logits, out = _logits_fn(model), []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(logits(trained.variables, padded))[: len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, trained.config.num_classes), np.float32)
+        out.append(np.asarray(logits(variables, padded))[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
 
 
 def batch_statistics(model, variables: dict, images: np.ndarray, num_batches: int, batch_size: int, seed: int = 0,
@@ -155,13 +156,14 @@ def batch_statistics(model, variables: dict, images: np.ndarray, num_batches: in
     given `dropout_seed`, with dropout on as training sees them.
     """
     if num_batches * batch_size > len(images):
-        raise ConfigError(f"--recompute-bn-stats {num_batches} needs {num_batches * batch_size:,} images of batch "
-                         f"{batch_size}, the split has {len(images):,}; use at most {len(images) // batch_size}")
+        raise ConfigError(f"re-estimating BatchNorm statistics from {num_batches} batches needs "
+                          f"{num_batches * batch_size:,} images of batch {batch_size}, the split has {len(images):,}; "
+                          f"use at most {len(images) // batch_size} batches")
     net = model if dropout_seed is not None else model.clone(dropout=False)
     momentum = models.TorchBatchNorm.momentum
     zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
 
-    @functools.partial(jax.jit, compiler_options=models.compiler_options())
+    @functools.partial(jax.jit, compiler_options=backends.compiler_options())
     def batch_stats_of(params, x, key):
         # Starting from zeros, one update leaves momentum x (batch mean, unbiased variance).
         rngs = {} if key is None else {"dropout": key}
@@ -190,17 +192,17 @@ def recompute_batch_stats(model, variables: dict, images: np.ndarray, num_batche
             "batch_stats": jax.tree_util.tree_map(lambda s: s / num_batches, total)}
 
 
-def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = None,
-             cache_dir: str | None = None, recompute_bn_batches: int = 0, other_data: bool = False) -> dict:
+def score_saved_run(trained: TrainedModel, split: str = "test", data_dir: str | None = None,
+                    cache_dir: str | None = None, recompute_bn_batches: int = 0, other_data: bool = False) -> dict:
     """Accuracy and confusion of `trained` on a split of the prepared dataset; a dataset other than the one it
-    trained on is refused (DataError) unless `other_data`."""
+    trained on is refused (OtherDataError) unless `other_data`."""
     cfg = trained.config
     dataset = cache.load_preprocessed(data_dir or cfg.data.data_dir or None, cache_dir or cfg.data.cache_dir or None,
                                      cfg.data.preprocess, md5s=None, log=lambda m: print(m, file=sys.stderr))
-    differs = checkpoint.other_dataset(trained.meta, dataset.fingerprint, dataset.stats.to_json())
+    differs = resume.other_dataset(trained.meta, dataset.fingerprint, dataset.stats.to_json())
     if differs and not other_data:
-        raise DataError(f"checkpoint {trained.step} was trained on other data than {dataset.fingerprint} ({differs}); "
-                        "point --data-dir at the data it trained on, or pass --other-data to evaluate it on this set")
+        raise errors.OtherDataError(f"checkpoint {trained.step} was trained on other data than {dataset.fingerprint} "
+                                    f"({differs})")
     if differs:
         print(f"warning: evaluating on other data than the run trained on ({differs})", file=sys.stderr)
     images = dataset.test_images if split == "test" else dataset.train_images
@@ -209,11 +211,11 @@ def evaluate(trained: TrainedModel, split: str = "test", data_dir: str | None = 
         trained = trained._replace(variables=recompute_batch_stats(
             trained.model, trained.variables, dataset.train_images, recompute_bn_batches, cfg.batch_size))
     mesh = mesh_lib.make_mesh(jax.devices())
-    evaluator = evaluator_lib.Evaluator(trained.model, images, labels, num_classes=cfg.num_classes,
-                                      batch_size=cfg.eval_batch_size, replicas=1, mesh=mesh,
-                                      compiler_options=models.compiler_options())
+    scorer = scoring.SplitScorer(trained.model, images, labels, num_classes=cfg.num_classes,
+                                 batch_size=cfg.eval_batch_size, replicas=1, mesh=mesh,
+                                 compiler_options=backends.compiler_options())
     one = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], trained.variables)  # a replica axis of 1
-    confusions, losses = evaluator(one["params"], one["batch_stats"])
+    confusions, losses = scorer(one["params"], one["batch_stats"])
     confusion, loss = confusions[0].astype(np.int64), float(losses[0])
     summary = metrics.summarize(confusion)
     return {"workdir": None, "step": trained.step, "epoch": trained.meta["epoch"], "seed": trained.seed, "split": split,
@@ -284,8 +286,8 @@ def main(argv=None) -> int:
                 else load_all_seeds(args.workdir, args.step, args.best))
         results = []
         for trained in runs:
-            results.append(evaluate(trained, args.split, args.data_dir, args.cache_dir, args.recompute_bn_stats,
-                                    args.other_data))
+            results.append(score_saved_run(trained, args.split, args.data_dir, args.cache_dir,
+                                           args.recompute_bn_stats, args.other_data))
             if len(runs) > 1:
                 print(f"seed {trained.seed}: accuracy {results[-1]['accuracy']:.2f} %")
         result = summarize_seeds(results)
@@ -306,6 +308,10 @@ def main(argv=None) -> int:
                 Path(args.json).write_text(json.dumps(result, indent=1))
             except OSError as e:
                 raise ConfigError(f"--json {args.json}: cannot write it ({e.strerror or e})") from None
+    except errors.OtherDataError as e:
+        print(f"error: {e}; point --data-dir at the data it trained on, or pass --other-data to evaluate it on this "
+              "set", file=sys.stderr)
+        return 2
     except errors.JaxcifarError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

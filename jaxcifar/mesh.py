@@ -7,8 +7,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 
-def replicate(x, sharding):
-    """A host array as a global array with `sharding`; works across hosts, where device_put cannot."""
+def global_array(x, sharding):
+    """A host array as a global array with `sharding` (replicated, or rows split over the 'data' axis); works
+    across hosts, where device_put cannot."""
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

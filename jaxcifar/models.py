@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -30,10 +29,6 @@ DROPOUT_BITS = (16, 32)
 # XLA:CPU's convolution is ~40x slower than the same work as a matmul on 2x2 maps; from 4x4 up
 # its (Eigen) convolution wins.
 AUTO_MATMUL_MAX_PIXELS = 4
-# XLA:CPU hands convolutions to YNNPACK by default, whose kernels run this project's layers
-# 2-3x slower than XLA's own (Eigen) convolutions, weight gradients above all (3x3, 64->64 on
-# 32x32 maps: 268 vs 91 ms). Dots and reductions stay with YNNPACK, which is faster for them.
-CPU_LIBRARY_FUSIONS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 WEIGHT_GRADIENT_CHUNKS = 16
 
 
@@ -85,24 +80,10 @@ def conv_as_matmul(x, kernel, padding: int):
     return out.reshape(n, oh, ow, cout)
 
 
-@functools.cache
-def compiler_options(backend: str | None = None) -> dict | None:
-    """Options for every `jax.jit` of the models: on CPU, convolutions compiled by XLA, not YNNPACK."""
-    if (backend or jax.default_backend()) != "cpu":
-        return None
-    options = {"xla_cpu_experimental_ynn_fusion_type": CPU_LIBRARY_FUSIONS}
-    try:  # a jaxlib without this option keeps its defaults: slower, still correct
-        jax.jit(lambda a: a + 1, compiler_options=options)(jnp.zeros(()))
-    except jax.errors.JaxRuntimeError as e:
-        warnings.warn(f"XLA:CPU convolution backend left at its default ({e}); training will be slower")
-        return None
-    return options
-
-
 def _choice(field: str, value, allowed: tuple):
-    """`value`, checked: the models take concrete choices; "auto" is resolved by config.step_choices alone."""
+    """`value`, checked: the models take concrete choices; "auto" is resolved by backends.step_choices alone."""
     if value not in allowed:
-        raise ValueError(f"{field}={value!r}; choose one of {', '.join(map(str, allowed))} (config.step_choices "
+        raise ValueError(f"{field}={value!r}; choose one of {', '.join(map(str, allowed))} (backends.step_choices "
                          "resolves a config's \"auto\" for a backend)")
     return value
 
@@ -370,7 +351,7 @@ class CifarNet(nn.Module):
     batch_norm: bool = True
     dropout: bool = True
     # How the step is computed: each alternative gives the same function, only speed differs. The defaults are
-    # the portable ones; the Trainer builds with its backend's (config.step_choices).
+    # the portable ones; the Trainer builds with its backend's (backends.step_choices).
     conv_impl: str = "xla"
     dtype: Any = jnp.float32
     pool_grad: str = "first_max"
@@ -444,3 +425,26 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 def count_params(params) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+def init_variables(model: nn.Module, key, image_shape) -> dict:
+    """{params, batch_stats} of `model` before training, for images of `image_shape` (H, W, C): the one place a
+    network is initialised (a run's state, a restore template and the layer order all trace this)."""
+    variables = model.init({"params": key}, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def batch_norm_epsilons(model: nn.Module, image_shape) -> dict[str, float]:
+    """'ConvBNReLU_0/TorchBatchNorm_0' -> that layer's epsilon, read from the network itself (traced, nothing
+    computed): the convolutions' BatchNorm and the classifier's differ (1e-3 and 1e-5 in the original)."""
+    found = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, TorchBatchNorm) and context.method_name == "__call__":
+            found["/".join(context.module.path)] = context.module.epsilon
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda key: init_variables(model, key, image_shape), jax.random.key(0))
+    return found
+

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxcifar import config as config_lib
-from jaxcifar import batches, metrics, models, optim
+from jaxcifar import backends, batches, metrics, models, optim
 
 
 @flax.struct.dataclass
@@ -31,7 +30,8 @@ class TrainState:
     key_data: jax.Array  # the raw data (uint32) of the run's base key, so checkpoints hold plain arrays
 
 
-# Checkpoints (layout replicas-1) store `key_data` under the field's earlier name, "rng".
+# Saves store `key_data` under the field's earlier name, "rng": the name of layout replicas-1, which this version
+# writes (a rename would need a new checkpoint.LAYOUT).
 _SAVED_NAMES = {"key_data": "rng"}
 
 
@@ -50,8 +50,8 @@ flax.serialization.register_serialization_state(TrainState, _state_to_dict, _sta
 
 
 def build_model(config, choices: dict | None = None) -> flax.linen.Module:
-    """The config's network, built with `choices` (default: config_lib.step_choices for JAX's backend)."""
-    choices = choices or config_lib.step_choices(config)
+    """The config's network, built with `choices` (default: backends.step_choices for JAX's backend)."""
+    choices = choices or backends.step_choices(config)
     return models.create_model(
         config.model, num_classes=config.num_classes, width=config.width, batch_norm=config.batch_norm,
         dropout=config.dropout, conv_impl=choices["conv_impl"], dtype=jnp.dtype(config.dtype),
@@ -91,10 +91,9 @@ def init_train_state(seed: int, model, tx, image_shape) -> TrainState:
 def _compiled_init(model, tx, image_shape):
     """One compiled initializer per (model, optimizer, shape), the key an argument: K seeds, one compile."""
     def init(key_data):
-        variables = model.init({"params": stream_key(key_data, INIT_STREAM)}, jnp.zeros((1, *image_shape), jnp.float32),
-                               train=False)
+        variables = models.init_variables(model, stream_key(key_data, INIT_STREAM), image_shape)
         params = variables["params"]
-        return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables.get("batch_stats", {}),
+        return TrainState(step=jnp.zeros([], jnp.int32), params=params, batch_stats=variables["batch_stats"],
                           opt_state=tx.init(params), key_data=key_data)
 
     return jax.jit(init)
@@ -108,13 +107,18 @@ def layer_order(model, image_shape) -> list[str]:
     """
     order = []
 
-    def init(x):
-        variables = model.init({"params": jax.random.key(0)}, x, train=False)
+    def init(key):
+        variables = models.init_variables(model, key, image_shape)
         order.extend(dict.fromkeys("/".join(path[:-1]) for path in traverse_util.flatten_dict(variables["params"])))
         return jnp.zeros(())
 
-    jax.eval_shape(init, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+    jax.eval_shape(init, jax.random.key(0))
     return order
+
+
+def steps_done(state: TrainState) -> int:
+    """The updates a state has applied (every replica has applied the same number)."""
+    return int(state.step[0])
 
 
 def init_replicas(seeds, model, tx, image_shape) -> TrainState:
@@ -178,6 +182,16 @@ def epoch_order(key_data, epoch, num_examples: int, batch_size: int):
     return batches.epoch_batch_indices(stream_key(key_data, ORDER_STREAM), epoch, num_examples, batch_size)
 
 
+def training_loss(params, *, batch_stats, images, labels, dropout_key, model, label_smoothing: float,
+                  num_classes: int):
+    """The loss a train step differentiates (train mode: batch statistics, dropout; labels smoothed), with the
+    logits and the updated BatchNorm statistics. `bench` times this same function."""
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
+                                  rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+
+
 def train_step(state: TrainState, epoch_metrics: dict, images, labels, epoch_indices, *, model, tx, flip: str,
                label_smoothing: float, num_classes: int, batch_sharding=None):
     """One torch7-SGD update on the batch `epoch_indices[step % steps]`; accumulates epoch metrics."""
@@ -187,12 +201,9 @@ def train_step(state: TrainState, epoch_metrics: dict, images, labels, epoch_ind
     if batch_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
 
-    def loss_fn(params):
-        logits, updates = model.apply({"params": params, "batch_stats": state.batch_stats}, x, train=True,
-                                      rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-        targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), label_smoothing)
-        return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
-
+    loss_fn = functools.partial(training_loss, batch_stats=state.batch_stats, images=x, labels=y,
+                                dropout_key=dropout_key, model=model, label_smoothing=label_smoothing,
+                                num_classes=num_classes)
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -206,7 +217,7 @@ def train_steps(state: TrainState, epoch_metrics: dict, images, labels, epoch_in
                 loop: str = "unroll", **step_kwargs):
     """`count` consecutive `train_step`s in one program: traced one after another, or as a `lax.scan`.
 
-    Why several per call, and which loop, depends on the backend: config.STEP_CHOICES.
+    Why several per call, and which loop, depends on the backend: backends.STEP_CHOICES.
     """
     step = functools.partial(train_step, images=images, labels=labels, epoch_indices=epoch_indices, **step_kwargs)
     if loop == "scan" and count > 1:

@@ -140,7 +140,7 @@ def _prepare_from(b, data_dir, archive, members, md5s, log) -> None:
     elif not _can_download():
         raise DataError(
             f"CIFAR-10 is not prepared in {b.data_dir} and {DOWNLOAD_HOST[0]} cannot be reached: supply the archive with "
-            "`python -m jaxcifar.data prepare --archive /path/to/cifar-10-binary.tar.gz` "
+            "`python -m jaxcifar.prepare --archive /path/to/cifar-10-binary.tar.gz` "
             "(or --config.data.archive=PATH when training)"
         )
     # tfds writes to a temporary folder and renames it when complete: no partial dataset survives a failure.
@@ -269,7 +269,7 @@ def load_uint8(data_dir: str | None = None) -> dict[str, np.ndarray]:
             folder = builder(data_dir).data_dir
             raise DamagedDataset(
                 f"the prepared dataset in {folder} is damaged ({split} split: {first_line(e)}); prepare it again with "
-                "`python -m jaxcifar.data prepare --force --archive /path/to/cifar-10-binary.tar.gz` (the damaged "
+                "`python -m jaxcifar.prepare --force --archive /path/to/cifar-10-binary.tar.gz` (the damaged "
                 "files are moved aside, not deleted), or train with --config.data.archive=PATH, which does it") from None
         out[f"{split}_images"] = np.stack([r["image"] for r in records]).astype(np.uint8)
         out[f"{split}_labels"] = np.array([r["label"] for r in records], dtype=np.int32)

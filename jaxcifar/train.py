@@ -19,7 +19,6 @@ Ctrl-C (or SIGTERM) stops after the compiled call in progress and saves; a secon
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import os
@@ -27,15 +26,15 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import ml_collections
 
 from jaxcifar import config as config_lib
-from jaxcifar import archive, cache, checkpoint, errors, models, report, workdir as workdir_lib
+from jaxcifar import archive, cache, checkpoint, errors, models, report, resume, workdir as workdir_lib
 from jaxcifar import distributed, runlog
 from jaxcifar import step as step_lib
+from jaxcifar.resume import TrainingRun
 from jaxcifar.runlog import RunLog
 from jaxcifar.signals import StopFlag, TrainingInterrupted, exit_now
 from jaxcifar.step import TrainState
@@ -95,35 +94,6 @@ def optimizer_state(config, epoch: int, step: int, lr: float) -> dict:
             "momentum": o.momentum, "evalCounter": step, "epoch": epoch, "schedule": o.schedule}
 
 
-@dataclasses.dataclass
-class Run:
-    """Where a training run stands: its state, the metrics of an epoch in progress, the finished epochs' records."""
-
-    config: ml_collections.ConfigDict
-    workdir: Path
-    trainer: Trainer
-    dataset: cache.Preprocessed
-    state: TrainState
-    epoch_metrics: Any = None  # None between epochs
-    history: list = dataclasses.field(default_factory=list)
-    resumed_step: int = 0  # the step of the checkpoint it resumed from; 0 when it started afresh
-
-    @property
-    def step(self) -> int:
-        """The updates done so far (every replica has done the same number)."""
-        return int(self.state.step[0])
-
-    def save(self, ckpt: checkpoint.Checkpointer, epochs_done: int, is_best: bool = False) -> None:
-        """Starts the asynchronous save of the run after `epochs_done` epochs (plus the epoch in progress's steps)."""
-        c, step = self.config, self.step
-        meta = {"epoch": epochs_done, "step": step, "history": self.history, "stats": self.dataset.stats.to_json(),
-                "fingerprint": self.dataset.fingerprint, "config": c.to_dict(), "seeds": config_lib.seed_list(c),
-                "layout": checkpoint.LAYOUT, "step_choices": self.trainer.choices}
-        epoch_metrics = self.trainer.zero_metrics() if self.epoch_metrics is None else self.epoch_metrics
-        ckpt.save(step, checkpoint.to_tree({"train_state": self.state, "epoch_metrics": epoch_metrics}), meta,
-                  is_best=is_best)
-
-
 def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, stop: StopFlag,
            reporter: report.BackgroundReporter, closing: contextlib.ExitStack,
            summary: runlog.RunSummary) -> TrainState:
@@ -133,17 +103,21 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     log.print(f"jaxcifar: {config.model}, {runs}, on {jax.device_count()} {jax.devices()[0].platform} device(s); "
               f"workdir {workdir}")
     dataset = cache.load_dataset_once(config, log.print)
-    run = restore_or_init(config, workdir, Trainer(config, dataset), dataset, ckpt, log)
+    run = resume.restore_or_init(config, workdir, Trainer(config, dataset), dataset, ckpt, log.print)
+    if not run.restored and (workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip():
+        log.print(f"warning: {workdir} holds the metrics of an earlier run but no checkpoint; starting afresh "
+                  "(the old metrics move to metrics.discarded.jsonl)")
+    log.rewrite(run.history)  # the logs hold exactly the restored history (resume order, resume.restore_or_init)
     summary.follow(run.history)
     stop.describe = functools.partial(stop_announcement, run.trainer)
     model_summary = describe_run(run, log)
     scalars = open_scalars(workdir, run.history) if log.writer else None
     if scalars is not None:
         closing.callback(scalars.close)
-    for epoch in epochs_to_train(run, log):
+    for epoch in resume.epochs_to_train(run, log.print):
         ckpt.check()  # a save that failed in the background stops the run here, not at its end
         record = train_and_evaluate_epoch(run, epoch, ckpt, log, stop)
-        keep_epoch(run, record, ckpt, log, reporter, scalars, model_summary)
+        save_log_and_report(run, record, ckpt, log, reporter, scalars, model_summary)
         if stop():
             ckpt.wait()
             raise TrainingInterrupted(stop.signum, record["step"])
@@ -158,57 +132,6 @@ def open_scalars(workdir: Path, history: list[dict]) -> report.ScalarWriter:
     for record in history:
         scalars.write(record["step"], runlog.scalar_summary(record))
     return scalars
-
-
-def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Preprocessed,
-                    ckpt: checkpoint.Checkpointer, log: RunLog) -> Run:
-    """The run resumed from its newest readable checkpoint in `workdir`, or a fresh one."""
-    # Resume order: (1) the newest readable checkpoint, (2) refuse one of another run before reading its arrays,
-    # (3) state, partial-epoch metrics and history from it, (4) logs rewritten from that history,
-    # so epochs logged after the save are neither duplicated nor missing.
-    shapes = trainer.state_shapes()  # nothing computed: jax.eval_shape, with the trainer's shardings
-    template = checkpoint.to_tree({"train_state": shapes, "epoch_metrics": trainer.metrics_shapes()})
-
-    def refuse_other_runs(meta):
-        checkpoint.check_layout(meta, workdir)
-        other_data = checkpoint.other_dataset(meta, dataset.fingerprint, dataset.stats.to_json())
-        if other_data:
-            raise checkpoint.CheckpointError(f"{workdir} holds a run trained on other data ({other_data}); resuming "
-                                             "would train it on different images: point --config.data.* (or "
-                                             "TFDS_DATA_DIR) at the data it trained on, or use a fresh --workdir")
-        differing = checkpoint.incompatible_run(meta, config, trainer.seeds, trainer.choices)
-        if differing:
-            raise checkpoint.CheckpointError(
-                f"{workdir} holds checkpoints of a different run ({'; '.join(differing)}); "
-                "use a fresh --workdir, or restore those settings to resume")
-
-    restored = ckpt.restore(template, check_meta=refuse_other_runs, log=log.print, set_aside_damaged=True)
-    if restored is None:
-        if (workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip():
-            log.print(f"warning: {workdir} holds the metrics of an earlier run but no checkpoint; starting afresh "
-                      "(the old metrics move to metrics.discarded.jsonl)")
-        log.rewrite([])
-        return Run(config, workdir, trainer, dataset, trainer.init_state())
-    tree, meta, step = restored
-    state = trainer.place(checkpoint.from_tree(shapes, tree["train_state"]))
-    epoch_metrics = trainer.place(checkpoint.from_tree(template["epoch_metrics"], tree["epoch_metrics"]))
-    run = Run(config, workdir, trainer, dataset, state, epoch_metrics, meta["history"], step)
-    log.print(f"resumed from checkpoint at step {step}, {resume_point(step, trainer.steps_per_epoch)} "
-              f"({len(run.history)} of {config.num_epochs} epochs done), from {workdir / 'checkpoints'}")
-    rounding = {k: (v, trainer.choices[k]) for k, v in meta.get("step_choices", {}).items()
-                if k in trainer.choices and v != trainer.choices[k]}
-    if rounding:
-        log.print("note: the step is built differently from the saved run's ("
-                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in rounding.items())
-                  + "): the same function, rounded differently, so not bit-identical to an uninterrupted run")
-    log.rewrite(run.history)
-    return run
-
-
-def resume_point(step: int, steps_per_epoch: int) -> str:
-    """'after epoch 3' for a step at an epoch's end, 'during epoch 4' for one inside it."""
-    epoch, into = divmod(step, steps_per_epoch)
-    return f"after epoch {epoch}" if into == 0 else f"during epoch {epoch + 1}"
 
 
 def stop_announcement(trainer: Trainer) -> str:
@@ -229,7 +152,7 @@ def stop_announcement(trainer: Trainer) -> str:
             "then saving a checkpoint")
 
 
-def describe_run(run: Run, log: RunLog) -> str:
+def describe_run(run: TrainingRun, log: RunLog) -> str:
     """Logs the network's size and the step's build; returns the model summary the report shows."""
     trainer, config = run.trainer, run.config
     one = step_lib.replica(run.state, 0)
@@ -240,16 +163,7 @@ def describe_run(run: Run, log: RunLog) -> str:
     return report.model_summary(one.params, one.batch_stats, order)
 
 
-def epochs_to_train(run: Run, log: RunLog) -> range:
-    """The epochs (1-based) left to train: from the one the state's step falls in, to `num_epochs`."""
-    start = run.step // run.trainer.steps_per_epoch + 1
-    if run.history and start > run.config.num_epochs:
-        log.print(f"nothing to train: the run in {run.workdir} has already trained {len(run.history)} epochs, past "
-                  f"num_epochs={run.config.num_epochs}; raise --config.num_epochs to train further")
-    return range(start, run.config.num_epochs + 1)
-
-
-def train_and_evaluate_epoch(run: Run, epoch: int, ckpt: checkpoint.Checkpointer, log: RunLog, stop: StopFlag) -> dict:
+def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Checkpointer, log: RunLog, stop: StopFlag) -> dict:
     """Trains the rest of `epoch` and evaluates on the test set; returns the epoch's record.
 
     A stop signal mid-epoch saves the run with the partial epoch's metrics and raises TrainingInterrupted.
@@ -274,14 +188,14 @@ def train_and_evaluate_epoch(run: Run, epoch: int, ckpt: checkpoint.Checkpointer
     train_loss, train_conf = trainer.epoch_summary(run.epoch_metrics)
     run.epoch_metrics = None
     t1 = time.time()
-    test_conf, test_loss = trainer.evaluate(run.state.params, run.state.batch_stats)
+    test_conf, test_loss = trainer.score_test_set(run.state.params, run.state.batch_stats)
     return runlog.epoch_record(epoch=epoch, step=run.step, lr=lr, seeds=trainer.seeds,
                                train_loss=train_loss, train_conf=train_conf, test_loss=test_loss, test_conf=test_conf,
                                train_time=train_time, eval_time=time.time() - t1,
                                images=(trainer.steps_per_epoch - first) * config.batch_size)
 
 
-def keep_epoch(run: Run, record: dict, ckpt: checkpoint.Checkpointer, log: RunLog,
+def save_log_and_report(run: TrainingRun, record: dict, ckpt: checkpoint.Checkpointer, log: RunLog,
                reporter: report.BackgroundReporter, scalars: report.ScalarWriter | None, summary: str) -> None:
     """Saves the run (every `checkpoint_every_epochs`, at the end, and when the test accuracy is its best),
     then logs the epoch and submits the report."""

@@ -11,12 +11,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxcifar import config as config_lib
-from jaxcifar import cache, models
+from jaxcifar import backends, cache
 from jaxcifar.errors import ConfigError, TrainingDiverged
-from jaxcifar.evaluator import Evaluator
-from jaxcifar.mesh import make_mesh, replicate
+from jaxcifar.scoring import SplitScorer
+from jaxcifar.mesh import global_array, make_mesh
 from jaxcifar.step import (TrainState, build_model, build_optimizer, call_plan, epoch_order, init_replicas,
-                           over_replicas, train_steps, zero_replica_metrics)
+                           over_replicas, steps_done, train_steps, zero_replica_metrics)
 
 
 # The progress bar's longest silence: a sync this often costs nothing at full width (one 4-step call of the VGG
@@ -46,17 +46,17 @@ class Trainer:
         if config.batch_size % len(devices):
             raise ConfigError(f"bad config: batch_size={config.batch_size} is not divisible by the {len(devices)} "
                              f"devices; use a multiple of {len(devices)}")
-        self.choices = config_lib.step_choices(config, devices[0].platform)
+        self.choices = backends.step_choices(config, devices[0].platform)
         self.mesh = make_mesh(devices)
         self.replicated = NamedSharding(self.mesh, P())
         batch_rows = NamedSharding(self.mesh, P(None, None, "data"))  # (replica, steps, batch) index tables
         self.model = build_model(config, self.choices)
         self.tx = build_optimizer(config, self.steps_per_epoch)
         # The whole preprocessed dataset lives on the devices, once for all replicas; batches are gathered inside jit.
-        self.train_images = replicate(dataset.train_images, self.replicated)
-        self.train_labels = replicate(dataset.train_labels.astype(np.int32), self.replicated)
-        self.compiler_options = models.compiler_options(devices[0].platform)
-        self.test_evaluator = Evaluator(self.model, dataset.test_images, dataset.test_labels,
+        self.train_images = global_array(dataset.train_images, self.replicated)
+        self.train_labels = global_array(dataset.train_labels.astype(np.int32), self.replicated)
+        self.compiler_options = backends.compiler_options(devices[0].platform)
+        self.test_scorer = SplitScorer(self.model, dataset.test_images, dataset.test_labels,
                                         num_classes=config.num_classes, batch_size=config.eval_batch_size,
                                         replicas=self.replicas, mesh=self.mesh, compiler_options=self.compiler_options)
         self._train_calls = {}  # steps per call -> compiled program, built on first use
@@ -111,7 +111,7 @@ class Trainer:
 
     def place(self, tree):
         """Replicates a host or single-device pytree (a fresh or restored state) over the mesh."""
-        return jax.tree_util.tree_map(lambda x: replicate(x, self.replicated), tree)
+        return jax.tree_util.tree_map(lambda x: global_array(x, self.replicated), tree)
 
     def train_epoch(self, state: TrainState, epoch: int, epoch_metrics: dict | None = None, progress=None,
                     should_stop=lambda boundary: False):
@@ -124,7 +124,7 @@ class Trainer:
         c = self.config
         order = self.epoch_order(state.key_data, epoch)
         epoch_metrics = self.zero_metrics() if epoch_metrics is None else epoch_metrics
-        done = int(state.step[0]) - (epoch - 1) * self.steps_per_epoch
+        done = steps_done(state) - (epoch - 1) * self.steps_per_epoch
         shown = time.monotonic()
         for count in call_plan(done, self.steps_per_epoch, self.steps_per_call):
             state, epoch_metrics = self.run_steps(state, epoch_metrics, order, count)
@@ -135,7 +135,7 @@ class Trainer:
             if boundary or (progress is not None and time.monotonic() - shown >= PROGRESS_EVERY_S):
                 last = np.asarray(epoch_metrics["last_loss"])  # syncs
                 if boundary:  # every process checks at the same steps, so all of them stop together
-                    self._check_finite(last, epoch, int(state.step[0]))
+                    self._check_finite(last, epoch, steps_done(state))
                 if progress is not None:
                     progress(done, float(last.mean()))
                     shown = time.monotonic()
@@ -154,6 +154,6 @@ class Trainer:
         loss = np.asarray(epoch_metrics["loss_sum"], np.float64) / self.steps_per_epoch
         return loss, np.asarray(epoch_metrics["confusion"])
 
-    def evaluate(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
+    def score_test_set(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
         """Per replica: (confusion (K, C, C), mean loss (K,)) over every test image, exactly once."""
-        return self.test_evaluator(params, batch_stats)
+        return self.test_scorer(params, batch_stats)

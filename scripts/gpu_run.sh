@@ -15,7 +15,7 @@
 #   setup      ~90 s   wheels; parts joined and checked; tfds prepared and preprocessed under $WORK, not OUT_DIR
 #   benchmark  ~150 s  VGG and NIN at batch 128: fp32 (TF32) and bf16, JAX against PyTorch CUDA in the same
 #                      call; images/s summed over K = 1, 4, 8 seeds; every alternative of the step
-#                      (config.STEP_CHOICES), whose fastest settings the training runs below then use
+#                      (backends.STEP_CHOICES), whose fastest settings the training runs below then use
 #   vgg_fast   8 seeds in one program, 40 epochs: 16 M images, ~160 s at the goal of 100,000 images/s
 #   then, while they fit, 3 seeds each in one program: vgg (300 epochs, 45 M images), vgg_fast in bf16,
 #   nin (300), and the ablations vgg_noflip, vgg_nobn, vgg_nodrop, nin_noflip.
@@ -66,7 +66,7 @@ train_md5=${MD5_FILE:+--config.data.md5_file=$MD5_FILE}  # training checks the p
 cd "$repo"
 echo "== preparing CIFAR-10"
 # shellcheck disable=SC2086
-$py -m jaxcifar.data prepare --archive "$archive" --preprocess $md5
+$py -m jaxcifar.prepare --archive "$archive" --preprocess $md5
 $py -c 'import jax, jaxlib; print("devices:", jax.devices(), "jax", jax.__version__, "jaxlib", jaxlib.__version__)'
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 echo "setup done after $(( $(date +%s) - start )) s"
@@ -85,7 +85,7 @@ fi
 
 # The fastest step settings the benchmark found for VGG, as --config flags.
 overrides=$($py scripts/gpu_plan.py overrides "$bench32" || true)
-echo "step settings from the benchmark: ${overrides:-the defaults of config.STEP_CHOICES}"
+echo "step settings from the benchmark: ${overrides:-the defaults of backends.STEP_CHOICES}"
 
 for stage in $stages; do
   IFS=: read -r name seeds dtype <<<"$stage"

@@ -14,6 +14,7 @@ Exits non-zero on any failure; prints a one-line summary per round.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -58,89 +59,105 @@ def final_params(workdir: Path) -> dict:
     return {path: np.asarray(leaf) for path, leaf in trees.flat_dict(params).items()}
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-delay", type=float, default=5.0, help="longest wait after training starts, seconds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", help="working folder (default: a temporary one)")
+    p.add_argument("--archive", help="a CIFAR-10-shaped archive to train on (default: a fake one, written here)")
+    p.add_argument("--md5-file", help="with --archive: its md5sum list")
+    p.add_argument("--reference", help="the workdir of an uninterrupted tiny run of --epochs on --archive "
+                   "(default: trained here first)")
+    return p
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--max-delay", type=float, default=5.0, help="longest wait after training starts, seconds")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", help="working folder (default: a temporary one)")
-    parser.add_argument("--archive", help="a CIFAR-10-shaped archive to train on (default: a fake one, written here)")
-    parser.add_argument("--md5-file", help="with --archive: its md5sum list")
-    parser.add_argument("--reference", help="the workdir of an uninterrupted tiny run of --epochs on --archive "
-                        "(default: trained here first)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     rng = random.Random(args.seed)
-
-    from jaxcifar import archive as archive_lib
-    from jaxcifar import fake_data, tfds_cifar10
-
     root = Path(args.root or tempfile.mkdtemp(prefix="jaxcifar-kill-"))
-    env = dict(os.environ, TFDS_DATA_DIR=str(root / "tfds"), JAXCIFAR_CACHE_DIR=str(root / "cache"))
-    env.setdefault("JAXCIFAR_COMPILE_CACHE", str(root / "xla"))
-    if args.archive:
-        archive, md5_file = Path(args.archive), Path(args.md5_file)
-    else:
-        archive, md5_file = fake_data.write_fake_archive(root / "archive", train_per_batch=60, test_records=60)
-    tfds_cifar10.prepare(str(root / "tfds"), str(archive), archive_lib.read_md5_file(md5_file))
-
-    if args.reference:
-        reference = Path(args.reference)
-    else:
-        reference = root / "reference"
-        t0 = time.time()
-        subprocess.run(train_command(reference, archive, md5_file, args.epochs), env=env, check=True,
-                       capture_output=True, text=True)
-        print(f"reference: {args.epochs} epochs uninterrupted in {time.time() - t0:.1f} s", flush=True)
-
+    env, archive, md5_file = prepare(root, args.archive, args.md5_file)
+    command = functools.partial(train_command, archive=archive, md5_file=md5_file, epochs=args.epochs)
+    reference = Path(args.reference) if args.reference else train_reference(root, command, env, args.epochs)
     workdir = root / "interrupted"
-    failures = []
-    kills = 0
+    failures, kills = [], 0
     for rnd in range(1, args.rounds + 1):
-        before = completed_epochs(workdir)
-        out_path = root / f"round-{rnd}.out"
-        with open(out_path, "w") as out:
-            proc = subprocess.Popen(train_command(workdir, archive, md5_file, args.epochs), env=env, stdout=out,
-                                    stderr=subprocess.STDOUT)
-            started = _wait_for_training_steps(out_path, proc, timeout=300)
-            delay = rng.uniform(0, args.max_delay)
-            time.sleep(delay)
-            finished = proc.poll() is not None
-            if not finished:
-                proc.send_signal(signal.SIGKILL)
-                kills += 1
-            proc.wait()
-        text = out_path.read_text()
-        resumed = re.search(r"resumed from checkpoint at step (\d+), \w+ epoch \d+ \((\d+) of", text)
-        resumed_epoch = int(resumed.group(2)) if resumed else 0
-        lost_ok = resumed_epoch >= max(before - 1, 0)
-        if not lost_ok:
-            failures.append(f"round {rnd}: resumed at epoch {resumed_epoch} but {before} epochs were logged")
-        print(f"round {rnd:2d}: {'killed' if not finished else 'finished'} after {delay:.2f} s; "
-              f"resumed at epoch {resumed_epoch} (had logged {before}); now {completed_epochs(workdir)} logged",
-              flush=True)
-        if not started:
-            failures.append(f"round {rnd}: training never started; see {out_path}")
-
-    final = subprocess.run(train_command(workdir, archive, md5_file, args.epochs), env=env, capture_output=True,
-                           text=True)
-    if final.returncode != 0:
-        failures.append(f"final run failed: {final.stderr[-2000:]}")
-    else:
-        ref_params, got_params = final_params(reference), final_params(workdir)
-        differing = [k for k in ref_params if not np.array_equal(ref_params[k], got_params.get(k))]
-        if differing or ref_params.keys() != got_params.keys():
-            failures.append(f"final parameters differ from the uninterrupted run in {differing[:5]}")
-        from jaxcifar import runlog
-
-        if runlog.untimed_records(reference) != runlog.untimed_records(workdir):
-            failures.append("per-epoch metrics differ from the uninterrupted run")
+        killed, failure = kill_round(rnd, root, workdir, command, env, rng.uniform(0, args.max_delay))
+        kills += killed
+        failures += failure
+    failures += compare_final(reference, workdir, command, env)
     status = "PASS" if not failures else "FAIL"
     print(f"{status}: {args.rounds} rounds, {kills} SIGKILLs; final parameters "
           f"{'identical' if not failures else 'checked'} to the uninterrupted run's; work in {root}")
     for f in failures:
         print("  " + f)
     return 0 if not failures else 1
+
+
+def prepare(root: Path, archive: str | None, md5_file: str | None) -> tuple[dict, Path, Path]:
+    """(the runs' environment, the archive, its md5 list), the archive prepared for tfds under `root`."""
+    from jaxcifar import archive as archive_lib
+    from jaxcifar import fake_data, tfds_cifar10
+
+    env = dict(os.environ, TFDS_DATA_DIR=str(root / "tfds"), JAXCIFAR_CACHE_DIR=str(root / "cache"))
+    env.setdefault("JAXCIFAR_COMPILE_CACHE", str(root / "xla"))
+    if archive:
+        archive, md5_file = Path(archive), Path(md5_file)
+    else:
+        archive, md5_file = fake_data.write_fake_archive(root / "archive", train_per_batch=60, test_records=60)
+    tfds_cifar10.prepare(str(root / "tfds"), str(archive), archive_lib.read_md5_file(md5_file))
+    return env, archive, md5_file
+
+
+def train_reference(root: Path, command, env: dict, epochs: int) -> Path:
+    reference = root / "reference"
+    t0 = time.time()
+    subprocess.run(command(reference), env=env, check=True, capture_output=True, text=True)
+    print(f"reference: {epochs} epochs uninterrupted in {time.time() - t0:.1f} s", flush=True)
+    return reference
+
+
+def kill_round(rnd: int, root: Path, workdir: Path, command, env: dict, delay: float) -> tuple[bool, list[str]]:
+    """One start of the run, SIGKILLed `delay` s after training starts: (killed, failures)."""
+    before = completed_epochs(workdir)
+    out_path = root / f"round-{rnd}.out"
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(command(workdir), env=env, stdout=out, stderr=subprocess.STDOUT)
+        started = _wait_for_training_steps(out_path, proc, timeout=300)
+        time.sleep(delay)
+        finished = proc.poll() is not None
+        if not finished:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resumed = re.search(r"resumed from checkpoint at step (\d+), \w+ epoch \d+ \((\d+) of", out_path.read_text())
+    resumed_epoch = int(resumed.group(2)) if resumed else 0
+    failures = []
+    if resumed_epoch < max(before - 1, 0):
+        failures.append(f"round {rnd}: resumed at epoch {resumed_epoch} but {before} epochs were logged")
+    print(f"round {rnd:2d}: {'killed' if not finished else 'finished'} after {delay:.2f} s; "
+          f"resumed at epoch {resumed_epoch} (had logged {before}); now {completed_epochs(workdir)} logged",
+          flush=True)
+    if not started:
+        failures.append(f"round {rnd}: training never started; see {out_path}")
+    return not finished, failures
+
+
+def compare_final(reference: Path, workdir: Path, command, env: dict) -> list[str]:
+    """The interrupted run finished, then compared with the uninterrupted one: parameters and per-epoch metrics."""
+    from jaxcifar import runlog
+
+    final = subprocess.run(command(workdir), env=env, capture_output=True, text=True)
+    if final.returncode != 0:
+        return [f"final run failed: {final.stderr[-2000:]}"]
+    failures = []
+    ref_params, got_params = final_params(reference), final_params(workdir)
+    differing = [k for k in ref_params if not np.array_equal(ref_params[k], got_params.get(k))]
+    if differing or ref_params.keys() != got_params.keys():
+        failures.append(f"final parameters differ from the uninterrupted run in {differing[:5]}")
+    if runlog.untimed_records(reference) != runlog.untimed_records(workdir):
+        failures.append("per-epoch metrics differ from the uninterrupted run")
+    return failures
 
 
 def _wait_for_training_steps(out_path: Path, proc: subprocess.Popen, timeout: float) -> bool:

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from jaxcifar import archive, fake_data, tfds_cifar10, trees
+from jaxcifar.config import load_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,13 +72,6 @@ def _no_home_writes(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------
 # Configs and data
-
-
-def load_config_file(path):
-    spec = importlib.util.spec_from_file_location("config_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def load_script(name: str):

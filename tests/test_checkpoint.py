@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxcifar import checkpoint
+from jaxcifar import checkpoint, resume
 from conftest import REPO, damage_every_data_file, flip_bytes_in_largest_file, set_fields
 
 
@@ -109,7 +109,7 @@ def test_a_partial_save_written_into_after_its_deletion_is_deleted_too(tmp_path)
     writer = threading.Thread(target=write_in_flight)
     writer.start()
     try:
-        ck._remove_partial_saves()
+        ck.remove_failed_saves()
     finally:
         writer.join()
         ck.close()
@@ -173,15 +173,15 @@ def configs(base: dict | None = None, **changes):
 ])
 def test_a_change_that_makes_another_run_is_named(field, value):
     saved, now = configs(**{field: value})
-    assert [d.split(":")[0] for d in checkpoint.incompatible_fields(saved, now)] == [field]
+    assert [d.split(":")[0] for d in resume.incompatible_fields(saved, now)] == [field]
 
 
 def test_safe_changes_pass_and_num_epochs_counts_only_where_the_schedule_spans_the_run():
     saved, now = configs(num_epochs=400, log_every_steps=7, checkpoint_every_epochs=3, keep_checkpoints=9,
                          eval_batch_size=1000)
-    assert checkpoint.incompatible_fields(saved, now) == []
+    assert resume.incompatible_fields(saved, now) == []
     saved, now = configs({"optimizer.schedule": "cosine"}, num_epochs=400)
-    assert checkpoint.incompatible_fields(saved, now) == ["num_epochs: 300 -> 400"]
+    assert resume.incompatible_fields(saved, now) == ["num_epochs: 300 -> 400"]
 
 
 def test_an_unretrieved_future_of_a_failed_save_logs_nothing(caplog):

@@ -87,14 +87,14 @@ def test_a_failed_run_ends_on_its_error_and_a_summary_line(tmp_path, prepared):
     assert r.stdout.strip().splitlines()[-1].startswith("jaxcifar: failed: 0 of 2 epochs; ")
 
 
-@pytest.mark.parametrize("command", ["data prepare", "predict"])
+@pytest.mark.parametrize("command", ["prepare", "predict"])
 def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, command):
     import signal
     import time
 
     fifo = tmp_path / "input"
     os.mkfifo(fifo)  # opening it blocks: the command waits there until the signal
-    args = {"data prepare": ["jaxcifar.data", "prepare", "--data-dir", str(tmp_path / "tfds"), "--archive", str(fifo)],
+    args = {"prepare": ["jaxcifar.prepare", "--data-dir", str(tmp_path / "tfds"), "--archive", str(fifo)],
             "predict": ["jaxcifar.predict", "--workdir", str(tmp_path), str(fifo)]}[command]
     proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)

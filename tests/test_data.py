@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxcifar import archive as archive_lib
-from jaxcifar import batches, cache, data, errors, tfds_cifar10
+from jaxcifar import batches, cache, errors, prepare, tfds_cifar10
 
 
 def test_good_archive_verifies(fake_archive):
@@ -83,7 +83,7 @@ def test_failed_prepare_leaves_no_partial_dataset(tmp_path, fake_archive):
 
 
 def test_prepare_cli_reports_split_sizes(tmp_path, fake_archive, capsys):
-    rc = data.main(["prepare", "--archive", str(fake_archive[0]), "--md5-file", str(fake_archive[1]),
+    rc = prepare.main(["--archive", str(fake_archive[0]), "--md5-file", str(fake_archive[1]),
                     "--data-dir", str(tmp_path / "tfds")])
     out = capsys.readouterr().out
     assert rc == 0
@@ -92,7 +92,7 @@ def test_prepare_cli_reports_split_sizes(tmp_path, fake_archive, capsys):
 
 
 def test_prepare_cli_error_is_one_line(tmp_path, capsys):
-    rc = data.main(["prepare", "--archive", str(tmp_path / "missing.tar.gz"), "--data-dir", str(tmp_path / "t")])
+    rc = prepare.main(["--archive", str(tmp_path / "missing.tar.gz"), "--data-dir", str(tmp_path / "t")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("error:") and "\n" not in err
 
@@ -205,7 +205,7 @@ def test_eval_batches_cover_every_example_once():
 def test_an_md5_list_that_is_not_text_is_named_as_such(fake_archive, capsys):
     with pytest.raises(errors.DataError, match="is not an MD5 list .*not text"):
         archive_lib.read_md5_file(fake_archive[0])  # the archive given in the list's place
-    assert data.main(["prepare", "--archive", str(fake_archive[0]), "--md5-file", str(fake_archive[0])]) == 2
+    assert prepare.main(["--archive", str(fake_archive[0]), "--md5-file", str(fake_archive[0])]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is not an MD5 list" in err
 
@@ -214,7 +214,7 @@ def test_an_md5_list_that_is_not_text_is_named_as_such(fake_archive, capsys):
 def test_an_empty_or_random_archive_is_one_line(tmp_path, capsys, content):
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(content)
-    assert data.main(["prepare", "--archive", str(bad), "--data-dir", str(tmp_path / "t")]) == 2
+    assert prepare.main(["--archive", str(bad), "--data-dir", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is truncated or not a valid tar.gz" in err, err
 
@@ -245,7 +245,7 @@ def test_a_damaged_prepared_dataset_is_named_then_prepared_again_from_the_archiv
     (aside,) = (tmp_path / "tfds" / "cifar10-set-aside").iterdir()
     # the command line does the same on request
     _flip_in_train_records(data_dir)
-    assert data.main(["prepare", "--force", "--archive", archive, "--md5-file", md5_file, "--data-dir", data_dir]) == 0
+    assert prepare.main(["--force", "--archive", archive, "--md5-file", md5_file, "--data-dir", data_dir]) == 0
     assert "moved the prepared dataset to" in capsys.readouterr().out
     np.testing.assert_array_equal(tfds_cifar10.load_uint8(data_dir)["train_images"], good["train_images"])
     assert len(list((tmp_path / "tfds" / "cifar10-set-aside").iterdir())) == 2
@@ -260,34 +260,34 @@ def test_the_cache_is_replaced_without_a_moment_without_one(prepared, tmp_path, 
     real_replace, real_rmtree = os.replace, shutil.rmtree
 
     def check(*args, **kwargs):  # at every step of the rewrite, a reader finds a whole cache
-        seen.append(cache._load_cache(folder, first.fingerprint) is not None)
+        seen.append(cache.read_cache(folder, first.fingerprint) is not None)
 
     monkeypatch.setattr(cache.os, "replace", lambda *a: (check(), real_replace(*a))[1])
     monkeypatch.setattr(cache.shutil, "rmtree", lambda *a, **k: (check(), real_rmtree(*a, **k))[1])
-    cache._write_cache(folder, first)
+    cache.write_cache(folder, first)
     check()
     assert seen and all(seen), seen
 
 
 def test_a_given_archive_that_does_not_exist_is_an_error_even_when_prepared(prepared, capsys):
     data_dir, _, _, md5_file = prepared
-    rc = data.main(["prepare", "--archive", "/nonexistent.tar.gz", "--data-dir", data_dir, "--md5-file", md5_file])
+    rc = prepare.main(["--archive", "/nonexistent.tar.gz", "--data-dir", data_dir, "--md5-file", md5_file])
     assert rc == 2 and "/nonexistent.tar.gz does not exist" in capsys.readouterr().err
 
 
 def test_a_prepared_set_is_checked_against_the_expected_archive(prepared, capsys):
     data_dir, _, _, md5_file = prepared
-    assert data.main(["prepare", "--data-dir", data_dir]) == 2  # the official set expected, a fake one prepared
+    assert prepare.main(["--data-dir", data_dir]) == 2  # the official set expected, a fake one prepared
     err = capsys.readouterr().err
     assert "another archive than the official CIFAR-10 archive" in err and "200 train / 50 test images" in err
-    assert data.main(["prepare", "--data-dir", data_dir, "--md5-file", md5_file]) == 0
+    assert prepare.main(["--data-dir", data_dir, "--md5-file", md5_file]) == 0
     assert "NOT the official CIFAR-10" in capsys.readouterr().out
 
 
 def test_an_md5_file_line_error_names_the_file_and_line(tmp_path, capsys):
     bad = tmp_path / "sums.md5"
     bad.write_text(f"{'0' * 32}  data_batch_1.bin\nnot-a-digest\n")
-    assert data.main(["prepare", "--md5-file", str(bad), "--data-dir", str(tmp_path / "tfds")]) == 2
+    assert prepare.main(["--md5-file", str(bad), "--data-dir", str(tmp_path / "tfds")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}, line 2: 'not-a-digest'" in err and "Traceback" not in err
 
@@ -326,7 +326,7 @@ def test_preparers_of_one_folder_wait_for_each_other_and_clean_a_killed_ones_lef
     folder = tmp_path / "tfds" / "cifar10"
     folder.mkdir(parents=True)
     (folder / "incomplete.ABC123_3.0.2").mkdir()  # as a killed preparation leaves it
-    cmd = [sys.executable, "-m", "jaxcifar.data", "prepare", "--data-dir", str(tmp_path / "tfds"),
+    cmd = [sys.executable, "-m", "jaxcifar.prepare", "--data-dir", str(tmp_path / "tfds"),
            "--archive", str(archive), "--md5-file", str(md5_file)]
     with open(folder / ".jaxcifar-prepare.lock", "a") as held:  # a preparer at work
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -363,7 +363,7 @@ def test_preparing_on_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(tm
     disk = tmp_path / "disk"
     unmount = mount_tmpfs(disk, options)
     try:
-        rc = data.main(["prepare", "--data-dir", str(disk), "--archive", str(archive), "--md5-file", str(md5_file)])
+        rc = prepare.main(["--data-dir", str(disk), "--archive", str(archive), "--md5-file", str(md5_file)])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error: cannot prepare CIFAR-10 in ") and cause in err.lower(), err
         assert err.count("\n") == 1 and "Traceback" not in err

@@ -1,4 +1,4 @@
-"""scripts/fidelity.py: a run cut short resumes from its workdir to the rows of an uninterrupted run (both sides),
+"""jaxcifar.fidelity (scripts/fidelity.py's command): a run cut short resumes from its workdir to the rows of an uninterrupted run (both sides),
 a workdir of another run is refused, several seeds run from one command, and G is summarised per group."""
 
 import json
@@ -6,10 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, import_torch, load_script
-
-fidelity = load_script("fidelity")
-bn_shift = load_script("bn_shift")
+from conftest import REPO, import_torch
+from jaxcifar.fidelity import bn_shift, command, tables
 
 
 def _argv(prepared, side, out, workdir, *extra):
@@ -30,15 +28,15 @@ def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, 
     if side == "torch":
         import_torch()
     whole = tmp_path / "whole.json"
-    assert fidelity.main(_argv(prepared, side, whole, tmp_path / "w-whole")) == 0
+    assert command.main(_argv(prepared, side, whole, tmp_path / "w-whole")) == 0
     split = tmp_path / "split.json"
-    assert fidelity.main(_argv(prepared, side, split, tmp_path / "w-split", "--stop-after", "1")) == 0
+    assert command.main(_argv(prepared, side, split, tmp_path / "w-split", "--stop-after", "1")) == 0
     assert [r["epoch"] for r in _rows(split)] == [1]
     # a row written after the last save (a kill between the two) is replaced by the resumed run's
     stale = json.loads(split.read_text())
     stale["epochs"].append(dict(stale["epochs"][0], epoch=2, train_loss=-1.0))
     split.write_text(json.dumps(stale))
-    assert fidelity.main(_argv(prepared, side, split, tmp_path / "w-split")) == 0
+    assert command.main(_argv(prepared, side, split, tmp_path / "w-split")) == 0
     want = _rows(whole)
     assert [r["epoch"] for r in want] == [1, 2]
     assert "test_accuracy_recomputed_bn" in want[-1] and all("gap" in r for r in want)
@@ -57,7 +55,7 @@ def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, 
     # the same workdir under another seed is another run: refused, nothing written
     other = tmp_path / "other.json"
     with pytest.raises(SystemExit, match="holds the checkpoint of another run .*seed"):
-        fidelity.main(_argv(prepared, side, other, tmp_path / "w-whole", "--seed", "1"))
+        command.main(_argv(prepared, side, other, tmp_path / "w-whole", "--seed", "1"))
     assert not other.exists()
 
 
@@ -66,31 +64,31 @@ def test_seeds_run_one_process_each_and_gaps_summarise_them(prepared, tmp_path, 
     out = tmp_path / "torch-s{seed}.json"
     monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(tmp_path / "cache"))  # the runs' default workdirs
     argv = _argv(prepared, "torch", out, tmp_path / "unused", "--seeds", "0-1", "--jobs", "2")
-    argv = fidelity.drop_options(argv, ("--workdir",)) + ["--stop-after", "1"]
-    assert fidelity.main(argv) == 0
+    argv = command.drop_options(argv, ("--workdir",)) + ["--stop-after", "1"]
+    assert command.main(argv) == 0
     runs = [json.loads((tmp_path / f"torch-s{k}.json").read_text()) for k in (0, 1)]
     assert [r["seed"] for r in runs] == [0, 1]
     assert runs[0]["epochs"][0]["train_loss"] != runs[1]["epochs"][0]["train_loss"]  # different seeds
     assert (tmp_path / "cache" / "fidelity" / "torch-s1" / "state.npz").is_file()
 
     paths = [str(tmp_path / f"torch-s{k}.json") for k in (0, 1)]
-    summary = fidelity.gap_summary(paths, (1, 1))
+    summary = tables.gap_summary(paths, (1, 1))
     gaps = [runs[k]["epochs"][0]["train_accuracy"] - runs[k]["epochs"][0]["test_accuracy"] for k in (0, 1)]
     mean = sum(gaps) / 2
     se = abs(gaps[0] - gaps[1]) / 2  # two values: stdev / sqrt(2) = |a - b| / 2
     row = summary.splitlines()[-1]
     assert f"{gaps[0]:.1f} / {gaps[1]:.1f}" in row and f"{mean:.2f} ± {se:.2f}" in row
     assert "1 of 2" in row  # the runs stopped before their last epoch
-    assert len(fidelity.gap_summary(paths, (2, 2)).splitlines()) == 2  # no run has reached epoch 2
+    assert len(tables.gap_summary(paths, (2, 2)).splitlines()) == 2  # no run has reached epoch 2
 
 
 def test_seeds_need_a_placeholder_in_out():
     with pytest.raises(SystemExit, match=r"\{seed\}"):
-        fidelity.main(["--side", "jax", "--seeds", "0-1", "--out", "x.json"])
+        command.main(["--side", "jax", "--seeds", "0-1", "--out", "x.json"])
 
 
 def test_parse_seeds():
-    assert fidelity.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    assert command.parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
 
 
 def test_gaps_compare_the_sides_in_standard_errors(tmp_path):
@@ -105,17 +103,17 @@ def test_gaps_compare_the_sides_in_standard_errors(tmp_path):
     jax = [run("jax", 0, 60, 50), run("jax", 1, 62, 54), run("jax", 2, 64, 52)]  # G 12.5, 10.5, 14.5; test 50, 54, 52
     torch = [run("torch", 0, 60, 55), run("torch", 1, 60, 57)]  # G 7.5, 5.5; test 55, 57
     lone = [run("torch", 0, 60, 55, variant="pool_grad=xla"), run("jax", 0, 60, 55, variant="pool_grad=xla")]
-    table = fidelity.gap_summary(jax + torch + lone, (2, 3))
+    table = tables.gap_summary(jax + torch + lone, (2, 3))
     rows = table.split("\n\n")
     assert "| jax | 0.25 | recipe | 3 | 3 | 12.5 / 10.5 / 14.5 | 12.50 ± 1.15 | 52.00 ± 1.15 |" in rows[0]
     assert "| torch | 0.25 | recipe | 3 | 2 | 7.5 / 5.5 | 6.50 ± 1.00 | 56.00 ± 1.00 |" in rows[0]
     # G: 12.5 - 6.5 = 6.0, s.e. sqrt(4/3 + 1) = 1.53 -> 3.9 s.e.; test: 52 - 56 = -4.0 -> -2.6 s.e.
     assert rows[1].splitlines()[2:] == [
         "| 0.25 | recipe | 3 | 3 / 2 | +6.00 ± 1.53 | +3.9 | -4.00 ± 1.53 | -2.6 | G, test accuracy |"]
-    assert "\n\n" not in fidelity.gap_summary(jax + lone, (2, 3))  # no side to compare with: no second table
+    assert "\n\n" not in tables.gap_summary(jax + lone, (2, 3))  # no side to compare with: no second table
     # torch seed 2, G 12.5, test 56: G 12.5 - 8.5 = 4.0, s.e. sqrt(4/3 + 13/3) = 2.38 -> 1.7 s.e., within the
     # criterion; test 52 - 56 = -4.0, s.e. sqrt(4/3 + 1/3) = 1.29 -> -3.1 s.e., beyond it
-    one = fidelity.gap_summary(jax + torch + [run("torch", 2, 66, 56)], (2, 3)).split("\n\n")[1]
+    one = tables.gap_summary(jax + torch + [run("torch", 2, 66, 56)], (2, 3)).split("\n\n")[1]
     assert one.splitlines()[2].endswith("| +4.00 ± 2.38 | +1.7 | -4.00 ± 1.29 | -3.1 | test accuracy |")
 
 
@@ -131,21 +129,21 @@ def test_whole_schedule_runs_compare_their_final_accuracy_within_a_point(tmp_pat
 
     paths = [run("jax", 0, 87.3, 88.8), run("jax", 1, 86.1, 88.0), run("torch", 0, 86.9, 88.4),
              run("torch", 1, 80.0, done=3), run("jax", 0, 60.0, width=0.25)]  # unfinished; no torch at 0.25
-    rows = fidelity.final_accuracy_comparison(paths, 4).splitlines()
+    rows = tables.final_accuracy_comparison(paths, 4).splitlines()
     # jax 86.7 (two seeds) - torch 86.9 (one finished) = -0.2; re-estimated 88.4 - 88.4 = 0.0
     assert rows[2:] == ["| 0.5 | recipe | 4 | 2 / 1 | 86.70 | 86.90 | -0.20 | +0.00 | no |"]
-    far = fidelity.final_accuracy_comparison(paths[:2] + [run("torch", 0, 85.5)], 4).splitlines()
+    far = tables.final_accuracy_comparison(paths[:2] + [run("torch", 0, 85.5)], 4).splitlines()
     assert far[2:] == ["| 0.5 | recipe | 4 | 2 / 1 | 86.70 | 85.50 | +1.20 |  | test |"]  # no torch re-estimate
-    assert fidelity.final_accuracy_comparison(paths, 10) == ""  # no run of that schedule
+    assert tables.final_accuracy_comparison(paths, 10) == ""  # no run of that schedule
 
 
 def test_bn_shift_sees_the_mismatch_it_is_given():
     import numpy as np
 
     torch = import_torch()
-    from jaxcifar import torch_reference
+    from jaxcifar.fidelity import torch_port
     torch.manual_seed(0)
-    model = torch_reference.build_model("vgg_bn_drop", 0.0625).eval()
+    model = torch_port.build_model("vgg_bn_drop", 0.0625).eval()
     images = np.random.default_rng(0).standard_normal((64, 32, 32, 3)).astype(np.float32)
     labels = np.zeros(64, np.int64)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -199,5 +197,20 @@ def test_bn_shift_findings_state_the_correlations_and_count_the_differences_beyo
 ])
 def test_run_flags_that_would_fail_mid_run_or_train_nothing_are_refused_first(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
-        fidelity.main(["--side", "jax", "--out", str(tmp_path / "x.json"), *flags])
+        command.main(["--side", "jax", "--out", str(tmp_path / "x.json"), *flags])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_save_of_another_tool_or_another_run_is_refused_by_name(tmp_path):
+    from jaxcifar import resume
+    from jaxcifar.errors import CheckpointError
+
+    fidelity_run = {"tool": "fidelity", "side": "jax", "seed": 0}
+    resume.check_identity(fidelity_run, dict(fidelity_run), tmp_path)  # its own save: accepted
+    resume.check_identity(None, None, tmp_path)  # a training run's own
+    with pytest.raises(CheckpointError, match="holds a `python -m jaxcifar.train` run's checkpoints"):
+        resume.check_identity(None, fidelity_run, tmp_path)
+    with pytest.raises(CheckpointError, match="holds a fidelity run's checkpoints"):
+        resume.check_identity(fidelity_run, None, tmp_path)
+    with pytest.raises(CheckpointError, match=r"another run \(differs in seed, side\)"):
+        resume.check_identity(fidelity_run, dict(fidelity_run, seed=1, side="torch"), tmp_path)

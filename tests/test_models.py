@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcifar import models
+from jaxcifar import backends, models
 
 
 def init(model, batch=2, train=False):
@@ -151,8 +151,8 @@ def test_avg_pool_ceil_averages_only_the_part_inside():
 @pytest.mark.parametrize("field,value", [("conv_impl", "auto"), ("pool_grad", "auto"), ("bn_grad", "auto"),
                                          ("dropout_bits", 0)])
 def test_a_model_takes_concrete_step_choices_only(field, value):
-    model = models.VGGBNDrop(width=1 / 16, **{field: value})  # "auto" is config.step_choices' to resolve
-    with pytest.raises(ValueError, match=rf"{field}={value!r}; choose one of .*config.step_choices"):
+    model = models.VGGBNDrop(width=1 / 16, **{field: value})  # "auto" is backends.step_choices' to resolve
+    with pytest.raises(ValueError, match=rf"{field}={value!r}; choose one of .*backends.step_choices"):
         model.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, jnp.zeros((2, 32, 32, 3)), train=True)
 
 
@@ -173,9 +173,9 @@ def test_dropout_rate_and_scaling(bits):
 
 
 def test_cpu_convolutions_are_compiled_by_xla_not_ynnpack():
-    opts = models.compiler_options()
-    assert opts == {"xla_cpu_experimental_ynn_fusion_type": models.CPU_LIBRARY_FUSIONS}
-    assert models.compiler_options("gpu") is None
+    opts = backends.compiler_options()
+    assert opts == {"xla_cpu_experimental_ynn_fusion_type": backends.CPU_LIBRARY_FUSIONS}
+    assert backends.compiler_options("gpu") is None
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 16, 16, 32)).astype(np.float32))  # big enough for YNNPACK to want it
     w = jnp.asarray(rng.normal(size=(3, 3, 32, 32)).astype(np.float32))
@@ -249,7 +249,7 @@ def test_batchnorm_gradient_matches_autodiff_of_its_formula():
 
 @pytest.mark.parametrize("name", ["vgg_bn_drop", "nin"])
 def test_every_step_choice_computes_the_same_function(name):
-    """The models are differentiable in training mode, and each backend's choices (config.STEP_CHOICES) give the
+    """The models are differentiable in training mode, and each backend's choices (backends.STEP_CHOICES) give the
     training loss and gradient of the default build."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype(np.float32))
     y = jnp.arange(8) % 10

@@ -26,7 +26,7 @@ def test_a_few_steps_overfit_a_tiny_batch(prepared):
         losses.append(loss)
     assert losses[-1] < 0.1 * losses[0]
     assert metrics.summarize(conf)["accuracy"] == 100.0
-    eval_conf, _ = trainer.evaluate(state.params, state.batch_stats)
+    eval_conf, _ = trainer.score_test_set(state.params, state.batch_stats)
     assert eval_conf.sum() == 16
 
 

@@ -30,7 +30,7 @@ for name, devices, seeds in (("one", jax.devices()[:1], ""), ("all", jax.devices
         for _ in range(trainer.steps_per_epoch):
             state, epoch_metrics, _ = trainer.train_epoch(state, epoch, epoch_metrics, should_stop=lambda boundary: True)
             losses.append(float(epoch_metrics["last_loss"][0]))
-    conf, test_loss = trainer.evaluate(state.params, state.batch_stats)
+    conf, test_loss = trainer.score_test_set(state.params, state.batch_stats)
     out[name] = {"losses": losses, "confusion": conf[0].tolist(), "test_loss": float(test_loss[0]),
                  "sharding": str(trainer.train_images.sharding)}
 try:

@@ -52,7 +52,7 @@ def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
     for epoch in (1, 2):
         state, epoch_metrics, _ = multi.train_epoch(state, epoch)
         multi_losses.append(multi.epoch_summary(epoch_metrics)[0])
-    multi_conf, _ = multi.evaluate(state.params, state.batch_stats)
+    multi_conf, _ = multi.score_test_set(state.params, state.batch_stats)
     for k, s in enumerate(singles_from_scratch()):  # (run_steps donated the states above)
         losses = []
         for epoch in (1, 2):
@@ -62,7 +62,7 @@ def test_replica_k_is_the_single_run_with_seed_k(prepared, dataset):
         # By epoch 2 the rounding has grown through 12 updates at lr 0.5: measured 9.3e-4 relative (seed 1,
         # AMD EPYC Zen 3, native ISA). Epoch 1 and the single update above are the tight checks.
         np.testing.assert_allclose(multi_losses[1][k], losses[1], rtol=5e-3, err_msg=f"seed {SEEDS[k]}")
-        conf, _ = single.evaluate(s.params, s.batch_stats)
+        conf, _ = single.score_test_set(s.params, s.batch_stats)
         assert np.abs(multi_conf[k] - conf[0]).sum() <= 2  # a near-tie may move one test prediction
     # The replicas are different runs, not copies.
     assert len({round(float(m), 6) for m in multi_losses[-1]}) == len(SEEDS)

@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcifar import models, torch_reference
+from jaxcifar import models
+from jaxcifar.fidelity import torch_port
 from conftest import import_torch
 
 torch = import_torch()
@@ -18,8 +19,8 @@ def test_port_with_flax_weights_matches_the_flax_forward(name):
     # non-trivial running statistics, so eval mode tests their use too
     stats = jax.tree_util.tree_map(lambda s: s + 0.3 * np.abs(np.random.default_rng(1).normal(size=s.shape)),
                                    variables["batch_stats"])
-    port = torch_reference.build_model(name, width=1 / 16)
-    torch_reference.load_flax(port, variables["params"], stats)
+    port = torch_port.build_model(name, width=1 / 16)
+    torch_port.load_flax(port, variables["params"], stats)
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
     port.eval()
     want = model.apply({"params": variables["params"], "batch_stats": stats}, x, train=False)
@@ -35,7 +36,7 @@ def test_port_with_flax_weights_matches_the_flax_forward(name):
 
 
 def test_port_initialization_follows_torch7():
-    port = torch_reference.build_model("vgg_bn_drop", width=0.5)
+    port = torch_port.build_model("vgg_bn_drop", width=0.5)
     convs = [m for m in port.modules() if isinstance(m, torch.nn.Conv2d)]
     first = convs[0].weight.detach().numpy()
     assert abs(first.std() - np.sqrt(2 / (9 * 32))) < 0.15 * np.sqrt(2 / (9 * 32))  # MSR: n = 3*3*out
@@ -73,14 +74,15 @@ def test_the_port_builds_each_recipe_as_the_jax_side_does_and_steps_its_rate_ali
     # side's shows here.
     import_torch()
     from jaxcifar import step as step_lib
-    from conftest import REPO, load_config_file
+    from conftest import REPO
+    from jaxcifar.config import load_config_file
     c = load_config_file(REPO / "configs" / f"{recipe}.py")
     for width in sorted({c.width, 0.25}):
         c.width = width
-        port = torch_reference.build_model(c.model, c.width, c.num_classes, c.batch_norm, c.dropout)
+        port = torch_port.build_model(c.model, c.width, c.num_classes, c.batch_norm, c.dropout)
         assert [tuple(p.shape) for p in port.parameters()] == _jax_parameter_shapes(c), (recipe, width)
     steps_per_epoch = 50_000 // c.batch_size
     want = np.asarray(step_lib.learning_rate_schedule(c, steps_per_epoch)(np.arange(steps_per_epoch * c.num_epochs)))
     # The JAX side computes the rate in float32 (a few units of its 6e-8 rounding near a peak of 1), the port in
     # float64; a rate off by a step, an epoch or a halving differs by far more.
-    np.testing.assert_allclose(torch_reference.learning_rates(c, steps_per_epoch), want, rtol=2e-6, atol=3e-7)
+    np.testing.assert_allclose(torch_port.learning_rates(c, steps_per_epoch), want, rtol=2e-6, atol=3e-7)

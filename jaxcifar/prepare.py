@@ -1,8 +1,8 @@
-"""`python -m jaxcifar.data prepare --archive PATH`: CIFAR-10 prepared for tfds offline (or by download), checked.
+"""`python -m jaxcifar.prepare --archive PATH`: CIFAR-10 prepared for tfds offline (or by download), checked.
 
 archive --(md5-verified, tfds builder)--> TFDS_DATA_DIR/cifar10/3.0.2 (array_record)
         --tfds.data_source--> uint8 arrays --preprocess--> cache (npy + manifest)
-        --placed once on the device mesh (mesh.replicate)--> per-epoch permutation, gather and flips inside jit.
+        --placed once on the device mesh (mesh.global_array)--> per-epoch permutation, gather and flips inside jit.
 
 archive.py, tfds_cifar10.py, cache.py and batches.py hold those stages, in that order.
 """
@@ -36,9 +36,7 @@ def _print_summary(data_dir: str | None) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxcifar.data", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="prepare tfds cifar10 (from --archive offline, or by download)")
+    p = argparse.ArgumentParser(prog="python -m jaxcifar.prepare", description=__doc__.splitlines()[0])
     p.add_argument("--archive", help="cifar-10-binary.tar.gz or an extracted cifar-10-batches-bin/ folder")
     p.add_argument("--data-dir", default=None, help="tfds data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     p.add_argument("--md5-file", help="md5sum-style list for a non-official archive (default: the official sums)")
@@ -46,7 +44,7 @@ def main(argv=None) -> int:
                    help="prepare again even if prepared (a damaged dataset): the old files are moved aside, not deleted")
     p.add_argument("--preprocess", action="store_true", help="also build the preprocessed cache")
     p.add_argument("--cache-dir", default=None, help="preprocessed cache dir (default: $JAXCIFAR_CACHE_DIR or ~/.cache/jaxcifar)")
-    args = parser.parse_args(argv)
+    args = p.parse_args(argv)
     try:
         md5s = read_md5_file(args.md5_file) if args.md5_file else OFFICIAL_MD5
         t0 = time.time()

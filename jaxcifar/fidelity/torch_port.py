@@ -141,7 +141,7 @@ def learning_rates(config, steps_per_epoch: int) -> np.ndarray:
     return base / (1 + count * o.learning_rate_decay)
 
 
-class Run:
+class TorchRun:
     """One training run of `config` in PyTorch on preprocessed NHWC float32 arrays."""
 
     def __init__(self, config, train_images: np.ndarray, train_labels: np.ndarray, seed: int, stream=None):

@@ -1,4 +1,4 @@
-"""The Evaluator: confusion counts and mean loss of trained models over a labelled image set held on the devices.
+"""SplitScorer: confusion counts and mean loss of trained models over a labelled image set held on the devices.
 
 The project's one evaluation: the Trainer runs it on the test split every epoch, `python -m jaxcifar.evaluate`
 on a saved run.
@@ -14,11 +14,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcifar import batches
-from jaxcifar.mesh import replicate
+from jaxcifar.mesh import global_array
 from jaxcifar.step import eval_step, over_replicas
 
 
-class Evaluator:
+class SplitScorer:
     """Confusion counts and mean loss of K replicas' models over a labelled image set held on the devices.
 
     The images sit replicated on the mesh; each batch, split over the 'data' axis, is picked inside
@@ -31,15 +31,15 @@ class Evaluator:
         replicated = NamedSharding(mesh, P())
         devices = mesh.devices.size
         self.num_classes, self.replicas, self.count = num_classes, replicas, len(labels)
-        self.images = replicate(images, replicated)
-        self.labels = replicate(labels.astype(np.int32), replicated)
+        self.images = global_array(images, replicated)
+        self.labels = global_array(labels.astype(np.int32), replicated)
         # No larger than the split (a batch of 10^8 asked for 3.2 TB after an epoch of training), and a multiple of
         # the device count; padding rows are masked out.
         batch = -(-min(batch_size, len(labels)) // devices) * devices
         indices, valid = batches.eval_batches(len(labels), batch)
         rows = NamedSharding(mesh, P(None, "data"))
-        self.indices, self.valid = replicate(indices, rows), replicate(valid, rows)
-        self._step = _eval_program(model, num_classes, replicas, mesh, tuple(sorted((compiler_options or {}).items())))
+        self.indices, self.valid = global_array(indices, rows), global_array(valid, rows)
+        self._step = _scoring_program(model, num_classes, replicas, mesh, tuple(sorted((compiler_options or {}).items())))
 
     def __call__(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
         """Per replica: (confusion (K, C, C), mean loss (K,)) over every image, exactly once."""
@@ -53,8 +53,8 @@ class Evaluator:
 
 
 @functools.lru_cache(maxsize=16)
-def _eval_program(model, num_classes: int, replicas: int, mesh: Mesh, compiler_options: tuple):
-    """The jitted evaluation batch, one per (model, replicas, mesh): evaluators of the same model share its compile."""
+def _scoring_program(model, num_classes: int, replicas: int, mesh: Mesh, compiler_options: tuple):
+    """The jitted evaluation batch, one per (model, replicas, mesh): scorers of the same model share its compile."""
     replicated = NamedSharding(mesh, P())
     return jax.jit(over_replicas(functools.partial(eval_step, model=model, num_classes=num_classes),
                                  (0, 0, None, None, None, None, None), replicas),

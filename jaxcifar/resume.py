@@ -1,0 +1,183 @@
+"""Resuming a run: which saves a config may continue (the policy), and the run restored from its newest intact save
+or started afresh. `python -m jaxcifar.train` and the fidelity tools' JAX side both go through restore_or_init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from jaxcifar import cache, checkpoint
+from jaxcifar import config as config_lib
+from jaxcifar.errors import CheckpointError
+from jaxcifar import step as step_lib
+from jaxcifar.step import TrainState
+from jaxcifar.trainer import Trainer
+
+# Changing any of these makes the resumed run differ from an uninterrupted run of the new config:
+# another network, input, step -> epoch mapping, random stream or update rule. (The seeds are compared
+# apart, as the list the run trained; `num_epochs` only where the schedule spans the run.)
+FIXED_FIELDS = ("model", "width", "batch_norm", "dropout", "num_classes", "batch_size", "dtype", "flip",
+                "label_smoothing", "data.preprocess", "optimizer.learning_rate", "optimizer.momentum",
+                "optimizer.dampening", "optimizer.weight_decay", "optimizer.learning_rate_decay",
+                "optimizer.epoch_step", "optimizer.schedule")
+# Schedules whose rate at a step depends on the run's length.
+SCHEDULES_OVER_THE_RUN = ("cosine", "onecycle")
+# Step choices that change the random stream (not only the rounding): a resume must keep them.
+FIXED_STEP_CHOICES = ("dropout_bits",)
+
+def config_field(config, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def incompatible_run(meta: dict, config, seeds: list[int], choices: dict) -> list[str]:
+    """'what: saved -> now' for each difference between a save's run and the run about to resume from it:
+    the config's fixed fields, the seeds, and the step choices that change the random stream."""
+    differing = incompatible_fields(meta["config"], config)
+    if meta["seeds"] != seeds:
+        differing.append(f"seeds: {meta['seeds']} -> {seeds}")
+    saved = meta.get("step_choices", {})
+    differing += [f"{k} (step choice): {saved[k]!r} -> {choices[k]!r}"
+                  for k in FIXED_STEP_CHOICES if k in saved and saved[k] != choices[k]]
+    return differing
+
+
+def other_dataset(meta: dict, fingerprint: str, stats: dict) -> str | None:
+    """How the data a save was trained on differs from the data at hand (its fingerprint, or its normalization
+    statistics beyond float rounding), or None when they are the same."""
+    if meta.get("fingerprint") != fingerprint:
+        return f"dataset fingerprint {meta.get('fingerprint')}; the data at hand has {fingerprint}"
+    saved = meta.get("stats", {})
+    if saved.get("method") != stats["method"] or not all(
+            len(saved.get(k, ())) == len(stats[k]) and np.allclose(saved[k], stats[k], rtol=1e-6) for k in ("mean", "std")):
+        return f"normalization statistics {saved}; the data at hand has {stats}"
+    return None
+
+
+def incompatible_fields(saved_config: dict, config) -> list[str]:
+    """'field: saved -> now' for each setting whose change would make a resumed run another run."""
+    fields = FIXED_FIELDS
+    if config.optimizer.schedule in SCHEDULES_OVER_THE_RUN:
+        fields += ("num_epochs",)
+    out = []
+    for field in fields:
+        try:
+            saved = config_field(saved_config, field)
+        except (KeyError, TypeError):  # a field added to the config after the save: none yet, every FIXED_FIELDS
+            # entry dates from layout replicas-1; so that adding one does not orphan the saves made before it
+            continue
+        now = config_field(config, field)
+        if saved != now:
+            out.append(f"{field}: {saved!r} -> {now!r}")
+    return out
+
+
+def check_identity(saved: dict | None, identity: dict | None, workdir: Path) -> None:
+    """Refuses a save of another tool's run, or of another run of the same tool (which the config alone may not
+    tell apart: fidelity's side, variant and measurements)."""
+    if saved == identity:
+        return
+    if saved is None or identity is None:
+        whose = (f"a {saved['tool']} run's" if saved is not None else "a `python -m jaxcifar.train` run's")
+        raise CheckpointError(f"{workdir} holds {whose} checkpoints, not this command's; pass another --workdir")
+    differing = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+    raise CheckpointError(f"{workdir} holds the checkpoint of another run (differs in {', '.join(differing)}); pass "
+                          "another --workdir, or delete that one to start afresh")
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """Where a training run stands: its state, the metrics of an epoch in progress, the finished epochs' records."""
+
+    config: ml_collections.ConfigDict
+    workdir: Path
+    trainer: Trainer
+    dataset: cache.Preprocessed
+    state: TrainState
+    epoch_metrics: Any = None  # None between epochs
+    history: list = dataclasses.field(default_factory=list)
+    resumed_step: int = 0  # the step of the checkpoint it resumed from; 0 when it started afresh
+    restored: bool = False  # resumed from a checkpoint (False: initialised afresh)
+    identity: dict | None = None  # what a tool beside `train` (fidelity) says makes a save its run's; None for train
+
+    @property
+    def step(self) -> int:
+        return step_lib.steps_done(self.state)
+
+    def save(self, ckpt: checkpoint.Checkpointer, epochs_done: int, is_best: bool = False) -> None:
+        """Starts the asynchronous save of the run after `epochs_done` epochs (plus the epoch in progress's steps)."""
+        c, step = self.config, self.step
+        meta = {"epoch": epochs_done, "step": step, "history": self.history, "stats": self.dataset.stats.to_json(),
+                "fingerprint": self.dataset.fingerprint, "config": c.to_dict(), "seeds": config_lib.seed_list(c),
+                "layout": checkpoint.LAYOUT, "step_choices": self.trainer.choices}
+        if self.identity is not None:
+            meta["run_identity"] = self.identity
+        epoch_metrics = self.trainer.zero_metrics() if self.epoch_metrics is None else self.epoch_metrics
+        ckpt.save(step, checkpoint.to_tree({"train_state": self.state, "epoch_metrics": epoch_metrics}), meta,
+                  is_best=is_best)
+
+
+def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Preprocessed,
+                    ckpt: checkpoint.Checkpointer, say: Callable[[str], None],
+                    identity: dict | None = None) -> TrainingRun:
+    """The run resumed from its newest readable checkpoint in `workdir`, or a fresh one. `identity`: what else
+    than the config makes a save this run's (fidelity's run description; None for `python -m jaxcifar.train`)."""
+    # Resume order: (1) the newest readable checkpoint, (2) refuse one of another run before reading its arrays,
+    # (3) state, partial-epoch metrics and history from it; (4) the caller rewrites its logs from that history,
+    # so epochs logged after the save are neither duplicated nor missing.
+    shapes = trainer.state_shapes()  # nothing computed: jax.eval_shape, with the trainer's shardings
+    template = checkpoint.to_tree({"train_state": shapes, "epoch_metrics": trainer.metrics_shapes()})
+
+    def refuse_other_runs(meta):
+        checkpoint.check_layout(meta, workdir)
+        check_identity(meta.get("run_identity"), identity, workdir)
+        other_data = other_dataset(meta, dataset.fingerprint, dataset.stats.to_json())
+        if other_data:
+            raise CheckpointError(f"{workdir} holds a run trained on other data ({other_data}); resuming "
+                                             "would train it on different images: point --config.data.* (or "
+                                             "TFDS_DATA_DIR) at the data it trained on, or use a fresh --workdir")
+        differing = incompatible_run(meta, config, trainer.seeds, trainer.choices)
+        if differing:
+            raise CheckpointError(
+                f"{workdir} holds checkpoints of a different run ({'; '.join(differing)}); "
+                "use a fresh --workdir, or restore those settings to resume")
+
+    restored = ckpt.restore(template, check_meta=refuse_other_runs, log=say, set_aside_damaged=True)
+    if restored is None:
+        return TrainingRun(config, workdir, trainer, dataset, trainer.init_state(), identity=identity)
+    tree, meta, step = restored
+    state = trainer.place(checkpoint.from_tree(shapes, tree["train_state"]))
+    epoch_metrics = trainer.place(checkpoint.from_tree(template["epoch_metrics"], tree["epoch_metrics"]))
+    run = TrainingRun(config, workdir, trainer, dataset, state, epoch_metrics, meta["history"], step, restored=True,
+                      identity=identity)
+    say(f"resumed from checkpoint at step {step}, {resume_point(step, trainer.steps_per_epoch)} "
+              f"({len(run.history)} of {config.num_epochs} epochs done), from {workdir / 'checkpoints'}")
+    rounding = {k: (v, trainer.choices[k]) for k, v in meta.get("step_choices", {}).items()
+                if k in trainer.choices and v != trainer.choices[k]}
+    if rounding:
+        say("note: the step is built differently from the saved run's ("
+                  + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in rounding.items())
+                  + "): the same function, rounded differently, so not bit-identical to an uninterrupted run")
+    return run
+
+
+def resume_point(step: int, steps_per_epoch: int) -> str:
+    """'after epoch 3' for a step at an epoch's end, 'during epoch 4' for one inside it."""
+    epoch, into = divmod(step, steps_per_epoch)
+    return f"after epoch {epoch}" if into == 0 else f"during epoch {epoch + 1}"
+
+
+def epochs_to_train(run: TrainingRun, say: Callable[[str], None]) -> range:
+    """The epochs (1-based) left to train: from the one the state's step falls in, to `num_epochs`."""
+    start = run.step // run.trainer.steps_per_epoch + 1
+    if run.history and start > run.config.num_epochs:
+        say(f"nothing to train: the run in {run.workdir} has already trained {len(run.history)} epochs, past "
+                  f"num_epochs={run.config.num_epochs}; raise --config.num_epochs to train further")
+    return range(start, run.config.num_epochs + 1)
