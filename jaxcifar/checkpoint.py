@@ -51,7 +51,8 @@ CHECKSUM_METHOD = "u32-weighted-sum-2"
 
 
 def check_layout(meta: dict, where) -> None:
-    """Refuses a save whose arrays are not laid out as this version writes them."""
+    """Refuses a save whose arrays are not laid out as this version writes them: a refusal, not a reader. Saves
+    without a layout were written before commit 319e0b9 (2026-11-28, no release); nothing writes them now."""
     if meta.get("layout") != LAYOUT:
         raise CheckpointError(
             f"{where} holds checkpoints written by an older jaxcifar (arrays without the replica axis, layout "

@@ -171,6 +171,8 @@ def recipe_costs(results_dir: Path) -> str:
     epoch of a run of the same model, width and batch."""
     lines = ["| recipe | what it is | epochs | CPU: an epoch / the whole recipe | one GPU | measured on |",
              "|---|---|---|---|---|---|"]
+    benches = [(p.name, json.loads(p.read_text())) for p in sorted(results_dir.glob("bench-*.json"))]
+    runs = [(p.name, json.loads(p.read_text())) for p in sorted(results_dir.glob("*.json"))]
     for name in RECIPES:
         path = REPO / "configs" / f"{name}.py"
         if not path.exists():
@@ -180,7 +182,7 @@ def recipe_costs(results_dir: Path) -> str:
         doc = doc.split(". ")[0].rstrip(".")
         cells, sources = [], []
         for platform in ("cpu", "gpu"):
-            epoch, source = _epoch_cost(results_dir, c, platform)
+            epoch, source = _epoch_cost(benches, runs, c, platform)
             cells.append("not measured yet" if epoch is None else
                          f"{runlog_duration(epoch)} / {runlog_duration(epoch * c.num_epochs)}")
             sources += [source] if source else []
@@ -194,21 +196,20 @@ def _config(name: str):
     return config_lib.load_config_file(REPO / "configs" / f"{name}.py")
 
 
-def _epoch_cost(results_dir: Path, c, platform: str) -> tuple[float | None, str | None]:
-    """(seconds an epoch of `c` takes on `platform`, where the figure comes from), or (None, None)."""
+def _epoch_cost(benches: list, runs: list, c, platform: str) -> tuple[float | None, str | None]:
+    """(seconds an epoch of `c` takes on `platform`, where the figure comes from), or (None, None), from the
+    (file name, contents) of the benchmarks and of the runs."""
     if c.width == 1:
-        for path in sorted(results_dir.glob("bench-*.json")):
-            b = json.loads(path.read_text())
+        for name, b in benches:
             if b["machine"]["platform"] == platform and b["dtype"] == "float32" and c.model in b["models"]:
                 ips = b["models"][c.model]["jax"]["images_per_s"]
-                return 50_000 / ips, f"`{path.name}`, train step only ({device_label(b['machine'])})"
-    for path in sorted(results_dir.glob("*.json")):
-        r = json.loads(path.read_text())
+                return 50_000 / ips, f"`{name}`, train step only ({device_label(b['machine'])})"
+    for name, r in runs:
         cfg = r.get("config", {})
         if ("config_name" in r and platform in r["device"].lower() and cfg.get("model") == c.model
                 and cfg.get("width") == c.width and cfg.get("batch_size") == c.batch_size
                 and len(r.get("seeds", [0])) == 1):
-            return statistics.median(e["epoch_time_s"] for e in r["curve"]), f"`{path.name}` ({r['device']})"
+            return statistics.median(e["epoch_time_s"] for e in r["curve"]), f"`{name}` ({r['device']})"
     return None, None
 
 

@@ -300,3 +300,12 @@ def test_nin_is_the_same_function_with_either_conv():
     variables, img = init(a)
     np.testing.assert_allclose(compiled_apply(a, False)(variables, img, 0), compiled_apply(b, False)(variables, img, 0),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_batch_norm_epsilons_are_read_from_the_network():
+    # the original's: 1e-3 after every convolution, 1e-5 in VGG's classifier (vgg_bn_drop.lua, nin.lua)
+    vgg = models.batch_norm_epsilons(models.VGGBNDrop(width=1 / 16), (32, 32, 3))
+    assert vgg == {**{f"ConvBNReLU_{i}/TorchBatchNorm_0": 1e-3 for i in range(13)}, "TorchBatchNorm_0": 1e-5}
+    nin = models.batch_norm_epsilons(models.NIN(width=1 / 16), (32, 32, 3))
+    assert nin == {f"ConvBNReLU_{i}/TorchBatchNorm_0": 1e-3 for i in range(9)}
+    assert models.batch_norm_epsilons(models.VGGBNDrop(width=1 / 16, batch_norm=False), (32, 32, 3)) == {}

@@ -132,7 +132,8 @@ def measure_jax_epoch(trainer, state, dataset, measure: Measurements, epoch: int
     model, classes, batch = trainer.model, trainer.config.num_classes, trainer.config.batch_size
 
     def accuracy(variables, images, labels):
-        return 100.0 * float(np.mean(evaluate.logits_of(model, variables, images, classes).argmax(-1) == labels))
+        correct = int((evaluate.logits_of(model, variables, images, classes).argmax(-1) == labels).sum())
+        return 100.0 * correct / len(labels)
 
     test = (dataset.test_images, dataset.test_labels)
     row = epoch_row(epoch, loss, train_accuracy, accuracy(variables, *test), accuracy(variables, *measure.train_eval),
