@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,18 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxcifar import distributed, trees
-from jaxcifar.errors import (CheckpointDamaged, CheckpointError, CheckpointSaveFailed, WorkdirError, failure_line,
-                             os_error_fix, short_path)
+from jaxcifar import distributed, orbax_quiet, trees
+from jaxcifar import workdir as workdir_lib
+from jaxcifar.errors import CheckpointDamaged, CheckpointError, CheckpointSaveFailed, failure_line, os_error_fix
 
 __all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "LAYOUT", "CHECKSUM_METHOD"]
-
-# The deepest path a save creates below checkpoints/ or best/, each part at its longest: orbax's temporary step
-# folder (<step>.orbax-checkpoint-tmp-<timestamp>), an item, its OCDBT data folder and a data file (measured: a
-# finished save's deepest file is <step>/state/ocdbt.process_0/d/<32 hex digits>). The writability probe creates
-# it, so that a workdir path too long for the file system stops the run before its first step, not at its first save.
-SAVE_PATH_SHAPE = ("99999999.orbax-checkpoint-tmp-99999999999999999999", "state.orbax-checkpoint-tmp-9999999999",
-                   "ocdbt.process_9999", "d", "f" * 32)
 
 # Every state leaf has a leading replica axis (one entry per seed), recorded in the meta as "seeds".
 LAYOUT = "replicas-1"
@@ -58,18 +48,6 @@ def check_layout(meta: dict, where) -> None:
             f"{where} holds checkpoints written by an older jaxcifar (arrays without the replica axis, layout "
             f"{meta.get('layout', 'none')!r}, this version reads {LAYOUT!r}); train afresh in a new --workdir, "
             "or evaluate them with the version that wrote them")
-
-
-# Orbax warns on every read-only manager that it is read-only, which is what a reading tool asked for.
-logging.getLogger("absl").addFilter(lambda record: "Given directory is read only" not in record.getMessage())
-# Orbax logs a failed background save with a traceback from each thread it touched (measured: 4 for one
-# unwritable folder, 7 on a full disk); Checkpointer.check raises it once, as CheckpointSaveFailed, instead.
-logging.getLogger("absl").addFilter(
-    lambda record: not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname))
-# A failed save also leaves orbax's asyncio futures holding the same error, which asyncio logs with a traceback when
-# they are collected ("Future exception was never retrieved": reported in 1 full-disk run of 6, after the one-line
-# error). Checkpointer reports that failure itself; only orbax runs asyncio here.
-logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in record.getMessage())
 
 
 def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
@@ -216,8 +194,8 @@ class Checkpointer:
         self.read_only = read_only
         if not read_only and distributed.is_writer():
             for folder in ("checkpoints", "best"):  # before the first epoch, not after it
-                check_writable_folder(self.workdir / folder)
-        _silence_echoes(str(self.workdir.absolute()))
+                workdir_lib.check_writable_folder(self.workdir / folder)
+        orbax_quiet.silence_echoes(str(self.workdir.absolute()))
         self.latest = _manager(self.workdir / "checkpoints", keep, read_only)
         self.best = _manager(self.workdir / "best", 1, read_only)
         self._saving: dict[int, int] = {}  # id(manager) -> the step of its last save
@@ -447,25 +425,6 @@ def complete_steps(directory: Path) -> list[int]:
         return []
 
 
-def check_writable_folder(folder: Path) -> None:
-    """Raises WorkdirError unless `folder` is (or can be made) a folder this process can create saves in."""
-    if folder.exists() and not folder.is_dir():
-        raise WorkdirError(f"{folder} is a file, not a folder, so no checkpoint can be saved there; move it away, "
-                           "or train in another --workdir")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = Path(tempfile.mkdtemp(prefix=".write-test-", dir=folder))
-        try:
-            deepest = probe.joinpath(*SAVE_PATH_SHAPE)
-            deepest.parent.mkdir(parents=True)
-            deepest.touch()
-        finally:
-            shutil.rmtree(probe, ignore_errors=True)
-    except OSError as e:
-        raise WorkdirError(f"cannot save checkpoints in {short_path(folder)}: {failure_line(e)}; make it "
-                           "writable or give a shorter --workdir path, or train in another --workdir") from None
-
-
 def unreadable(e: BaseException) -> bool:
     """Whether a restore failed on the saved bytes (damage) rather than on code. Measured by damaging each
     file of a save (truncated, emptied, deleted, replaced by noise, a flipped byte, a folder in its place):
@@ -481,41 +440,6 @@ def _require_step(manager, step: int) -> None:
     if step not in manager.all_steps():
         raise CheckpointError(f"no checkpoint at step {step} in {manager.directory}; "
                               f"available: {sorted(manager.all_steps()) or 'none'}")
-
-
-_watched_dirs: list[str] = []
-
-
-def _silence_echoes(directory: str) -> None:
-    """Drops the echoes of a failed restore or save in `directory`, which is reported once already.
-
-    When one array fails to read or write, orbax closes its event loop while TensorStore's other
-    operations are still running; each then reports to the closed loop from its own thread
-    (sys.unraisablehook: measured 61 read errors and 45 "Event loop is closed" tracebacks, ~570 lines,
-    for one damaged VGG save; ~1,300 lines for one save on a full disk) or to asyncio's logger.
-    Installed when a Checkpointer opens its workdir, before any failure, because the echoes can come
-    before the error they echo is raised. Only those are dropped; every other report still prints.
-    """
-    if not _watched_dirs:
-        previous = sys.unraisablehook
-
-        def hook(unraisable):
-            if not _is_echo(unraisable.exc_value):
-                previous(unraisable)
-
-        sys.unraisablehook = hook
-        logging.getLogger("asyncio").addFilter(
-            lambda record: not (record.exc_info and _is_echo(record.exc_info[1])
-                                or "exception was never retrieved" in record.getMessage()
-                                and any(d in record.getMessage() for d in _watched_dirs)))
-    if directory not in _watched_dirs:
-        _watched_dirs.append(directory)
-
-
-def _is_echo(exc) -> bool:
-    text = str(exc)
-    return ((isinstance(exc, RuntimeError) and text == "Event loop is closed")
-            or "Encountered error while reading array" in text or any(d in text for d in _watched_dirs))
 
 
 def to_tree(obj) -> Any:

@@ -1,4 +1,5 @@
-"""One training run per workdir: a lock held for the run's lifetime.
+"""A workdir: one training run per workdir (a lock held for the run's lifetime), and the check that its
+checkpoint folders can take a save before the first epoch.
 
 `<workdir>/train.lock` carries the holder (pid, host, start time) and an OS lock (flock) on the open
 file. The OS drops the flock when its process dies however it dies (kill -9 included), so a lock
@@ -13,11 +14,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
-from jaxcifar.errors import WorkdirError, short_path
+from jaxcifar.errors import WorkdirError, failure_line, short_path
 
 LOCK_NAME = "train.lock"
 
@@ -161,3 +164,30 @@ class WorkdirLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+# The deepest path a save creates below checkpoints/ or best/, each part at its longest: orbax's temporary step
+# folder (<step>.orbax-checkpoint-tmp-<timestamp>), an item, its OCDBT data folder and a data file (measured: a
+# finished save's deepest file is <step>/state/ocdbt.process_0/d/<32 hex digits>). The writability probe creates
+# it, so that a workdir path too long for the file system stops the run before its first step, not at its first save.
+SAVE_PATH_SHAPE = ("99999999.orbax-checkpoint-tmp-99999999999999999999", "state.orbax-checkpoint-tmp-9999999999",
+                   "ocdbt.process_9999", "d", "f" * 32)
+
+
+def check_writable_folder(folder: Path) -> None:
+    """Raises WorkdirError unless `folder` is (or can be made) a folder this process can create saves in."""
+    if folder.exists() and not folder.is_dir():
+        raise WorkdirError(f"{folder} is a file, not a folder, so no checkpoint can be saved there; move it away, "
+                           "or train in another --workdir")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=".write-test-", dir=folder))
+        try:
+            deepest = probe.joinpath(*SAVE_PATH_SHAPE)
+            deepest.parent.mkdir(parents=True)
+            deepest.touch()
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+    except OSError as e:
+        raise WorkdirError(f"cannot save checkpoints in {short_path(folder)}: {failure_line(e)}; make it "
+                           "writable or give a shorter --workdir path, or train in another --workdir") from None
