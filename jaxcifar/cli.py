@@ -30,6 +30,11 @@ def run_command(main) -> None:
     crashed with XLA threads mid-compile (reported: `evaluate` interrupted while compiling, SIGSEGV in 2 of 3 tries)."""
     try:
         code = main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(e.code, file=sys.stderr, flush=True)  # a command's refusal, SystemExit("error: ..."): a usage error
+        code = 2
     except KeyboardInterrupt:
         print("\njaxcifar: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.stdout.flush()

@@ -214,3 +214,12 @@ def test_a_save_of_another_tool_or_another_run_is_refused_by_name(tmp_path):
         resume.check_identity(fidelity_run, None, tmp_path)
     with pytest.raises(CheckpointError, match=r"another run \(differs in seed, side\)"):
         resume.check_identity(fidelity_run, dict(fidelity_run, seed=1, side="torch"), tmp_path)
+
+
+def test_the_script_refuses_a_bad_flag_with_one_line_and_exit_code_2(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "scripts/fidelity.py"), "--side", "torch", "--out",
+                        str(tmp_path / "x.json"), "--epochs", "0"], capture_output=True, text=True, cwd=REPO)
+    assert (r.returncode, r.stderr.strip(), r.stdout) == (2, "error: --epochs 0 must be at least 1", "")
