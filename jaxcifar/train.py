@@ -84,8 +84,7 @@ def enable_compile_cache(path: str) -> None:
         return
     path = path or os.environ.get("JAXCIFAR_COMPILE_CACHE") or str(Path(cache.default_cache_dir()) / "xla")
     jax.config.update("jax_compilation_cache_dir", path)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting, when given, wins
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def optimizer_state(config, epoch: int, step: int, lr: float) -> dict:

@@ -58,14 +58,9 @@ def _shared_compile_cache(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     os.environ["JAXCIFAR_COMPILE_CACHE"] = str(shared / "xla")
-    # Every program, however quick to compile: the tiny config's are, and the suite starts ~40 training processes.
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     from jaxcifar import train
 
     train.enable_compile_cache("")  # tests that build a Trainer directly use it too
-    import jax
-
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # read at import, before the line above
 
 
 @pytest.fixture(autouse=True)
