@@ -3,10 +3,14 @@ import math
 
 import pytest
 
-from jaxcifar import train
+from jaxcifar import checkpoint, evaluate, train
 from conftest import load_script, tiny_config
 
 reproduce = load_script("reproduce")
+
+
+def first_saved_step(workdir) -> int:
+    return checkpoint.Checkpointer(workdir, read_only=True).steps()[0]
 
 
 def test_results_and_table_come_from_run_files(prepared, tmp_path):
@@ -61,9 +65,26 @@ def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
     full = dict(quick, config_name="vgg_fast", wall_time_s=7200.0,
                 curve=[dict(e, epoch_time_s=600.0) for e in quick["curve"]],
                 config=dict(quick["config"], width=1.0, batch_size=128, model="vgg_bn_drop"))
-    reproduce.write_result(full, results)
-    assert reproduce.headline(results) == (f"- `vgg_fast`, 2 epochs: **{acc:.2f} %** final test accuracy (1 seed, "
-                                           f"{full['device']}, 2 h 00 min)")
+    full_path = reproduce.write_result(full, results)
+    line = (f"- `vgg_fast`, full width, 2 epochs: **{acc:.2f} %** final test accuracy (1 seed, {full['device']}, "
+            f"2 h 00 min)")
+    assert reproduce.headline(results) == (f"{line}. It tests {reproduce.CLAIM_TESTED['vgg_fast']}: "
+                                           f"{92.45 - acc:.2f} points below it")
+    # The final epoch evaluated with BatchNorm statistics re-estimated joins the line; another epoch is refused.
+    evaluation = tmp_path / "evaluation.json"
+    assert evaluate.main(["--workdir", str(workdir), "--recompute-bn-stats", "2", "--json", str(evaluation)]) == 0
+    bn = json.loads(evaluation.read_text())["accuracy"]
+    reproduce.add_evaluation(full_path, evaluation)
+    assert reproduce.headline(results).startswith(f"{line}; {bn:.2f} % with BatchNorm statistics re-estimated from 2 "
+                                                  "training batches (a diagnostic, not the seed's protocol). It tests")
+    earlier = tmp_path / "earlier.json"
+    assert evaluate.main(["--workdir", str(workdir), "--step", str(first_saved_step(workdir)),
+                          "--json", str(earlier)]) == 0
+    with pytest.raises(SystemExit, match="without --recompute-bn-stats; its epoch is 1, not 2; run python -m jaxcifar"):
+        reproduce.add_evaluation(full_path, earlier)
+    assert json.loads(full_path.read_text())["recomputed_bn"]["test_accuracies"] == [bn]  # the refusal wrote nothing
+    with pytest.raises(SystemExit, match=f"error: cannot read {tmp_path}/missing.json as JSON"):
+        reproduce.add_evaluation(full_path, tmp_path / "missing.json")
     costs = {line.split(" | ")[0]: line.split(" | ") for line in reproduce.recipe_costs(results).splitlines()}
     # The full-width run's median epoch prices every VGG recipe of that width and batch; NIN has no figure.
     assert costs["| `vgg`"][3:5] == ["10.0 min / 50 h 00 min", "not measured yet"]
