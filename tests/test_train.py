@@ -111,11 +111,14 @@ def test_scanned_steps_train_like_unrolled_steps(prepared):
 
 def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepared):
     dataset = fake_data.random_preprocessed(128)  # 8 steps of 16: calls of 3, 3, 1, 1
+    trainers = {}  # one per steps_per_call: the stopped run reuses the uninterrupted run's programs
 
     def run(steps_per_call, stop_after_first_call=False):
         """(initial params, [(step, params, cumulative loss) after each call], state, epoch summary)."""
-        c = tiny_config(prepared, batch_size=16, width=0.25, steps_per_call=steps_per_call)
-        trainer = Trainer(c, dataset)
+        if steps_per_call not in trainers:
+            c = tiny_config(prepared, batch_size=16, width=0.25, steps_per_call=steps_per_call)
+            trainers[steps_per_call] = Trainer(c, dataset)
+        trainer = trainers[steps_per_call]
         state = trainer.init_state()
         start = trees.flat_vector(state.params)
         order = trainer.epoch_order(state.key_data, 1)

@@ -76,14 +76,13 @@ class Programs:
     states: dict  # "multi" -> one state; "single", "control" -> a state per seed
     metrics: dict
     orders: dict
-    starts: list  # the singles' initial parameters, flat
-    start_trees: list  # and as trees
+    start_trees: list  # the singles' initial parameters, numpy trees
 
     @classmethod
     def build(cls, config_file: str, width: float, seeds: list[int], control_change: str) -> "Programs":
         import jax
 
-        from jaxcifar import cache, trees
+        from jaxcifar import cache
         from jaxcifar import step as step_lib
         from jaxcifar.fidelity import runs
         from jaxcifar.trainer import Trainer
@@ -110,9 +109,8 @@ class Programs:
                   "single": [single.epoch_order(s.key_data, 1) for s in states["single"]]}
         for k in range(len(seeds)):  # the same batches: the stream is the seed's
             assert np.array_equal(np.asarray(orders["multi"][k]), np.asarray(orders["single"][k][0])), seeds[k]
-        starts = [trees.flat_vector(s.params) for s in states["single"]]
         start_trees = [jax.tree_util.tree_map(np.asarray, step_lib.replica(s.params, 0)) for s in states["single"]]
-        return cls(seeds, multi, single, control, states, metrics, orders, starts, start_trees)
+        return cls(seeds, multi, single, control, states, metrics, orders, start_trees)
 
     def step(self, step: int) -> dict:
         """One update of every program; the row of losses and parameter distances from the singles."""
@@ -127,7 +125,7 @@ class Programs:
             s["single"][k], m["single"][k] = self.single.run_steps(s["single"][k], m["single"][k], order, 1)
             s["control"][k], m["control"][k] = self.control.run_steps(s["control"][k], m["control"][k], order, 1)
             want = trees.flat_vector(s["single"][k].params)
-            travelled = np.linalg.norm(want - self.starts[k])
+            travelled = np.linalg.norm(want - trees.flat_vector(self.start_trees[k]))
 
             def distance(params):  # relative to the distance travelled (None before the first update moves anything)
                 return float(np.linalg.norm(trees.flat_vector(params) - want) / travelled) if travelled else None
