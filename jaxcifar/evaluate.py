@@ -259,6 +259,21 @@ def check_writable_file(path: str) -> None:
         raise ConfigError(f"--json {path}: cannot write it ({problem}); give another path")
 
 
+def print_result(result: dict, seeds: int) -> None:
+    """The evaluation: what was scored, the accuracy, and the confusion matrix in the seed's layout."""
+    print(f"{result['workdir']}: step {result['step']} (epoch {result['epoch']}), {result['split']} split, "
+          f"{result['images']:,} images")
+    if result["recomputed_bn_batches"]:
+        print(f"BatchNorm statistics re-estimated from {result['recomputed_bn_batches']} training batches without "
+              "dropout (not the seed's protocol: training's running statistics are replaced)")
+    if seeds > 1:
+        print(f"accuracy: {result['accuracy']:.2f} ± {result['accuracy_std']:.2f} % (mean ± std of {seeds} seeds); "
+              "confusion summed over the seeds:")
+    else:
+        print(f"accuracy: {result['accuracy']:.2f} %")
+    print(metrics.format_confusion(np.asarray(result["confusion"]), archive.CLASS_NAMES))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxcifar.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
@@ -292,17 +307,7 @@ def main(argv=None) -> int:
                 print(f"seed {trained.seed}: accuracy {results[-1]['accuracy']:.2f} %")
         result = summarize_seeds(results)
         result["workdir"] = str(args.workdir)
-        print(f"{args.workdir}: step {result['step']} (epoch {result['epoch']}), {args.split} split, "
-              f"{result['images']:,} images")
-        if args.recompute_bn_stats:
-            print(f"BatchNorm statistics re-estimated from {args.recompute_bn_stats} training batches without "
-                  "dropout (not the seed's protocol: training's running statistics are replaced)")
-        if len(runs) > 1:
-            print(f"accuracy: {result['accuracy']:.2f} ± {result['accuracy_std']:.2f} % (mean ± std of "
-                  f"{len(runs)} seeds); confusion summed over the seeds:")
-        else:
-            print(f"accuracy: {result['accuracy']:.2f} %")
-        print(metrics.format_confusion(np.asarray(result["confusion"]), archive.CLASS_NAMES))
+        print_result(result, len(runs))
         if args.json:
             try:
                 Path(args.json).write_text(json.dumps(result, indent=1))
