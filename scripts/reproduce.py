@@ -57,12 +57,18 @@ def device_label(info: dict) -> str:
 
 
 def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | None = None) -> dict:
-    from jaxcifar import checkpoint, machine
+    from jaxcifar import checkpoint, errors, machine
 
+    if not (workdir / "metrics.jsonl").is_file():
+        raise SystemExit(f"error: {workdir} has no metrics.jsonl: give the --workdir of a run of python -m "
+                         "jaxcifar.train")
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not records:
         raise SystemExit(f"error: {workdir} has no finished epochs")
-    _, meta, _ = checkpoint.read_saved(workdir)
+    try:
+        _, meta, _ = checkpoint.read_saved(workdir)
+    except errors.JaxcifarError as e:
+        raise SystemExit(f"error: {e}") from None
     config = meta["config"]
     final = records[-1]
     seeds = final.get("seeds") or meta.get("seeds") or [config["seed"]]

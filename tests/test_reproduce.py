@@ -191,3 +191,11 @@ def test_readme_bn_shift_block_compares_the_sides_layer_by_layer(tmp_path):
     assert "Over the 4 runs, either side: correlation of the mean channel-by-channel shift with the eval test " \
            "accuracy r = undefined, with G r = undefined." in block
     assert "| 3 |  |  |  |  |  |  | 7.00 ± 0.00 | 7.00 ± 0.00 |" in block
+
+
+def test_a_folder_that_is_not_a_finished_run_is_refused_in_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="has no metrics.jsonl: give the --workdir of a run"):
+        reproduce.result_from_workdir(tmp_path / "nothing", "vgg_fast")
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')  # epochs logged, but no save: a damaged workdir
+    with pytest.raises(SystemExit, match=f"^error: no checkpoints in {tmp_path / 'checkpoints'}"):
+        reproduce.result_from_workdir(tmp_path, "vgg_fast")
