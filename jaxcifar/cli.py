@@ -35,6 +35,9 @@ def run_command(main) -> None:
             raise
         print(e.code, file=sys.stderr, flush=True)  # a command's refusal, SystemExit("error: ..."): a usage error
         code = 2
+    except errors.JaxcifarError as e:  # a problem with the user's input or files that the command did not catch
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = 2
     except KeyboardInterrupt:
         print("\njaxcifar: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
         sys.stdout.flush()

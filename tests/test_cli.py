@@ -3,9 +3,11 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from jaxcifar import cli, errors
 from conftest import REPO
 
 
@@ -126,3 +128,28 @@ def test_ctrl_c_while_a_command_loads_is_one_line_too(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == "jaxcifar: interrupted (Ctrl-C)", err[-2000:]
+
+
+@pytest.mark.parametrize("raised,code,printed", [
+    (SystemExit("error: --epochs 0 must be at least 1"), 2, "error: --epochs 0 must be at least 1"),
+    (errors.DataError("no such archive x.tar.gz; give --archive"), 2, "error: no such archive x.tar.gz; give --archive"),
+    (MemoryError(), 2, f"error: {errors.OUT_OF_MEMORY}"),
+])
+def test_a_commands_refusal_is_one_line_and_exit_code_2(capsys, raised, code, printed):
+    def main():
+        raise raised
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_command(main)
+    assert exit_.value.code == code and capsys.readouterr().err.strip() == printed
+
+
+def test_a_bug_in_a_command_is_one_line_that_names_its_traceback_file(capsys):
+    def main():
+        raise KeyError("oops")
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_command(main)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and err.startswith("error: unexpected KeyError: 'oops' (") and "\n" not in err
+    assert "Traceback" in Path(err.split(" with ")[1].split(",")[0]).read_text()
