@@ -68,7 +68,7 @@ def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
     full_path = reproduce.write_result(full, results)
     line = (f"- `vgg_fast`, full width, 2 epochs: **{acc:.2f} %** final test accuracy (1 seed, {full['device']}, "
             f"2 h 00 min)")
-    assert reproduce.headline(results) == (f"{line}. It tests {reproduce.CLAIM_TESTED['vgg_fast']}: "
+    assert reproduce.headline(results) == (f"{line}. It tests {reproduce.CLAIM_TESTED['vgg_fast']} and ends "
                                            f"{92.45 - acc:.2f} points below it")
     # The final epoch evaluated with BatchNorm statistics re-estimated joins the line; another epoch is refused.
     evaluation = tmp_path / "evaluation.json"
