@@ -57,7 +57,7 @@ def device_label(info: dict) -> str:
 
 
 def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | None = None) -> dict:
-    from jaxcifar import checkpoint, errors, machine
+    from jaxcifar import checkpoint, machine
 
     if not (workdir / "metrics.jsonl").is_file():
         raise SystemExit(f"error: {workdir} has no metrics.jsonl: give the --workdir of a run of python -m "
@@ -65,10 +65,7 @@ def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | No
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if not records:
         raise SystemExit(f"error: {workdir} has no finished epochs")
-    try:
-        _, meta, _ = checkpoint.read_saved(workdir)
-    except errors.JaxcifarError as e:
-        raise SystemExit(f"error: {e}") from None
+    _, meta, _ = checkpoint.read_saved(workdir)  # a damaged save: CheckpointError, one line from cli.run_command
     config = meta["config"]
     final = records[-1]
     seeds = final.get("seeds") or meta.get("seeds") or [config["seed"]]

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from jaxcifar import checkpoint, evaluate, train
+from jaxcifar import checkpoint, errors, evaluate, train
 from conftest import load_script, tiny_config
 
 reproduce = load_script("reproduce")
@@ -197,5 +197,5 @@ def test_a_folder_that_is_not_a_finished_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="has no metrics.jsonl: give the --workdir of a run"):
         reproduce.result_from_workdir(tmp_path / "nothing", "vgg_fast")
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')  # epochs logged, but no save: a damaged workdir
-    with pytest.raises(SystemExit, match=f"^error: no checkpoints in {tmp_path / 'checkpoints'}"):
+    with pytest.raises(errors.CheckpointError, match=f"^no checkpoints in {tmp_path / 'checkpoints'}"):
         reproduce.result_from_workdir(tmp_path, "vgg_fast")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -78,6 +79,13 @@ class Programs:
     orders: dict
     start_trees: list  # the singles' initial parameters, numpy trees
 
+    @functools.cached_property
+    def start_vectors(self) -> list:
+        """`start_trees` flat, computed once (every step measures the distance travelled from them)."""
+        from jaxcifar import trees
+
+        return [trees.flat_vector(t) for t in self.start_trees]
+
     @classmethod
     def build(cls, config_file: str, width: float, seeds: list[int], control_change: str) -> "Programs":
         import jax
@@ -125,7 +133,7 @@ class Programs:
             s["single"][k], m["single"][k] = self.single.run_steps(s["single"][k], m["single"][k], order, 1)
             s["control"][k], m["control"][k] = self.control.run_steps(s["control"][k], m["control"][k], order, 1)
             want = trees.flat_vector(s["single"][k].params)
-            travelled = np.linalg.norm(want - trees.flat_vector(self.start_trees[k]))
+            travelled = np.linalg.norm(want - self.start_vectors[k])
 
             def distance(params):  # relative to the distance travelled (None before the first update moves anything)
                 return float(np.linalg.norm(trees.flat_vector(params) - want) / travelled) if travelled else None
