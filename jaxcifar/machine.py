@@ -49,3 +49,16 @@ def machine_info() -> dict:
             "device_count": jax.device_count(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__,
             "commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def device_label(info: dict) -> str:
+    """'1 x cpu (AMD EPYC, 2 cores)' from machine_info()'s fields."""
+    cpu = f" ({info['cpu']}, {info['cpu_count']} cores)" if info["platform"] == "cpu" else ""
+    return f"{info['device_count']} x {info['device']}{cpu}"
+
+
+def run_context() -> dict:
+    """What each epoch record says it was trained on and by: the machine (device_label) and the code's commit. A
+    run resumed elsewhere, or by other code, shows it epoch by epoch."""
+    info = machine_info()
+    return {"machine": device_label(info), "commit": info["commit"]}

@@ -106,6 +106,9 @@ class TrainingRun:
     resumed_step: int = 0  # the step of the checkpoint it resumed from; 0 when it started afresh
     restored: bool = False  # resumed from a checkpoint (False: initialised afresh)
     identity: dict | None = None  # what a tool beside `train` (fidelity) says makes a save its run's; None for train
+    # Seconds spent training the epoch in progress (before the last save of it, once train.py adds the time since),
+    # so that a resumed epoch's time covers the whole epoch; None: resumed from a save that did not record it.
+    epoch_train_s: float | None = 0.0
 
     @property
     def step(self) -> int:
@@ -119,6 +122,8 @@ class TrainingRun:
                 "layout": checkpoint.LAYOUT, "step_choices": self.trainer.choices}
         if self.identity is not None:
             meta["run_identity"] = self.identity
+        if self.epoch_metrics is not None and self.epoch_train_s is not None:
+            meta["epoch_train_s"] = self.epoch_train_s
         epoch_metrics = self.trainer.zero_metrics() if self.epoch_metrics is None else self.epoch_metrics
         ckpt.save(step, checkpoint.to_tree({"train_state": self.state, "epoch_metrics": epoch_metrics}), meta,
                   is_best=is_best)
@@ -156,7 +161,8 @@ def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Prep
     state = trainer.place(checkpoint.from_tree(shapes, tree["train_state"]))
     epoch_metrics = trainer.place(checkpoint.from_tree(template["epoch_metrics"], tree["epoch_metrics"]))
     run = TrainingRun(config, workdir, trainer, dataset, state, epoch_metrics, meta["history"], step, restored=True,
-                      identity=identity)
+                      identity=identity,
+                      epoch_train_s=meta.get("epoch_train_s") if step % trainer.steps_per_epoch else 0.0)
     say(f"resumed from checkpoint at step {step}, {resume_point(step, trainer.steps_per_epoch)} "
               f"({len(run.history)} of {config.num_epochs} epochs done), from {workdir / 'checkpoints'}")
     rounding = {k: (v, trainer.choices[k]) for k, v in meta.get("step_choices", {}).items()

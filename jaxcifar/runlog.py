@@ -92,12 +92,16 @@ class RunLog:
 
 # The fields of an epoch record that measure time, and so differ between two runs of the same computation.
 TIMED_FIELDS = ("epoch_time_s", "train_images_per_s", "eval_time_s")
+# Where and by what code the epoch trained (machine.run_context): another machine may compute the same.
+CONTEXT_FIELDS = ("machine", "commit")
 
 
 def untimed_records(workdir: Path) -> list[dict]:
-    """The epoch records of workdir/metrics.jsonl without TIMED_FIELDS: equal for runs that computed the same."""
+    """The epoch records of workdir/metrics.jsonl without TIMED_FIELDS and CONTEXT_FIELDS: equal for runs that
+    computed the same."""
     lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMED_FIELDS} for line in lines if line.strip()]
+    left_out = TIMED_FIELDS + CONTEXT_FIELDS
+    return [{k: v for k, v in json.loads(line).items() if k not in left_out} for line in lines if line.strip()]
 
 
 def _csv_value(v) -> str:
@@ -112,10 +116,11 @@ def _csv_field(record: dict, name: str):
 
 
 def epoch_record(*, epoch: int, step: int, lr: float, seeds: list[int], train_loss, train_conf, test_loss, test_conf,
-                 train_time: float, eval_time: float, images: int) -> dict:
+                 train_time: float, eval_time: float, images: int, context: dict) -> dict:
     """One epoch's log entry: means over the replicas (the only values when there is one) and each seed's own.
 
-    The confusion matrix is the replicas' sum, so its accuracy is the mean accuracy.
+    The confusion matrix is the replicas' sum, so its accuracy is the mean accuracy. `train_time` is the seconds
+    that trained `images` images; `context`, machine.run_context().
     """
     train_s = [metrics.summarize(c) for c in train_conf]
     test_s = [metrics.summarize(c) for c in test_conf]
@@ -134,7 +139,7 @@ def epoch_record(*, epoch: int, step: int, lr: float, seeds: list[int], train_lo
         "epoch_time_s": train_time + eval_time, "train_images_per_s": images * len(seeds) / train_time,
         "eval_time_s": eval_time, "test_confusion": np.sum(test_conf, axis=0).tolist(),
         "test_accuracy_std": float(np.std(per_seed["test_accuracy"], ddof=1)) if len(seeds) > 1 else 0.0,
-        "seeds": list(seeds), "per_seed": per_seed,
+        "seeds": list(seeds), "per_seed": per_seed, **{k: context[k] for k in CONTEXT_FIELDS},
     }
 
 

@@ -32,7 +32,7 @@ import ml_collections
 
 from jaxcifar import config as config_lib
 from jaxcifar import archive, cache, checkpoint, errors, models, report, resume, workdir as workdir_lib
-from jaxcifar import distributed, runlog
+from jaxcifar import distributed, machine, runlog
 from jaxcifar import step as step_lib
 from jaxcifar.resume import TrainingRun
 from jaxcifar.runlog import RunLog
@@ -114,9 +114,11 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     scalars = open_scalars(workdir, run.history) if log.writer else None
     if scalars is not None:
         closing.callback(scalars.close)
+    context = machine.run_context()
+    say_where_it_moved(run.history, context, log)
     for epoch in resume.epochs_to_train(run, log.print):
         ckpt.check()  # a save that failed in the background stops the run here, not at its end
-        record = train_and_evaluate_epoch(run, epoch, ckpt, log, stop)
+        record = train_and_evaluate_epoch(run, epoch, ckpt, log, stop, context)
         save_log_and_report(run, record, ckpt, log, reporter, scalars, model_summary)
         if stop():
             ckpt.wait()
@@ -163,10 +165,25 @@ def describe_run(run: TrainingRun, log: RunLog) -> str:
     return report.model_summary(one.params, one.batch_stats, order)
 
 
-def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Checkpointer, log: RunLog, stop: StopFlag) -> dict:
-    """Trains the rest of `epoch` and evaluates on the test set; returns the epoch's record.
+def say_where_it_moved(history: list[dict], context: dict, log: RunLog) -> None:
+    """Warns when a resumed run's last epoch was trained on another machine or by other code than this process:
+    the records keep saying which, but epoch times stop being comparable, and the rounding may differ."""
+    last = history[-1] if history else {}
+    if last.get("machine", context["machine"]) != context["machine"]:
+        log.print(f"warning: this run's epoch {last['epoch']} was trained on {last['machine']}; it resumes on "
+                  f"{context['machine']}: its epoch times mix machines (each epoch's record names its machine)")
+    if last.get("commit", context["commit"]) != context["commit"]:
+        log.print(f"note: this run's epoch {last['epoch']} was trained by the code of commit {last['commit']}; it "
+                  f"resumes with {context['commit']} (each epoch's record names its commit)")
 
-    A stop signal mid-epoch saves the run with the partial epoch's metrics and raises TrainingInterrupted.
+
+def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Checkpointer, log: RunLog,
+                             stop: StopFlag, context: dict) -> dict:
+    """Trains the rest of `epoch` and evaluates on the test set; returns the epoch's record (`context`: where and by
+    what code, machine.run_context()).
+
+    A stop signal mid-epoch saves the run with the partial epoch's metrics and its training time so far, and
+    raises TrainingInterrupted; the resumed epoch's record then times the whole epoch.
     """
     config, trainer = run.config, run.trainer
     lr = step_lib.learning_rate_at(config, trainer.steps_per_epoch, (epoch - 1) * trainer.steps_per_epoch)
@@ -181,10 +198,17 @@ def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Chec
     finally:
         bar.close()
     if not finished:
+        if run.epoch_train_s is not None:
+            run.epoch_train_s += time.time() - t0
         run.save(ckpt, epoch - 1)
         ckpt.wait()
         raise TrainingInterrupted(stop.signum, run.step)
     train_time = time.time() - t0
+    if run.epoch_train_s is None:  # resumed from a save without the time before it: the part timed here only
+        timed_steps = trainer.steps_per_epoch - first
+    else:
+        timed_steps, train_time = trainer.steps_per_epoch, train_time + run.epoch_train_s
+    run.epoch_train_s = 0.0
     train_loss, train_conf = trainer.epoch_summary(run.epoch_metrics)
     run.epoch_metrics = None
     t1 = time.time()
@@ -192,7 +216,7 @@ def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Chec
     return runlog.epoch_record(epoch=epoch, step=run.step, lr=lr, seeds=trainer.seeds,
                                train_loss=train_loss, train_conf=train_conf, test_loss=test_loss, test_conf=test_conf,
                                train_time=train_time, eval_time=time.time() - t1,
-                               images=(trainer.steps_per_epoch - first) * config.batch_size)
+                               images=timed_steps * config.batch_size, context=context)
 
 
 def save_log_and_report(run: TrainingRun, record: dict, ckpt: checkpoint.Checkpointer, log: RunLog,

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from jaxcifar import machine
+
 REPO = Path(__file__).resolve().parents[1]
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
 BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -50,14 +52,8 @@ def run_config(name: str, seeds: list[int], workdir: Path, extra: list[str]) -> 
     return time.time() - t0
 
 
-def device_label(info: dict) -> str:
-    """'1 x cpu (AMD EPYC, 2 cores)' from machine.machine_info()'s fields."""
-    cpu = f" ({info['cpu']}, {info['cpu_count']} cores)" if info["platform"] == "cpu" else ""
-    return f"{info['device_count']} x {info['device']}{cpu}"
-
-
 def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | None = None) -> dict:
-    from jaxcifar import checkpoint, machine
+    from jaxcifar import checkpoint
 
     if not (workdir / "metrics.jsonl").is_file():
         raise SystemExit(f"error: {workdir} has no metrics.jsonl: give the --workdir of a run of python -m "
@@ -71,6 +67,7 @@ def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | No
     seeds = final.get("seeds") or meta.get("seeds") or [config["seed"]]
     per_seed = final.get("per_seed", {"test_accuracy": [final["test_accuracy"]]})
     info = machine.machine_info()
+    here = machine.device_label(info)
     return {
         "config_name": config_name, "seed": seeds[0], "seeds": seeds, "workdir": str(workdir),
         "epochs_completed": final["epoch"], "epochs_configured": config["num_epochs"],
@@ -81,10 +78,27 @@ def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | No
                                      "learning_rate", "epoch_time_s", "train_images_per_s")} for r in records],
         "wall_time_s": wall_time_s if wall_time_s is not None else sum(r["epoch_time_s"] for r in records),
         "train_images_per_s": statistics.median(r["train_images_per_s"] for r in records),
-        "device": device_label(info),
-        "versions": {k: info[k] for k in ("python", "jax", "flax")}, "commit": info["commit"], "date": info["date"],
+        # What trained the epochs, as each record says (a record from before records said so: this machine and
+        # checkout, the best guess left).
+        "device": epochs_by(records, "machine", here), "commit": epochs_by(records, "commit", info["commit"]),
+        "versions": {k: info[k] for k in ("python", "jax", "flax")}, "date": info["date"],
         "config": config,
     }
+
+
+def epochs_by(records: list[dict], field: str, unrecorded: str | None) -> str | None:
+    """The value of `field` (machine or commit) the epochs were trained with: one value, or each with its epochs
+    ('A (epochs 1-17), B (epochs 18-40)') when the run moved; `unrecorded` stands for records without it."""
+    spans: list[list] = []  # [value, first epoch, last epoch]
+    for r in records:
+        value = r.get(field, unrecorded)
+        if spans and spans[-1][0] == value:
+            spans[-1][2] = r["epoch"]
+        else:
+            spans.append([value, r["epoch"], r["epoch"]])
+    if len(spans) == 1:
+        return spans[0][0]
+    return ", ".join(f"{v} (epoch{f's {a}-{b}' if b > a else f' {a}'})" for v, a, b in spans)
 
 
 def write_result(result: dict, results_dir: Path) -> Path:
@@ -257,7 +271,7 @@ def _epoch_cost(benches: list, runs: list, c, platform: str) -> tuple[float | No
         for name, b in benches:
             if b["machine"]["platform"] == platform and b["dtype"] == "float32" and c.model in b["models"]:
                 ips = b["models"][c.model]["jax"]["images_per_s"]
-                return 50_000 / ips, f"`{name}`, train step only ({device_label(b['machine'])})"
+                return 50_000 / ips, f"`{name}`, train step only ({machine.device_label(b['machine'])})"
     for name, r in runs:
         cfg = r.get("config", {})
         if ("config_name" in r and platform in r["device"].lower() and cfg.get("model") == c.model
@@ -334,7 +348,7 @@ def bench_table(results_dir: Path) -> str:
              "steps per call | images/s | loop overhead | device |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(results_dir.glob("bench-*.json")):
         b = json.loads(path.read_text())
-        device = device_label(b["machine"])
+        device = machine.device_label(b["machine"])
         for name, r in b["models"].items():
             jx, th = r["jax"]["seconds"], r.get("torch", {}).get("seconds", {})
 

@@ -21,6 +21,7 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     assert result["final_test_accuracy"] == history[-1]["test_accuracy"]  # the final epoch, not the best
     assert [c["epoch"] for c in result["curve"]] == [1, 2] and not result["partial"]
     assert result["config"]["width"] == pytest.approx(1 / 16) and "cpu" in result["device"].lower()
+    assert (result["device"], result["commit"]) == (history[0]["machine"], history[0]["commit"])  # as trained
     results = tmp_path / "results"
     reproduce.write_result(result, results)
     assert result["seeds"] == [0] and result["final_test_accuracies"] == [result["final_test_accuracy"]]
@@ -90,6 +91,16 @@ def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
     assert costs["| `vgg`"][3:5] == ["10.0 min / 50 h 00 min", "not measured yet"]
     assert costs["| `vgg_fast`"][3] == "10.0 min / 6 h 40 min" and "vgg_fast-seed0-cpu.json" in costs["| `vgg_fast`"][5]
     assert costs["| `nin`"][3:6] == ["not measured yet", "not measured yet", "- |"]
+
+
+def test_a_run_that_moved_names_each_machine_with_its_epochs():
+    a, b = "1 x cpu (Intel(R) Xeon(R) Processor, 2 cores)", "1 x cpu (AMD EPYC, 2 cores)"
+    records = [{"epoch": e, "machine": a} for e in (1, 2, 3)] + [{"epoch": 4, "machine": b}]
+    assert reproduce.epochs_by(records, "machine", "here") == f"{a} (epochs 1-3), {b} (epoch 4)"
+    assert reproduce.epochs_by(records[:3], "machine", "here") == a
+    # Records from before they said it stand for what is here, the best guess left.
+    assert reproduce.epochs_by([{"epoch": 1}, {"epoch": 2, "machine": a}], "machine", b) == (f"{b} (epoch 1), "
+                                                                                               f"{a} (epoch 2)")
 
 
 def test_benchmark_table_comes_from_bench_files(tmp_path):

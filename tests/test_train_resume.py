@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcifar import checkpoint, errors, runlog, train
+from jaxcifar import checkpoint, errors, machine, runlog, train
+from jaxcifar.signals import TrainingInterrupted
+from jaxcifar.trainer import Trainer
 from conftest import REPO, assert_same_leaves, damage_every_data_file, tiny_config
 
 def assert_same_metrics(a, b):
@@ -106,6 +108,54 @@ def test_kill_script_short(fake_archive, reference_run, tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0 and "PASS" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
     assert " 1 SIGKILLs" in r.stdout, r.stdout  # the start was killed, not left to finish
+
+
+def test_a_resumed_epoch_is_timed_whole_and_each_epoch_names_its_machine_and_commit(prepared, reference_run, tmp_path,
+                                                                                    monkeypatch):
+    """A stop inside epoch 2 saves the epoch's training time so far; the resumed epoch's record adds it, so its
+    images/s and epoch time cover the whole epoch (they covered the part after the resume only)."""
+    config = tiny_config(prepared, num_epochs=2, log_every_steps=1)
+    train_epoch = Trainer.train_epoch
+
+    def stopped_in_epoch_2(self, state, epoch, epoch_metrics=None, progress=None, should_stop=None):
+        if epoch != 2:
+            return train_epoch(self, state, epoch, epoch_metrics, progress, should_stop)
+        should_stop.signum = signal.SIGINT  # as if Ctrl-C came during the epoch's first call
+        return train_epoch(self, state, epoch, epoch_metrics, progress, lambda boundary: True)
+
+    monkeypatch.setattr(Trainer, "train_epoch", stopped_in_epoch_2)
+    with pytest.raises(TrainingInterrupted):
+        train.train_and_evaluate(config, str(tmp_path))
+    monkeypatch.undo()
+    _, meta, step = checkpoint.read_saved(tmp_path)
+    steps_per_epoch = meta["history"][0]["step"]
+    assert steps_per_epoch < step < 2 * steps_per_epoch and meta["epoch_train_s"] > 0
+    train.train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    resumed = records[1]
+    train_s = resumed["epoch_time_s"] - resumed["eval_time_s"]
+    assert train_s > meta["epoch_train_s"]
+    assert resumed["train_images_per_s"] * train_s == pytest.approx(steps_per_epoch * config.batch_size, rel=1e-9)
+    assert runlog.untimed_records(tmp_path) == runlog.untimed_records(reference_run)[:2]  # and it resumed exactly
+    here = machine.run_context()
+    assert [(r["machine"], r["commit"]) for r in records] == [(here["machine"], here["commit"])] * 2
+    assert "1 x cpu (" in here["machine"] and here["commit"] == machine.git_commit()
+
+
+def test_a_run_resumed_on_another_machine_or_by_other_code_says_so(tmp_path, capsys):
+    here = {"machine": "1 x cpu (AMD EPYC, 2 cores)", "commit": "b" * 40}
+    log = runlog.RunLog(tmp_path)
+    train.say_where_it_moved([{"epoch": 17, **here}], here, log)
+    train.say_where_it_moved([{"epoch": 3}], here, log)  # records from before they named either: nothing to compare
+    assert capsys.readouterr().out == ""
+    train.say_where_it_moved([{"epoch": 17, "machine": "1 x cpu (Intel(R) Xeon(R) Processor, 2 cores)",
+                               "commit": "a" * 40}], here, log)
+    log.close()
+    out = capsys.readouterr().out
+    assert ("warning: this run's epoch 17 was trained on 1 x cpu (Intel(R) Xeon(R) Processor, 2 cores); it resumes on "
+            "1 x cpu (AMD EPYC, 2 cores): its epoch times mix machines") in out
+    assert f"note: this run's epoch 17 was trained by the code of commit {'a' * 40}; it resumes with {'b' * 40}" in out
+    assert out in (tmp_path / "log.txt").read_text()
 
 
 def test_a_second_training_in_the_same_workdir_is_refused(prepared, reference_run, tmp_path):
