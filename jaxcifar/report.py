@@ -145,6 +145,9 @@ def render_html(*, workdir: str, history: Sequence[dict], config: dict, optimize
     timing = [("epoch time, s", f"{latest['epoch_time_s']:.1f}"),
               ("training images/s", f"{latest['train_images_per_s']:.0f}"),
               ("evaluation time, s", f"{latest['eval_time_s']:.1f}")]
+    # Which machine and code trained the latest epoch (records from before they said so show neither).
+    timing += [(label, latest[k]) for label, k in (("trained on", "machine"), ("code commit", "commit"))
+               if latest.get(k)]
     seeds = latest.get("seeds", [None])
     spread = f" ± {latest['test_accuracy_std']:.2f} (mean ± std of {len(seeds)} seeds)" if len(seeds) > 1 else ""
     accuracy = [("test accuracy, %", f"{latest['test_accuracy']:.2f}{spread}"),

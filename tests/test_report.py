@@ -65,6 +65,8 @@ def test_report_shows_the_network_in_order_and_what_auto_resolved_to(trained_run
     assert layers[-5:] == ["Dense_0", "TorchBatchNorm_0", "Dense_1", "total", "batch_stats"]  # the classifier in order
     assert "<td>conv_impl</td><td>auto -&gt; small</td>" in page  # the tiny config leaves it to the backend (cpu)
     assert "<td>model</td><td>vgg_bn_drop</td>" in page
+    latest = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"<td>trained on</td><td>{latest['machine']}</td>" in page and "1 x cpu (" in latest["machine"]
 
 
 def test_confusion_heatmap_shows_each_rows_share(tmp_path):
