@@ -174,6 +174,19 @@ def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Prep
     return run
 
 
+def say_where_it_moved(history: list[dict], context: dict, say: Callable[[str], None]) -> None:
+    """Warns when a resumed run's last epoch was trained on another machine or by other code than `context`
+    (machine.run_context()): the records keep saying which, but epoch times stop being comparable, and the rounding
+    may differ."""
+    last = history[-1] if history else {}
+    if last.get("machine", context["machine"]) != context["machine"]:
+        say(f"warning: this run's epoch {last['epoch']} was trained on {last['machine']}; it resumes on "
+            f"{context['machine']}: its epoch times mix machines (each epoch's record names its machine)")
+    if last.get("commit", context["commit"]) != context["commit"]:
+        say(f"note: this run's epoch {last['epoch']} was trained by the code of commit {last['commit']}; it "
+            f"resumes with {context['commit']} (each epoch's record names its commit)")
+
+
 def resume_point(step: int, steps_per_epoch: int) -> str:
     """'after epoch 3' for a step at an epoch's end, 'during epoch 4' for one inside it."""
     epoch, into = divmod(step, steps_per_epoch)

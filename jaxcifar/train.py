@@ -115,7 +115,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     if scalars is not None:
         closing.callback(scalars.close)
     context = machine.run_context()
-    say_where_it_moved(run.history, context, log)
+    resume.say_where_it_moved(run.history, context, log.print)
     for epoch in resume.epochs_to_train(run, log.print):
         ckpt.check()  # a save that failed in the background stops the run here, not at its end
         record = train_and_evaluate_epoch(run, epoch, ckpt, log, stop, context)
@@ -163,18 +163,6 @@ def describe_run(run: TrainingRun, log: RunLog) -> str:
               f"{config.batch_size} per epoch; {config.num_epochs} epoch{'s' if config.num_epochs > 1 else ''}; step: {choices}")
     order = step_lib.layer_order(trainer.model, trainer.train_images.shape[1:])
     return report.model_summary(one.params, one.batch_stats, order)
-
-
-def say_where_it_moved(history: list[dict], context: dict, log: RunLog) -> None:
-    """Warns when a resumed run's last epoch was trained on another machine or by other code than this process:
-    the records keep saying which, but epoch times stop being comparable, and the rounding may differ."""
-    last = history[-1] if history else {}
-    if last.get("machine", context["machine"]) != context["machine"]:
-        log.print(f"warning: this run's epoch {last['epoch']} was trained on {last['machine']}; it resumes on "
-                  f"{context['machine']}: its epoch times mix machines (each epoch's record names its machine)")
-    if last.get("commit", context["commit"]) != context["commit"]:
-        log.print(f"note: this run's epoch {last['epoch']} was trained by the code of commit {last['commit']}; it "
-                  f"resumes with {context['commit']} (each epoch's record names its commit)")
 
 
 def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Checkpointer, log: RunLog,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import subprocess
@@ -67,7 +68,6 @@ def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | No
     seeds = final.get("seeds") or meta.get("seeds") or [config["seed"]]
     per_seed = final.get("per_seed", {"test_accuracy": [final["test_accuracy"]]})
     info = machine.machine_info()
-    here = machine.device_label(info)
     return {
         "config_name": config_name, "seed": seeds[0], "seeds": seeds, "workdir": str(workdir),
         "epochs_completed": final["epoch"], "epochs_configured": config["num_epochs"],
@@ -80,7 +80,8 @@ def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | No
         "train_images_per_s": statistics.median(r["train_images_per_s"] for r in records),
         # What trained the epochs, as each record says (a record from before records said so: this machine and
         # checkout, the best guess left).
-        "device": epochs_by(records, "machine", here), "commit": epochs_by(records, "commit", info["commit"]),
+        "device": epochs_by(records, "machine", machine.device_label(info)),
+        "commit": epochs_by(records, "commit", info["commit"]),
         "versions": {k: info[k] for k in ("python", "jax", "flax")}, "date": info["date"],
         "config": config,
     }
@@ -89,16 +90,11 @@ def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | No
 def epochs_by(records: list[dict], field: str, unrecorded: str | None) -> str | None:
     """The value of `field` (machine or commit) the epochs were trained with: one value, or each with its epochs
     ('A (epochs 1-17), B (epochs 18-40)') when the run moved; `unrecorded` stands for records without it."""
-    spans: list[list] = []  # [value, first epoch, last epoch]
-    for r in records:
-        value = r.get(field, unrecorded)
-        if spans and spans[-1][0] == value:
-            spans[-1][2] = r["epoch"]
-        else:
-            spans.append([value, r["epoch"], r["epoch"]])
+    spans = [(value, [r["epoch"] for r in span])
+             for value, span in itertools.groupby(records, key=lambda r: r.get(field, unrecorded))]
     if len(spans) == 1:
         return spans[0][0]
-    return ", ".join(f"{v} (epoch{f's {a}-{b}' if b > a else f' {a}'})" for v, a, b in spans)
+    return ", ".join(f"{v} (epoch{f's {e[0]}-{e[-1]}' if len(e) > 1 else f' {e[0]}'})" for v, e in spans)
 
 
 def write_result(result: dict, results_dir: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcifar import checkpoint, errors, machine, runlog, train
+from jaxcifar import checkpoint, errors, machine, resume, runlog, train
 from jaxcifar.signals import TrainingInterrupted
 from jaxcifar.trainer import Trainer
 from conftest import REPO, assert_same_leaves, damage_every_data_file, tiny_config
@@ -145,11 +145,11 @@ def test_a_resumed_epoch_is_timed_whole_and_each_epoch_names_its_machine_and_com
 def test_a_run_resumed_on_another_machine_or_by_other_code_says_so(tmp_path, capsys):
     here = {"machine": "1 x cpu (AMD EPYC, 2 cores)", "commit": "b" * 40}
     log = runlog.RunLog(tmp_path)
-    train.say_where_it_moved([{"epoch": 17, **here}], here, log)
-    train.say_where_it_moved([{"epoch": 3}], here, log)  # records from before they named either: nothing to compare
+    resume.say_where_it_moved([{"epoch": 17, **here}], here, log.print)
+    resume.say_where_it_moved([{"epoch": 3}], here, log.print)  # records from before they named either: silent
     assert capsys.readouterr().out == ""
-    train.say_where_it_moved([{"epoch": 17, "machine": "1 x cpu (Intel(R) Xeon(R) Processor, 2 cores)",
-                               "commit": "a" * 40}], here, log)
+    resume.say_where_it_moved([{"epoch": 17, "machine": "1 x cpu (Intel(R) Xeon(R) Processor, 2 cores)",
+                                "commit": "a" * 40}], here, log.print)
     log.close()
     out = capsys.readouterr().out
     assert ("warning: this run's epoch 17 was trained on 1 x cpu (Intel(R) Xeon(R) Processor, 2 cores); it resumes on "
