@@ -341,10 +341,13 @@ def results_status(shown: list[tuple]) -> str:
 def bench_table(results_dir: Path) -> str:
     """One row per model of every results/bench-*.json: seconds at its batch, JAX / PyTorch where both ran."""
     lines = ["| benchmark | model | forward | backward | forward+backward | train step | JAX / PyTorch (step) | "
-             "steps per call | images/s | loop overhead | device |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "steps per call | images/s | loop overhead | matmul peak | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(results_dir.glob("bench-*.json")):
         b = json.loads(path.read_text())
         device = machine.device_label(b["machine"])
+        # Machines of one name differ (a KVM "AMD EPYC" measured 1.6x apart on two days): the peak says which ran.
+        peak = f"{b['matmul_peak_gflops']:.0f} GFLOP/s" if "matmul_peak_gflops" in b else "-"
         for name, r in b["models"].items():
             jx, th = r["jax"]["seconds"], r.get("torch", {}).get("seconds", {})
 
@@ -353,9 +356,11 @@ def bench_table(results_dir: Path) -> str:
 
             ratio = f"{r['jax_over_torch']['train step']:.2f}" if "jax_over_torch" in r else "-"
             loop = r["jax"].get("epoch_loop", {}).get("fraction_outside_steps")
+            loop = "-" if loop is None else f"{100 * loop:.1f} %"
             lines.append(f"| `{path.name}` ({b['dtype']}, batch {b['batch']}) | {name} | {cell('forward')} | "
                          f"{cell('backward')} | {cell('forward+backward')} | {cell('train step')} | {ratio} | "
-                         f"{r['jax'].get('steps_per_call', 1)} | {r['jax']['images_per_s']:,.0f} | {'-' if loop is None else f'{100 * loop:.1f} %'} | {device} |")
+                         f"{r['jax'].get('steps_per_call', 1)} | {r['jax']['images_per_s']:,.0f} | {loop} | {peak} | "
+                         f"{device} |")
     return "\n".join(lines)
 
 

@@ -109,7 +109,8 @@ def test_benchmark_table_comes_from_bench_files(tmp_path):
     machine = {"platform": "cpu", "device": "cpu", "device_count": 1, "cpu": "Test CPU", "cpu_count": 2}
     seconds = {"forward": 0.5, "backward": 1.0, "forward+backward": 1.5, "train step": 1.6}
     torch_seconds = {"forward": 0.4, "backward": 0.8, "forward+backward": 1.2, "train step": 1.28}
-    bench = {"batch": 128, "dtype": "float32", "machine": machine, "models": {"vgg_bn_drop": {
+    bench = {"batch": 128, "dtype": "float32", "machine": machine, "matmul_peak_gflops": 123.4,
+             "models": {"vgg_bn_drop": {
         "jax": {"seconds": seconds, "images_per_s": 80.0, "epoch_loop": {"fraction_outside_steps": 0.012},
                 "steps_per_call": 4},
         "torch": {"seconds": torch_seconds}, "jax_over_torch": {"train step": 1.6 / 1.28}}}}
@@ -120,7 +121,7 @@ def test_benchmark_table_comes_from_bench_files(tmp_path):
     reproduce.update_docs(results, [readme])
     text = readme.read_text()
     assert ("| `bench-cpu.json` (float32, batch 128) | vgg_bn_drop | 0.500 / 0.400 | 1.000 / 0.800 | 1.500 / 1.200 | "
-            "1.600 / 1.280 | 1.25 | 4 | 80 | 1.2 % | 1 x cpu (Test CPU, 2 cores) |") in text
+            "1.600 / 1.280 | 1.25 | 4 | 80 | 1.2 % | 123 GFLOP/s | 1 x cpu (Test CPU, 2 cores) |") in text
     assert "old" not in text and text.endswith("c\n")
 
 
