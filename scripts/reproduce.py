@@ -347,7 +347,7 @@ def bench_table(results_dir: Path) -> str:
         b = json.loads(path.read_text())
         device = machine.device_label(b["machine"])
         # Machines of one name differ (a KVM "AMD EPYC" measured 1.6x apart on two days): the peak says which ran.
-        peak = f"{b['matmul_peak_gflops']:.0f} GFLOP/s" if "matmul_peak_gflops" in b else "-"
+        peak = f"{b['matmul_peak_gflops']:.0f} GFLOP/s"  # bench.py writes it in every file, as batch and dtype
         for name, r in b["models"].items():
             jx, th = r["jax"]["seconds"], r.get("torch", {}).get("seconds", {})
 
