@@ -80,9 +80,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 def enable_compile_cache(path: str) -> None:
     """JAX's persistent compilation cache, so restarts and resumes do not recompile."""
-    if path == "none":
-        return
     path = path or os.environ.get("JAXCIFAR_COMPILE_CACHE") or str(Path(cache.default_cache_dir()) / "xla")
+    if path == "none":  # from the config or the environment alike
+        return
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

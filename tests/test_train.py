@@ -291,3 +291,18 @@ def test_the_progress_bar_hears_from_the_loop_between_log_boundaries(prepared, m
     shown.clear()
     trainer.train_epoch(trainer.init_state(), 1, progress=lambda done, loss: shown.append(done))
     assert shown == [6]  # boundaries only
+
+
+@pytest.mark.parametrize("where", ["config", "environment"])
+def test_none_turns_the_compile_cache_off_from_the_config_or_the_environment(where, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a "none" taken for a path would be created here
+    monkeypatch.setenv("JAXCIFAR_COMPILE_CACHE", "none" if where == "environment" else str(tmp_path / "xla"))
+    before = jax.config.jax_compilation_cache_dir
+    train.enable_compile_cache("none" if where == "config" else "")
+    assert jax.config.jax_compilation_cache_dir == before and not (tmp_path / "none").exists()
+    monkeypatch.setenv("JAXCIFAR_COMPILE_CACHE", str(tmp_path / "xla"))
+    try:
+        train.enable_compile_cache("")  # and a path is still taken
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
