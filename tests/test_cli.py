@@ -130,6 +130,34 @@ def test_ctrl_c_while_a_command_loads_is_one_line_too(tmp_path):
     assert proc.returncode == 130 and err.strip() == "jaxcifar: interrupted (Ctrl-C)", err[-2000:]
 
 
+BUSY_COMMAND = """
+import hashlib, time
+from jaxcifar import cli
+cli.interrupt_exits_quietly()
+t0 = time.monotonic()
+hashlib.pbkdf2_hmac("sha256", b"x", b"y", 20000)
+rounds = int(20000 * 5.0 / max(time.monotonic() - t0, 1e-4))  # about 5 s in one call
+print("busy", flush=True)
+hashlib.pbkdf2_hmac("sha256", b"x", b"y", rounds)  # in C, releasing the GIL, as a compiled call or device sync
+print("not interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_exits_at_once_while_the_main_thread_is_in_one_long_call():
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-u", "-c", BUSY_COMMAND], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "busy"
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 2.0  # not after the 5 s call
+    assert proc.returncode == 130 and err.strip() == "jaxcifar: interrupted (Ctrl-C)" and out == "", err[-2000:]
+
+
 @pytest.mark.parametrize("raised,code,printed", [
     (SystemExit("error: --epochs 0 must be at least 1"), 2, "error: --epochs 0 must be at least 1"),
     (errors.DataError("no such archive x.tar.gz; give --archive"), 2, "error: no such archive x.tar.gz; give --archive"),
