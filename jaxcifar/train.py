@@ -84,7 +84,10 @@ def enable_compile_cache(path: str) -> None:
     if path == "none":  # from the config or the environment alike
         return
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    # Every program, not only those over JAX's default 1 s of compiling: a start compiles ~60 small ones (init,
+    # placement, metrics, checksums) that the threshold leaves out. Measured on the tiny config, second start: 15.2 s
+    # wall with the 1 s threshold, 10.3-12.1 s with none, for 1.1 MB of cache instead of 0.7 MB (AMD EPYC).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def optimizer_state(config, epoch: int, step: int, lr: float) -> dict:
