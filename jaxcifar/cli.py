@@ -15,12 +15,12 @@ def interrupt_exits_quietly() -> None:
     """Ctrl-C from now on: one line and exit code 130 at once, without the interpreter's teardown. For a command's
     start, before its heavy imports (jax, tfds, torch: seconds), where a KeyboardInterrupt would be a traceback.
 
-    Acted on by a thread woken through `signal.set_wakeup_fd`, as training's StopFlag is: Python runs its own
-    handler only between bytecodes of the main thread, which sits in one compiled call or device sync for long
-    stretches (the fidelity run's JAX side, width 1/2 on one thread: about 25 s from Ctrl-C to its exit). The
-    Python-level handler stays for the moments the main thread is free, or where the pipe cannot be made."""
+    Acted on at once by a thread (signal_watch: the main thread may sit in one compiled call for many seconds);
+    the Python-level handler stays for the moments the main thread is free, or where no watcher can be installed."""
     import signal
     import threading
+
+    from jaxcifar.signal_watch import WakeupWatcher
 
     exiting = threading.Lock()
 
@@ -31,25 +31,11 @@ def interrupt_exits_quietly() -> None:
         sys.stdout.flush()
         os._exit(130)
 
-    def watch(read_fd: int) -> None:
-        while True:
-            try:
-                received = os.read(read_fd, 64)
-            except OSError:
-                return
-            if not received:
-                return
-            if signal.SIGINT in received:
-                exit_quietly()
-
     signal.signal(signal.SIGINT, exit_quietly)
     try:
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        WakeupWatcher([signal.SIGINT], exit_quietly, "interrupt")  # lives as long as the process
     except (OSError, ValueError):  # not the main thread, or no pipe: the Python-level handler alone
-        return
-    threading.Thread(target=watch, args=(read_fd,), name="interrupt", daemon=True).start()
+        pass
 
 
 def run_command(main) -> None:

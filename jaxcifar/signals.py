@@ -8,6 +8,7 @@ import sys
 import threading
 
 from jaxcifar import distributed
+from jaxcifar.signal_watch import WakeupWatcher
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -26,11 +27,10 @@ class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop asks after every compiled call (with several processes, at log
     boundaries, where they agree): the run saves, then stops.
 
-    The signal is acknowledged at once, by a thread woken through `signal.set_wakeup_fd`: Python runs its own
-    handlers only between bytecodes of the main thread, which sits inside a compiled call or a device sync for
-    seconds at a time (a 4-step call of the full-width VGG on a 2-core CPU: ~6-10 s). A second signal exits at
-    once with one line, without waiting for the save: orbax writes a save under a temporary name, so the
-    interrupted one is simply absent and the previous one is intact.
+    The signal is acknowledged at once, by a thread (signal_watch.WakeupWatcher), though the main thread sits
+    inside a compiled call or a device sync for seconds at a time. A second signal exits at once with one line,
+    without waiting for the save: orbax writes a save under a temporary name, so the interrupted one is simply
+    absent and the previous one is intact.
     """
 
     def __init__(self):
@@ -38,33 +38,16 @@ class StopFlag:
         # What the first signal's acknowledgement says happens next; the training loop sets a precise one.
         self.describe = lambda: "stopping at the next step boundary, then saving a checkpoint"
         self._previous = {}
-        self._previous_wakeup = None
-        self._pipe = None
+        self._watcher = None
         self._lock = threading.Lock()
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
             return self  # signals reach the main thread only; nothing to install
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        self._pipe = (read_fd, write_fd)
-        self._previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        self._watcher = WakeupWatcher(STOP_SIGNALS, self._received, "stop-signals")
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, _ignore_in_main_thread)
-        threading.Thread(target=self._watch, args=(read_fd,), name="stop-signals", daemon=True).start()
         return self
-
-    def _watch(self, read_fd: int) -> None:
-        while True:
-            try:
-                received = os.read(read_fd, 64)
-            except OSError:
-                return
-            if not received:  # __exit__ closed the pipe
-                return
-            for signum in received:
-                if signum in STOP_SIGNALS:
-                    self._received(signum)
 
     def _received(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -99,11 +82,9 @@ class StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        if self._pipe is not None:
-            signal.set_wakeup_fd(self._previous_wakeup)
-            for fd in self._pipe:
-                os.close(fd)  # the watcher's read returns: it ends
-            self._pipe = None
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
 
 
 def _ignore_in_main_thread(signum, frame):
