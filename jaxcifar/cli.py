@@ -16,7 +16,7 @@ def interrupt_exits_quietly() -> None:
     start, before its heavy imports (jax, tfds, torch: seconds), where a KeyboardInterrupt would be a traceback.
 
     Acted on at once by a thread (signal_watch: the main thread may sit in one compiled call for many seconds);
-    the Python-level handler stays for the moments the main thread is free, or where no watcher can be installed."""
+    the Python-level handler stays for the moments the main thread is free, or where no pipe can be made."""
     import signal
     import threading
 
@@ -34,7 +34,7 @@ def interrupt_exits_quietly() -> None:
     signal.signal(signal.SIGINT, exit_quietly)
     try:
         WakeupWatcher([signal.SIGINT], exit_quietly, "interrupt")  # lives as long as the process
-    except (OSError, ValueError):  # not the main thread, or no pipe: the Python-level handler alone
+    except OSError:  # no pipe to be had (out of file descriptors): the Python-level handler alone
         pass
 
 

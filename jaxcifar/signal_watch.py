@@ -45,9 +45,7 @@ class WakeupWatcher:
                     on_signal(signum)
 
     def close(self) -> None:
-        if self._fds is None:
-            return
+        """Once, by whoever installed it."""
         signal.set_wakeup_fd(self._previous)
         for fd in self._fds:
             os.close(fd)  # the watcher's read returns: it ends
-        self._fds = None
