@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -172,7 +173,9 @@ def test_a_commands_refusal_is_one_line_and_exit_code_2(capsys, raised, code, pr
     assert exit_.value.code == code and capsys.readouterr().err.strip() == printed
 
 
-def test_a_bug_in_a_command_is_one_line_that_names_its_traceback_file(capsys):
+def test_a_bug_in_a_command_is_one_line_that_names_its_traceback_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the file goes without a workdir
+
     def main():
         raise KeyError("oops")
 
@@ -180,4 +183,5 @@ def test_a_bug_in_a_command_is_one_line_that_names_its_traceback_file(capsys):
         cli.run_command(main)
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 1 and err.startswith("error: unexpected KeyError: 'oops' (") and "\n" not in err
-    assert "Traceback" in Path(err.split(" with ")[1].split(",")[0]).read_text()
+    kept = Path(err.split(" with ")[1].split(",")[0])
+    assert kept.parent == tmp_path and "Traceback" in kept.read_text()

@@ -2,6 +2,7 @@ import json
 import os
 import shutil
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +92,17 @@ def test_prepare_cli_reports_split_sizes(tmp_path, fake_archive, capsys):
     assert "airplane 20" in out and "airplane 5" in out
 
 
+def test_preparing_and_reading_leave_nothing_in_the_temp_folder(tmp_path, fake_archive, monkeypatch):
+    # tfds makes an empty temp folder each time a builder is made for an unprepared folder, and keeps it.
+    scratch = tmp_path / "system-temp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    data_dir = str(tmp_path / "tfds")
+    tfds_cifar10.prepare(data_dir, str(fake_archive[0]), archive_lib.read_md5_file(fake_archive[1]))
+    tfds_cifar10.load_uint8(data_dir)
+    assert list(scratch.iterdir()) == []
+
+
 def test_prepare_cli_error_is_one_line(tmp_path, capsys):
     rc = prepare.main(["--archive", str(tmp_path / "missing.tar.gz"), "--data-dir", str(tmp_path / "t")])
     err = capsys.readouterr().err.strip()
@@ -109,10 +121,9 @@ def test_tfds_roundtrip_preserves_images(prepared, fake_archive):
     assert raw["test_images"].shape == (50, 32, 32, 3)
 
 
-def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys):
+def test_cache_is_reused_and_corruption_rebuilt(prepared, capsys, tmp_path):
     data_dir, _, md5s, _ = prepared
-    import tempfile
-    cache_dir = tempfile.mkdtemp()
+    cache_dir = str(tmp_path / "cache")
     messages = []
     first = cache.load_preprocessed(data_dir, cache_dir, md5s=md5s, log=messages.append)
     assert any("preprocessing" in m for m in messages)
