@@ -112,8 +112,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         _usage_error(_unknown_field(config_file, overrides) or f"{errors.first_line(e)}; check the --config.* "
                      f"overrides against {config_file}")
     except Exception as e:  # loading the config file ran its code: a syntax or runtime error there is the user's
-        _usage_error(f"--config {config_file}: cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                     "fix the file or give another")
+        # ...unless an override names a field inside one that does not exist (ml_collections: a KeyError)
+        first = str(e).splitlines()[0] if str(e) else ""
+        _usage_error(_unknown_field_if_loadable(config_file, overrides) or
+                     f"--config {config_file}: cannot be loaded ({type(e).__name__}: {first}); fix the file or give another")
 
 
 def _unknown_field(config_file: str, overrides: list[str]) -> str | None:
@@ -127,7 +129,11 @@ def _unknown_field(config_file: str, overrides: list[str]) -> str | None:
     for flag in overrides:
         node, path = config, flag[len("--config."):].split(".")
         for depth, key in enumerate(path):
-            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if not hasattr(node, "keys"):
+                group = ".".join(path[:depth])
+                return (f"{flag}: {group} in {config_file} is a single value, not a group of fields; "
+                        f"give --config.{group}=VALUE")
+            fields = list(node.keys())
             if key not in fields:
                 where = ".".join(path[:depth]) + "." if depth else ""
                 close = difflib.get_close_matches(key, fields, n=1)
@@ -136,6 +142,13 @@ def _unknown_field(config_file: str, overrides: list[str]) -> str | None:
                 return f"{flag}: {config_file} has no field {where}{key}; {hint}"
             node = node[key]
     return None
+
+
+def _unknown_field_if_loadable(config_file: str, overrides: list[str]) -> str | None:
+    try:
+        return _unknown_field(config_file, overrides)
+    except Exception:  # the file itself does not load: the caller says so
+        return None
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:
