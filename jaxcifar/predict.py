@@ -24,6 +24,7 @@ import sys
 import numpy as np
 
 from jaxcifar import archive, errors, evaluate, preprocess
+from jaxcifar import workdir as workdir_lib
 
 
 def load_image(path: str) -> np.ndarray:
@@ -126,14 +127,15 @@ def main(argv=None) -> int:
     for path, reason in failed.items():
         print(f"error: {path}: {reason}", file=sys.stderr)
     results = {}
-    if images:
-        try:
+    try:
+        workdir_lib.existing_workdir(args.workdir)  # said even when no image could be read: two mistakes, both named
+        if images:
             trained = evaluate.load_trained(args.workdir, args.step, args.best, args.seed)
             results = classify_images(trained, images)
             check_probabilities(results, args.workdir)
-        except errors.JaxcifarError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+    except errors.JaxcifarError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({"probabilities": results, "errors": failed}, indent=1))
     else:

@@ -52,9 +52,9 @@ def test_predict_reads_its_inputs_before_loading_a_model(tmp_path, capsys):
     bomb = png_header(tmp_path / "bomb.png", 20000, 20000)
     rc = predict.main(["--workdir", str(tmp_path / "no-such-run"), str(tmp_path / "missing.png"), str(bomb)])
     err = capsys.readouterr().err
-    assert rc == 1  # the files' errors, found before the (absent) model would have been loaded
+    assert rc == 2  # the files' errors, found before the model would be loaded, and then the absent run's
     assert "missing.png: no such file" in err and "bomb.png: refused" in err and "Traceback" not in err
-    assert "no-such-run" not in err
+    assert err.index("bomb.png: refused") < err.index("workdir") and "no-such-run does not exist" in err
 
 
 def test_predict_prints_one_line_per_image_and_the_table_on_request(trained_run, tmp_path, capsys):
