@@ -15,6 +15,7 @@ so every number in it comes from a run.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import itertools
 import json
@@ -161,10 +162,11 @@ def result_rows(results_dir: Path) -> list[dict]:
                      "widths": {r["config"].get("width", 1.0) for r in runs},
                      # Only where every seed has one: a mean over some seeds would pass for all of them.
                      "recomputed_bn": (bn, runs[0]["recomputed_bn"]["batches"]) if len(bn) == len(accs) else None})
-    for (name, width, side, device, done, planned), accs in sorted(reduced_width_runs(results_dir).items()):
+    for (name, width, side, done, planned), runs in sorted(reduced_width_runs(results_dir).items()):
         rows.append({"name": name, "label": f"`{name}` at width {WIDTHS.get(width, f'{width:g}')}, {SIDES[side]}",
-                     "claim": SEED_CLAIMS.get(name), "full_width": False, "accs": accs, "done": done,
-                     "planned": planned, "device": device, "wall": None, "ips": None})
+                     "claim": SEED_CLAIMS.get(name), "full_width": False, "accs": [acc for acc, _ in runs],
+                     "done": done, "planned": planned, "device": " and ".join(dict.fromkeys(d for _, d in runs)),
+                     "wall": None, "ips": None})
     return rows
 
 
@@ -178,8 +180,9 @@ def results_table(results_dir: Path) -> str:
         ips = "-" if row["ips"] is None else f"{row['ips']:,.0f}"
         lines.append(f"| {row['label']} | {claim} | {_mean_std(row['accs'])} | {len(row['accs'])} | "
                      f"{_epochs(row['done'], row['planned'])} | {wall} | {ips} | {row['device']} |")
-    shown = [(r["label"], r["done"], r["planned"], r["claim"] is not None and r["full_width"], r["accs"])
-             for r in rows]
+    repeated = {label for label, n in collections.Counter(r["label"] for r in rows).items() if n > 1}
+    shown = [(r["label"] + (f" on {r['device']}" if r["label"] in repeated else ""), r["done"], r["planned"],
+              r["claim"] is not None and r["full_width"], r["accs"]) for r in rows]
     return "\n".join(lines) + "\n\n" + results_status(shown)
 
 
@@ -192,11 +195,12 @@ def headline(results_dir: Path) -> str:
     for row in rows:
         if row["done"] < row["planned"] or row["name"] in TRY_CONFIGS:
             continue
-        seeds = f"{len(row['accs'])} seed{'s' if len(row['accs']) > 1 else ''}"
+        each = " and ".join(f"{a:.2f}" for a in row["accs"])
+        seeds = f"{len(row['accs'])} seeds: {each} %;" if len(row["accs"]) > 1 else "1 seed,"
         wall = "" if row["wall"] is None else f", {runlog_duration(row['wall'])}"
         width = ", full width" if row["full_width"] and row.get("widths") == {1.0} else ""
         line = (f"- {row['label']}{width}, {row['done']} epochs: **{_mean_std(row['accs'])}** final test accuracy "
-                f"({seeds}, {row['device']}{wall})")
+                f"({seeds} {row['device']}{wall})")
         if row.get("recomputed_bn"):
             accs, batches = row["recomputed_bn"]
             line += (f"; {_mean_std(accs)} with BatchNorm statistics re-estimated from {batches} training batches "
@@ -287,19 +291,20 @@ WIDTHS = {0.5: "½", 0.25: "¼", 0.125: "⅛"}
 SIDES = {"jax": "JAX", "torch": "PyTorch port"}
 
 
-def reduced_width_runs(results_dir: Path) -> dict[tuple, list[float]]:
+def reduced_width_runs(results_dir: Path) -> dict[tuple, list[tuple[float, str]]]:
     """Final test accuracies of scripts/fidelity.py's runs of a recipe as it stands, over its whole schedule, at
-    reduced width: {(config name, width, side, device, epochs done, epochs planned): [accuracy per seed]}.
+    reduced width: {(config name, width, side, epochs done, epochs planned): [(accuracy, device) per seed]}.
+    Seeds trained on other machines join one group: a final accuracy is the recipe's, not the machine's.
     Shorter schedules and variants are the fidelity table's alone."""
-    groups: dict[tuple, list[float]] = {}
+    groups: dict[tuple, list[tuple[float, str]]] = {}
     for path in sorted((results_dir / "fidelity").glob("*.json")):
         r = json.loads(path.read_text())
         name = Path(r["config_file"]).stem
         if r["variant"] != "recipe" or r["overrides"] or not r["epochs"] or r["num_epochs"] != recipe_epochs(name):
             continue
         device = f"1 x cpu ({r['cpu']}, {r['threads']} thread{'s' if r['threads'] > 1 else ''})"
-        key = (name, r["width"], r["side"], device, r["epochs"][-1]["epoch"], r["num_epochs"])
-        groups.setdefault(key, []).append(r["epochs"][-1]["test_accuracy"])
+        key = (name, r["width"], r["side"], r["epochs"][-1]["epoch"], r["num_epochs"])
+        groups.setdefault(key, []).append((r["epochs"][-1]["test_accuracy"], device))
     return groups
 
 
@@ -326,9 +331,9 @@ def _epochs(done: int, planned: int) -> str:
 def results_status(shown: list[tuple]) -> str:
     """Which rows are complete runs (with what they reached), which are partial, and whether any complete run tests
     the seed's claim."""
-    complete = sorted({f"{label} ({statistics.mean(accs):.2f} %, {len(accs)} seed{'s' if len(accs) > 1 else ''})"
-                       for label, done, planned, _, accs in shown if done == planned})
-    partial = sorted({f"{label} ({done} of {planned} epochs)" for label, done, planned, *_ in shown if done < planned})
+    complete = sorted(f"{label} ({statistics.mean(accs):.2f} %, {len(accs)} seed{'s' if len(accs) > 1 else ''})"
+                      for label, done, planned, _, accs in shown if done == planned)
+    partial = sorted(f"{label} ({done} of {planned} epochs)" for label, done, planned, *_ in shown if done < planned)
     claimed = [label for label, done, planned, claim, _ in shown if claim and done == planned]
     lines = [f"Complete runs, mean final test accuracy: {'; '.join(complete) or 'none'}. "
              f"Partial runs (stopped early, not comparable with the seed's numbers): {', '.join(partial) or 'none'}."]

@@ -129,10 +129,10 @@ def test_reduced_width_runs_of_a_whole_schedule_join_the_results_table(tmp_path)
     results = tmp_path / "results"
     (results / "fidelity").mkdir(parents=True)
 
-    def fidelity_run(name, side, epochs_done, num_epochs, variant="recipe", accuracy=70.0):
-        run = {"side": side, "variant": variant, "seed": 0, "config_file": "configs/vgg_fast.py",
+    def fidelity_run(name, side, epochs_done, num_epochs, variant="recipe", accuracy=70.0, seed=0, cpu="Test CPU"):
+        run = {"side": side, "variant": variant, "seed": seed, "config_file": "configs/vgg_fast.py",
                "overrides": [] if variant == "recipe" else ["dropout_bits=32"], "width": 0.5,
-               "num_epochs": num_epochs, "threads": 1, "cpu": "Test CPU",
+               "num_epochs": num_epochs, "threads": 1, "cpu": cpu,
                "epochs": [{"epoch": e, "train_loss": 1.0, "train_accuracy": 75.0, "test_accuracy": accuracy,
                            "train_images_eval_accuracy": 70.0} for e in range(1, epochs_done + 1)]}
         (results / "fidelity" / f"{name}.json").write_text(json.dumps(run))
@@ -153,6 +153,22 @@ def test_reduced_width_runs_of_a_whole_schedule_join_the_results_table(tmp_path)
     assert lines[0] == ("- `vgg_fast` at width ½, JAX, 40 epochs: **81.25 %** final test accuracy (1 seed, "
                         "1 x cpu (Test CPU, 1 thread))")
     assert len(lines) == 2 and "No complete run at the recipes' own width yet" in lines[1]
+
+    # a second seed, trained on another machine, joins the first: one row of two seeds, not two rows of one
+    fidelity_run("jax-w0.5-s1", "jax", 40, 40, accuracy=80.25, seed=1, cpu="Other CPU")
+    table = reproduce.results_table(results)
+    assert ("| `vgg_fast` at width ½, JAX | 92.45 % (full width) | 80.75 ± 0.71 % | 2 | 40 | - | - | "
+            "1 x cpu (Test CPU, 1 thread) and 1 x cpu (Other CPU, 1 thread) |") in table
+    assert "`vgg_fast` at width ½, JAX (80.75 %, 2 seeds)." in table
+    assert reproduce.headline(results).splitlines()[0] == (
+        "- `vgg_fast` at width ½, JAX, 40 epochs: **80.75 ± 0.71 %** final test accuracy "
+        "(2 seeds: 81.25 and 80.25 %; 1 x cpu (Test CPU, 1 thread) and 1 x cpu (Other CPU, 1 thread))")
+    # a third seed still running: its own partial row; the summary tells the two rows of one label apart
+    fidelity_run("jax-w0.5-s2", "jax", 12, 40, seed=2, cpu="Third CPU")
+    table = reproduce.results_table(results)
+    assert "`vgg_fast` at width ½, JAX on 1 x cpu (Third CPU, 1 thread) (12 of 40 epochs)" in table
+    assert ("`vgg_fast` at width ½, JAX on 1 x cpu (Test CPU, 1 thread) and 1 x cpu (Other CPU, 1 thread) "
+            "(80.75 %") in table
 
 
 def test_readme_gap_block_takes_the_ten_epoch_fidelity_runs(tmp_path):
