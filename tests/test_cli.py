@@ -12,8 +12,8 @@ from jaxcifar import cli, errors
 from conftest import REPO
 
 
-@pytest.mark.parametrize("case", ["unknown field", "typo", "nested typo", "unknown group", "missing config", "workdir under a file",
-                                  "bad md5 line", "workdir too long to save in", "workdir name too long",
+@pytest.mark.parametrize("case", ["unknown field", "typo", "nested typo", "unknown group", "below a value",
+                                  "missing config", "workdir under a file", "bad md5 line", "workdir too long to save in", "workdir name too long",
                                   "workdir not utf-8", "eleven classes", "infinite width", "huge seed",
                                   "empty seed entry", "config returns None", "config returns a dict",
                                   "config lacks fields"])
@@ -28,6 +28,8 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
         "nested typo": (["--config.optimizer.learning_rat=2"], "did you mean --config.optimizer.learning_rate?"),
         "unknown group": (["--config.optim.lr=2"], "--config.optim.lr: configs/tiny.py has no field optim; did you mean "
                                                    "--config.optimizer?"),
+        "below a value": (["--config.width.x=2"], "--config.width.x: width in configs/tiny.py is a single value, not a "
+                                                  "group of fields; give --config.width=VALUE"),
         "missing config": (["--config", "configs/nope.py"], "--config configs/nope.py: no such file"),
         "workdir under a file": (["--workdir", str(tmp_path / "file" / "x")], "cannot create --workdir"),
         "bad md5 line": ([f"--config.data.md5_file={tmp_path / 'sums.md5'}"], "sums.md5, line 1: 'abc'"),
@@ -57,11 +59,6 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
     assert r.stderr.strip().splitlines() == [f"error: {r.stderr.strip()[7:]}"] and expected in r.stderr, r.stderr
     if case == "bad md5 line":  # a run that fails on its data says why in its log too
         assert expected in (tmp_path / "w" / "log.txt").read_text()
-
-
-def test_an_override_below_a_single_value_is_named_as_such():
-    assert cli._unknown_field("configs/tiny.py", ["--config.width.x"]) == (
-        "--config.width.x: width in configs/tiny.py is a single value, not a group of fields; give --config.width=VALUE")
 
 
 def _config_file(folder, returned: str) -> str:
