@@ -41,6 +41,8 @@ mkdir -p "$out" "$work"
 exec > >(tee -a "$out/gpu_run.log") 2>&1
 export TQDM_DISABLE=1  # progress bars would fill the log that comes back
 left() { echo $(( budget - ($(date +%s) - start) )); }
+# Why a timed stage ended early: out of time (timeout's 124) and a failure call for different fixes.
+why() { if [ "$1" = 124 ]; then echo "ran out of its time"; else echo "failed (exit code $1)"; fi; }
 echo "== gpu_run.sh $(date -u +%FT%TZ), budget ${budget} s, work dir $work"
 
 echo "== installing dependencies from $wheels (no network)"
@@ -77,10 +79,10 @@ if [ "${BENCH:-1}" != 0 ]; then
   echo "== benchmark"
   # shellcheck disable=SC2086
   timeout --signal=TERM "$(left)" $py -m jaxcifar.bench $bench_args --step-variants --json "$bench32" \
-    || echo "benchmark (fp32) failed or ran out of time; training uses the defaults"
+    || echo "benchmark (fp32) $(why $?); training uses the defaults"
   # shellcheck disable=SC2086
   timeout --signal=TERM "$(( $(left) / 4 ))" $py -m jaxcifar.bench $bench_args --models vgg_bn_drop \
-    --dtype bfloat16 --json "$bench16" || echo "benchmark (bf16) failed or ran out of time"
+    --dtype bfloat16 --json "$bench16" || echo "benchmark (bf16) $(why $?)"
 fi
 
 # The fastest step settings the benchmark found for VGG, as --config flags.
@@ -99,11 +101,10 @@ for stage in $stages; do
   [ "$dtype" = float32 ] || tag="$name-$dtype"
   workdir="$runs/$tag-s${seeds//,/-}"
   # shellcheck disable=SC2086
-  if ! timeout --signal=TERM --kill-after=30 "$(( $(left) - 15 ))" $py -m jaxcifar.train \
+  timeout --signal=TERM --kill-after=30 "$(( $(left) - 15 ))" $py -m jaxcifar.train \
       --config "configs/$name.py" --workdir "$workdir" --config.seeds="$seeds" --config.dtype="$dtype" \
-      --config.data.archive="$archive" $train_md5 $overrides; then
-    echo "$name stopped early (budget or failure): its finished epochs are written as a partial result"
-  fi
+      --config.data.archive="$archive" $train_md5 $overrides \
+    || echo "$name $(why $?): its finished epochs are written as a partial result"
   if [ -s "$workdir/metrics.jsonl" ]; then
     $py scripts/reproduce.py --from-workdir "$workdir" --config-name "$tag" --results "$out" --no-readme
   fi
