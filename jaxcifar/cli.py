@@ -115,7 +115,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         # ...unless an override names a field inside one that does not exist (ml_collections: a KeyError)
         first = str(e).splitlines()[0] if str(e) else ""
         _usage_error(_unknown_field_if_loadable(config_file, overrides) or
-                     f"--config {config_file}: cannot be loaded ({type(e).__name__}: {first}); fix the file or give another")
+                     f"--config {config_file}: cannot be loaded ({type(e).__name__}: {first}); fix the file or give "
+                     "another")
 
 
 def _unknown_field(config_file: str, overrides: list[str]) -> str | None:
