@@ -13,8 +13,8 @@ from conftest import REPO
 
 
 @pytest.mark.parametrize("case", ["unknown field", "typo", "nested typo", "unknown group", "below a value",
-                                  "missing config", "workdir under a file", "bad md5 line", "workdir too long to save in", "workdir name too long",
-                                  "workdir not utf-8", "eleven classes", "infinite width", "huge seed",
+                                  "missing config", "workdir under a file", "bad md5 line",
+                                  "workdir too long to save in", "workdir name too long", "workdir not utf-8", "eleven classes", "infinite width", "huge seed",
                                   "empty seed entry", "config returns None", "config returns a dict",
                                   "config lacks fields"])
 def test_train_command_line_errors_are_one_line(tmp_path, case):
@@ -26,8 +26,8 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
         "typo": (["--config.num_epoch=2"], "--config.num_epoch: configs/tiny.py has no field num_epoch; did you mean "
                                            "--config.num_epochs?"),
         "nested typo": (["--config.optimizer.learning_rat=2"], "did you mean --config.optimizer.learning_rate?"),
-        "unknown group": (["--config.optim.lr=2"], "--config.optim.lr: configs/tiny.py has no field optim; did you mean "
-                                                   "--config.optimizer?"),
+        "unknown group": (["--config.optim.lr=2"], "--config.optim.lr: configs/tiny.py has no field optim; did you "
+                                                   "mean --config.optimizer?"),
         "below a value": (["--config.width.x=2"], "--config.width.x: width in configs/tiny.py is a single value, not a "
                                                   "group of fields; give --config.width=VALUE"),
         "missing config": (["--config", "configs/nope.py"], "--config configs/nope.py: no such file"),
