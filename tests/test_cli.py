@@ -14,7 +14,8 @@ from conftest import REPO
 
 @pytest.mark.parametrize("case", ["unknown field", "typo", "nested typo", "unknown group", "below a value",
                                   "missing config", "workdir under a file", "bad md5 line",
-                                  "workdir too long to save in", "workdir name too long", "workdir not utf-8", "eleven classes", "infinite width", "huge seed",
+                                  "workdir too long to save in", "workdir name too long", "workdir not utf-8",
+                                  "eleven classes", "infinite width", "huge seed",
                                   "empty seed entry", "config returns None", "config returns a dict",
                                   "config lacks fields"])
 def test_train_command_line_errors_are_one_line(tmp_path, case):
