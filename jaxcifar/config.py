@@ -13,6 +13,7 @@ FLIP_MODES = ("batchflip", "independent", "none")
 DTYPES = ("float32", "bfloat16")
 MAX_WIDTH = 16  # the channel multiplier: 16 times the original VGG is already ~4 billion parameters
 
+
 def seed_list(config) -> list[int]:
     """The seeds of the runs trained together: `seeds` if set, else [`seed`]."""
     text = str(config.get("seeds", "") or "").strip()

@@ -447,4 +447,3 @@ def batch_norm_epsilons(model: nn.Module, image_shape) -> dict[str, float]:
     with nn.intercept_methods(record):
         jax.eval_shape(lambda key: init_variables(model, key, image_shape), jax.random.key(0))
     return found
-

@@ -30,6 +30,7 @@ SCHEDULES_OVER_THE_RUN = ("cosine", "onecycle")
 # Step choices that change the random stream (not only the rounding): a resume must keep them.
 FIXED_STEP_CHOICES = ("dropout_bits",)
 
+
 def config_field(config, dotted: str):
     value = config
     for part in dotted.split("."):

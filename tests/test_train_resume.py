@@ -15,6 +15,7 @@ from jaxcifar.signals import TrainingInterrupted
 from jaxcifar.trainer import Trainer
 from conftest import REPO, assert_same_leaves, damage_every_data_file, tiny_config
 
+
 def assert_same_metrics(a, b):
     ma, mb = runlog.untimed_records(a), runlog.untimed_records(b)
     assert [r["epoch"] for r in ma] == [r["epoch"] for r in mb]
