@@ -105,18 +105,31 @@ def parse_flags(argv: list[str]) -> list[str]:
             _usage_error(f"--config {config_file}: get_config() returned None; it must return the recipe's "
                          "ml_collections.ConfigDict, as configs/vgg.py does")
         _usage_error(f"{missing} is required" if missing else text[0] + (f" ({text[-1].strip()})" if len(text) > 1 else ""))
-    except AttributeError as e:  # ml_collections: an override naming no field of the config
-        if "get_config" in str(e):
-            _usage_error(f"--config {config_file}: the file defines no get_config(); a config file returns its "
-                         "ml_collections.ConfigDict from get_config(), as configs/vgg.py does")
-        _usage_error(_unknown_field(config_file, overrides) or f"{errors.first_line(e)}; check the --config.* "
-                     f"overrides against {config_file}")
-    except Exception as e:  # loading the config file ran its code: a syntax or runtime error there is the user's
-        # ...unless an override names a field inside one that does not exist (ml_collections: a KeyError)
-        first = str(e).splitlines()[0] if str(e) else ""
-        _usage_error(_unknown_field_if_loadable(config_file, overrides) or
-                     f"--config {config_file}: cannot be loaded ({type(e).__name__}: {first}); fix the file or give "
-                     "another")
+    except Exception as e:  # absl loaded the config file (running its code), then applied the overrides
+        _usage_error(_config_error(config_file, overrides, e))
+
+
+def _config_error(config_file: str, overrides: list[str], e: Exception) -> str:
+    """The one line for what failed in loading the config file or applying the overrides: the file's own code
+    first (whatever it raised), then an override naming no field (ml_collections: an AttributeError, or a KeyError
+    inside a group that does not exist)."""
+    if isinstance(e, AttributeError) and "get_config" in str(e):
+        return (f"--config {config_file}: the file defines no get_config(); a config file returns its "
+                "ml_collections.ConfigDict from get_config(), as configs/vgg.py does")
+    try:
+        unknown = _unknown_field(config_file, overrides)  # loads the file again, without the overrides
+    except Exception as own:  # the file's code raised: the error is there, not in the overrides
+        return _cannot_load(config_file, own)
+    if unknown:
+        return unknown
+    if isinstance(e, AttributeError):
+        return f"{errors.first_line(e)}; check the --config.* overrides against {config_file}"
+    return _cannot_load(config_file, e)
+
+
+def _cannot_load(config_file: str, e: Exception) -> str:
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"--config {config_file}: cannot be loaded ({type(e).__name__}: {first}); fix the file or give another"
 
 
 def _unknown_field(config_file: str, overrides: list[str]) -> str | None:
@@ -143,13 +156,6 @@ def _unknown_field(config_file: str, overrides: list[str]) -> str | None:
                 return f"{flag}: {config_file} has no field {where}{key}; {hint}"
             node = node[key]
     return None
-
-
-def _unknown_field_if_loadable(config_file: str, overrides: list[str]) -> str | None:
-    try:
-        return _unknown_field(config_file, overrides)
-    except Exception:  # the file itself does not load: the caller says so
-        return None
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:

@@ -17,7 +17,7 @@ from conftest import REPO
                                   "workdir too long to save in", "workdir name too long", "workdir not utf-8",
                                   "eleven classes", "infinite width", "huge seed",
                                   "empty seed entry", "config returns None", "config returns a dict",
-                                  "config lacks fields"])
+                                  "config lacks fields", "config code raises AttributeError"])
 def test_train_command_line_errors_are_one_line(tmp_path, case):
     (tmp_path / "file").write_text("")
     (tmp_path / "sums.md5").write_text("abc\n")
@@ -47,6 +47,10 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
                                   "get_config() returned a dict, not an ml_collections.ConfigDict"),
         "config lacks fields": (["--config", _config_file(tmp_path, "ml_collections.ConfigDict({'model': 'nin'})")],
                                 "it lacks the fields batch_norm, batch_size,"),
+        # an error in the file's own code, of the type ml_collections also raises for an unknown override
+        "config code raises AttributeError": (["--config", _config_file(tmp_path, "ml_collections.no_such_thing")],
+                                              "cannot be loaded (AttributeError: module 'ml_collections' has no "
+                                              "attribute 'no_such_thing'); fix the file"),
     }[case]
     base = {"--config": "configs/tiny.py", "--workdir": str(tmp_path / "w")}
     for flag in ("--config", "--workdir"):
