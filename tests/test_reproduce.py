@@ -174,20 +174,23 @@ def test_reduced_width_runs_of_a_whole_schedule_join_the_results_table(tmp_path)
 def test_readme_gap_block_takes_the_ten_epoch_fidelity_runs(tmp_path):
     results = tmp_path / "results"
     (results / "fidelity").mkdir(parents=True)
-    runs = (("jax-w0.25-s0", 0, 10, 60.0), ("jax-w0.25-s1", 1, 10, 60.0), ("jax-w0.5-s0", 0, 40, 87.5),
-            ("torch-w0.5-s0", 0, 40, 86.0))
-    for name, seed, num_epochs, test in runs:
+    runs = (("jax-w0.25-s0", 0, 10, 60.0, 10), ("jax-w0.25-s1", 1, 10, 60.0, 10), ("jax-w0.5-s0", 0, 40, 87.5, 40),
+            ("torch-w0.5-s0", 0, 40, 86.0, 40), ("torch-w0.5-s1", 1, 40, 0.0, 0))  # the last one just started
+    for name, seed, num_epochs, test, done in runs:
         side, width, _ = name.split("-")
         (results / "fidelity" / f"{name}.json").write_text(json.dumps(
             {"side": side, "variant": "recipe", "overrides": [], "config_file": "configs/vgg_fast.py",
              "cpu": "Test CPU", "threads": 1, "seed": seed, "width": float(width[1:]), "num_epochs": num_epochs,
              "epochs": [{"epoch": e, "train_loss": 1.0, "train_accuracy": 70.0 + seed, "test_accuracy": test,
-                         "train_images_eval_accuracy": 60.0} for e in range(1, num_epochs + 1)]}))
+                         "train_images_eval_accuracy": 60.0} for e in range(1, done + 1)]}))
     readme = tmp_path / "README.md"
     readme.write_text(f"{reproduce.TABLE_START}\n{reproduce.TABLE_END}\n"
-                      f"{reproduce.GAPS_START}\nold\n{reproduce.GAPS_END}\n")
+                      f"{reproduce.GAPS_START}\nold\n{reproduce.GAPS_END}\n"
+                      f"{reproduce.FIDELITY_START}\n{reproduce.FIDELITY_END}\n")
     reproduce.update_docs(results, [readme])
-    block = readme.read_text().split(reproduce.GAPS_START)[1]
+    per_run = readme.read_text().split(reproduce.FIDELITY_START)[1]
+    assert "| torch | 0.5 | recipe | 0 | 40 |" in per_run and "| torch | 0.5 | recipe | 1 |" not in per_run
+    block = readme.read_text().split(reproduce.GAPS_START)[1].split(reproduce.GAPS_END)[0]
     assert "| jax | 0.25 | recipe | 10 | 2 | 10.0 / 11.0 | 10.50 ± 0.50 | 60.00 ± 0.00 |" in block
     gaps, whole = block.split("\n\n")  # no torch run at 0.25: no comparison of G
     assert "old" not in block and "| 0.5 |" not in gaps  # the 40-epoch runs have another window

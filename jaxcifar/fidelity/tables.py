@@ -12,8 +12,9 @@ from jaxcifar.fidelity.comparison import (SIGNIFICANT_SE, beyond_criterion, form
 
 
 def table(paths: list[str]) -> str:
-    """A markdown table of each run's last epoch, then the mean of each (side, width, variant, epochs) group."""
-    runs = [json.loads(Path(p).read_text()) for p in paths]
+    """A markdown table of each run's last epoch, then the mean of each (side, width, variant, epochs) group.
+    A run that has not finished its first epoch (its file is written when it starts) has no row yet."""
+    runs = [r for r in (json.loads(Path(p).read_text()) for p in paths) if r["epochs"]]
     lines = ["| side | width | variant | seed | epochs | train loss | train acc (train mode) | eval acc, train images | "
              "eval acc, test | gap (train mode - test) | test, BN re-estimated without dropout | "
              "test, dropout-on BN stats: mean var / mean inverse std (torch7) |",
