@@ -24,14 +24,20 @@ def _rows(path):
 
 
 @pytest.mark.parametrize("side", ["jax", "torch"])
-def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, tmp_path):
+def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, tmp_path, capsys):
     if side == "torch":
         import_torch()
     whole = tmp_path / "whole.json"
     assert command.main(_argv(prepared, side, whole, tmp_path / "w-whole")) == 0
+    last_line = capsys.readouterr().out.splitlines()[-1]  # the run ends on one line: its status, accuracy and file
+    accuracy = json.loads(whole.read_text())["epochs"][-1]["test_accuracy"]
+    assert last_line.startswith(f"[{side} s0 ") and last_line.endswith(f"at epoch 2; {whole}")
+    assert f"] complete: test accuracy {accuracy:.2f} % (" in last_line
     split = tmp_path / "split.json"
     assert command.main(_argv(prepared, side, split, tmp_path / "w-split", "--stop-after", "1")) == 0
     assert [r["epoch"] for r in _rows(split)] == [1]
+    assert (f"] stopped after epoch 1 of 2 (the same command resumes from {tmp_path / 'w-split'})"
+            in capsys.readouterr().out.splitlines()[-1])
     # a row written after the last save (a kill between the two) is replaced by the resumed run's
     stale = json.loads(split.read_text())
     stale["epochs"].append(dict(stale["epochs"][0], epoch=2, train_loss=-1.0))
@@ -59,13 +65,14 @@ def test_a_run_stopped_and_resumed_matches_an_uninterrupted_one(side, prepared, 
     assert not other.exists()
 
 
-def test_seeds_run_one_process_each_and_gaps_summarise_them(prepared, tmp_path, monkeypatch):
+def test_seeds_run_one_process_each_and_gaps_summarise_them(prepared, tmp_path, monkeypatch, capsys):
     import_torch()  # the runner is the same for either side; the port's runs start fastest
     out = tmp_path / "torch-s{seed}.json"
     monkeypatch.setenv("JAXCIFAR_CACHE_DIR", str(tmp_path / "cache"))  # the runs' default workdirs
     argv = _argv(prepared, "torch", out, tmp_path / "unused", "--seeds", "0-1", "--jobs", "2")
     argv = command.drop_options(argv, ("--workdir",)) + ["--stop-after", "1"]
     assert command.main(argv) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"fidelity: 2 of 2 runs ran without error ({out})"
     runs = [json.loads((tmp_path / f"torch-s{k}.json").read_text()) for k in (0, 1)]
     assert [r["seed"] for r in runs] == [0, 1]
     assert runs[0]["epochs"][0]["train_loss"] != runs[1]["epochs"][0]["train_loss"]  # different seeds

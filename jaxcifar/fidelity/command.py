@@ -114,12 +114,25 @@ def run_one(args) -> None:
               "cpu": machine.cpu_name(), "train_eval_images": n, "recompute_bn_batches": args.recompute_bn_batches,
               "config": config.to_dict(), "epochs": []}
     workdir = Path(args.workdir) if args.workdir else runs.default_workdir(out)
-    record = runs.RunRecord(workdir, identity, result_writer(result, out, f"{args.side} s{args.seed} {variant}"),
-                            args.stop_after)
+    label = f"{args.side} s{args.seed} {variant}"
+    record = runs.RunRecord(workdir, identity, result_writer(result, out, label), args.stop_after)
+    runs.say(f"[{label}] {args.epochs} epochs; every finished epoch is saved in {workdir} and written to {out} "
+             "(Ctrl-C loses only the epoch under way: the same command resumes)")
     if args.side == "jax":
         runs.run_jax(config, dataset, measure, record)
     else:
         runs.run_torch(config, dataset, measure, record, args.same_stream)
+    print(summary_line(label, record.rows, args.epochs, out, workdir), flush=True)
+
+
+def summary_line(label: str, rows: list[dict], num_epochs: int, out: Path, workdir: Path) -> str:
+    """The run's last line: complete or where it stopped, its last test accuracy, and where its files are."""
+    last = rows[-1]  # at least epoch 1: --epochs and --stop-after are at least 1
+    recomputed = (f" ({last['test_accuracy_recomputed_bn']:.2f} % with BatchNorm statistics re-estimated)"
+                  if "test_accuracy_recomputed_bn" in last else "")
+    status = ("complete" if last["epoch"] == num_epochs
+              else f"stopped after epoch {last['epoch']} of {num_epochs} (the same command resumes from {workdir})")
+    return f"[{label}] {status}: test accuracy {last['test_accuracy']:.2f} %{recomputed} at epoch {last['epoch']}; {out}"
 
 
 def result_writer(result: dict, out: Path, label: str):
@@ -196,6 +209,8 @@ def run_seeds(argv: list[str], seeds: list[int], out: str, jobs: int) -> int:
                 failed.append(" ".join(proc.args[3:]))
     for f in failed:
         print(f"error: failed: {f}", file=sys.stderr)
+    print(f"fidelity: {len(seeds) - len(failed)} of {len(seeds)} runs ran without error ({out})"
+          + (f"; {len(failed)} failed (above)" if failed else ""), flush=True)
     return 1 if failed else 0
 
 
