@@ -132,7 +132,8 @@ def summary_line(label: str, rows: list[dict], num_epochs: int, out: Path, workd
                   if "test_accuracy_recomputed_bn" in last else "")
     status = ("complete" if last["epoch"] == num_epochs
               else f"stopped after epoch {last['epoch']} of {num_epochs} (the same command resumes from {workdir})")
-    return f"[{label}] {status}: test accuracy {last['test_accuracy']:.2f} %{recomputed} at epoch {last['epoch']}; {out}"
+    accuracy = f"test accuracy {last['test_accuracy']:.2f} %{recomputed} at epoch {last['epoch']}"
+    return f"[{label}] {status}: {accuracy}; {out}"
 
 
 def result_writer(result: dict, out: Path, label: str):
