@@ -19,6 +19,7 @@ import collections
 import functools
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -104,8 +105,16 @@ def write_result(result: dict, results_dir: Path) -> Path:
     seeds = result.get("seeds", [result["seed"]])
     which = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{'-'.join(map(str, seeds))}"
     path = results_dir / f"{result['config_name']}-{which}-{tag}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    write_atomically(path, json.dumps(result, indent=1) + "\n")
     return path
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """`text` in `path`, whole or not at all: a kill mid-write leaves the old file (a truncated result or README
+    would be a results file lost, or a page every later rebuild fails on)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:
@@ -137,7 +146,7 @@ def add_evaluation(result_path: Path, evaluation_path: Path) -> dict:
     per_seed = evaluation.get("per_seed", [evaluation])
     result["recomputed_bn"] = {"batches": evaluation["recomputed_bn_batches"], "step": evaluation["step"],
                                "test_accuracies": [r["accuracy"] for r in per_seed]}
-    Path(result_path).write_text(json.dumps(result, indent=1) + "\n")
+    write_atomically(Path(result_path), json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -405,6 +414,17 @@ def generated_blocks(results_dir: Path) -> dict[tuple[str, str], str]:
     return blocks
 
 
+def check_readable(results_dir: Path) -> None:
+    """Every JSON file the blocks are made from parses, or one line naming the first that does not."""
+    for path in sorted(results_dir.rglob("*.json")):
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {path} cannot be read as JSON ({getattr(e, 'strerror', None) or e}); every "
+                             f"JSON file under {results_dir} is read as a run's result: restore it (git checkout "
+                             "-- PATH, if it is tracked) or move it elsewhere; README.md and docs/ are unchanged") from None
+
+
 def update_docs(results_dir: Path, pages: list[Path] | None = None) -> list[Path]:
     """Rewrites every generated block found in `pages` (default: README.md and docs/*.md); returns the pages
     changed. The results table must be in one of them."""
@@ -412,6 +432,7 @@ def update_docs(results_dir: Path, pages: list[Path] | None = None) -> list[Path
     texts = {page: page.read_text() for page in pages}
     if not any(TABLE_START in t and TABLE_END in t for t in texts.values()):
         raise SystemExit(f"error: none of {', '.join(map(str, pages))} has the {TABLE_START} / {TABLE_END} markers")
+    check_readable(results_dir)
     changed = []
     for (start, end), body in generated_blocks(results_dir).items():
         for page, text in texts.items():
@@ -419,7 +440,7 @@ def update_docs(results_dir: Path, pages: list[Path] | None = None) -> list[Path
                 texts[page] = _fill(text, start, end, body)
     for page, text in texts.items():
         if text != page.read_text():
-            page.write_text(text)
+            write_atomically(page, text)
             changed.append(page)
     return changed
 
@@ -442,6 +463,8 @@ def main(argv=None) -> int:
                    help="add to RESULT (results/*.json) the accuracy with re-estimated BatchNorm statistics that "
                         "`python -m jaxcifar.evaluate --recompute-bn-stats N --json EVALUATION` wrote for its final epoch")
     args = p.parse_args(argv)
+    if args.table_only and args.no_readme:
+        p.error("--table-only with --no-readme does nothing: drop one of them")
     results_dir = Path(args.results)
     if args.add_evaluation:
         result = add_evaluation(*map(Path, args.add_evaluation))

@@ -52,6 +52,13 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     assert reproduce.write_result(together, results).name == "vgg_fast-seeds0-1-2-cpu.json"
     reproduce.update_docs(results, [readme])
     assert f"| `vgg_fast` | 92.45 % | {acc + 1.0:.2f} ± 1.00 % | 3 | 2 |" in readme.read_text()
+    # a damaged results file (e.g. cut by a kill mid-write) is named in one line, and the page is left as it was
+    before = readme.read_text()
+    (results / "fidelity").mkdir()
+    (results / "fidelity" / "cut.json").write_text('{"side": "jax", "epo')
+    with pytest.raises(SystemExit, match=f"^error: {results / 'fidelity' / 'cut.json'} cannot be read as JSON "):
+        reproduce.update_docs(results, [readme])
+    assert readme.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results", "run"]
 
 
 def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
