@@ -420,9 +420,10 @@ def check_readable(results_dir: Path) -> None:
         try:
             json.loads(path.read_text())
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {path} cannot be read as JSON ({getattr(e, 'strerror', None) or e}); every "
-                             f"JSON file under {results_dir} is read as a run's result: restore it (git checkout "
-                             "-- PATH, if it is tracked) or move it elsewhere; README.md and docs/ are unchanged") from None
+            why = getattr(e, "strerror", None) or e
+            raise SystemExit(f"error: {path} cannot be read as JSON ({why}); every JSON file under {results_dir} is "
+                             "read as a run's result: restore it (git checkout -- PATH, if it is tracked) or move it "
+                             "elsewhere; README.md and docs/ are unchanged") from None
 
 
 def update_docs(results_dir: Path, pages: list[Path] | None = None) -> list[Path]:

@@ -58,7 +58,8 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     (results / "fidelity" / "cut.json").write_text('{"side": "jax", "epo')
     with pytest.raises(SystemExit, match=f"^error: {results / 'fidelity' / 'cut.json'} cannot be read as JSON "):
         reproduce.update_docs(results, [readme])
-    assert readme.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results", "run"]
+    assert readme.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results", "run"]  # no temporary file left
 
 
 def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
