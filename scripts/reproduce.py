@@ -113,8 +113,13 @@ def write_atomically(path: Path, text: str) -> None:
     """`text` in `path`, whole or not at all: a kill mid-write leaves the old file (a truncated result or README
     would be a results file lost, or a page every later rebuild fails on)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SystemExit(f"error: cannot write {path} ({e.strerror or e}); {path.name} is as it was: fix that and "
+                         "run the same command again") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -60,6 +60,8 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
         reproduce.update_docs(results, [readme])
     assert readme.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results", "run"]  # no temporary file left
+    with pytest.raises(SystemExit, match="^error: cannot write .*missing/x.json .*: fix that and run the same command"):
+        reproduce.write_atomically(tmp_path / "missing" / "x.json", "{}")
 
 
 def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
