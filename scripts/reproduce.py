@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxcifar import machine
+from jaxcifar import errors, machine
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -122,19 +122,12 @@ def write_atomically(path: Path, text: str) -> None:
                          "run the same command again") from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: cannot read {path} as JSON ({getattr(e, 'strerror', None) or e}); give the file "
-                         "that scripts/reproduce.py or python -m jaxcifar.evaluate --json wrote") from None
-
-
 def add_evaluation(result_path: Path, evaluation_path: Path) -> dict:
     """The result at `result_path` with the test accuracy that `python -m jaxcifar.evaluate --recompute-bn-stats N
     --json EVALUATION` measured on the same run's final epoch (BatchNorm statistics re-estimated, a diagnostic);
     anything else is refused, naming what differs."""
-    result, evaluation = (_read_json(p) for p in (result_path, evaluation_path))
+    give = "give the file that scripts/reproduce.py or python -m jaxcifar.evaluate --json wrote"
+    result, evaluation = (errors.read_json(p, give) for p in (result_path, evaluation_path))
     seeds = evaluation.get("seeds", [evaluation.get("seed")])
     workdir = Path(str(evaluation.get("workdir")))
     problems = [problem for problem, ok in (
@@ -422,13 +415,9 @@ def generated_blocks(results_dir: Path) -> dict[tuple[str, str], str]:
 def check_readable(results_dir: Path) -> None:
     """Every JSON file the blocks are made from parses, or one line naming the first that does not."""
     for path in sorted(results_dir.rglob("*.json")):
-        try:
-            json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            why = getattr(e, "strerror", None) or e
-            raise SystemExit(f"error: {path} cannot be read as JSON ({why}); every JSON file under {results_dir} is "
-                             "read as a run's result: restore it (git checkout -- PATH, if it is tracked) or move it "
-                             "elsewhere; README.md and docs/ are unchanged") from None
+        errors.read_json(path, f"every JSON file under {results_dir} is read as a run's result: restore it (git "
+                               "checkout -- PATH, if it is tracked) or move it elsewhere; README.md and docs/ are "
+                               "unchanged")
 
 
 def update_docs(results_dir: Path, pages: list[Path] | None = None) -> list[Path]:

@@ -89,6 +89,26 @@ def test_seeds_run_one_process_each_and_gaps_summarise_them(prepared, tmp_path, 
     assert len(tables.gap_summary(paths, (2, 2)).splitlines()) == 2  # no run has reached epoch 2
 
 
+def test_tables_name_a_file_that_is_not_a_run_and_a_bad_window(tmp_path):
+    run = tmp_path / "jax-s0.json"
+    run.write_text(json.dumps({"side": "jax", "width": 0.25, "variant": "recipe", "seed": 0, "num_epochs": 2,
+                               "epochs": [{"epoch": e, "train_loss": 1.0, "train_accuracy": 60.0, "test_accuracy": 50.0,
+                                           "train_images_eval_accuracy": 55.0} for e in (1, 2)]}))
+    (tmp_path / "bench.json").write_text('{"rows": []}')
+    (tmp_path / "cut.json").write_text('{"side": "ja')
+    for option, files, message in (
+            ("--table", ["missing.json"], "missing.json cannot be read as JSON .No such file"),
+            ("--gaps", ["cut.json"], "cut.json cannot be read as JSON"),
+            ("--table", ["bench.json"], "bench.json is not a fidelity run's JSON .it lacks side, width, variant"),
+    ):
+        with pytest.raises(SystemExit, match=f"^error: {tmp_path}/{message}.*give the files that scripts/fidelity.py"):
+            command.main([option, str(run), *(str(tmp_path / f) for f in files)])
+    for window in ("5-x", "3-2", "0"):
+        with pytest.raises(SystemExit, match=f"^error: --window {window}: "):
+            command.main(["--gaps", str(run), "--window", window])
+    assert command.main(["--gaps", str(run), "--window", "1-2"]) == 0  # the good file alone
+
+
 def test_seeds_need_a_placeholder_in_out():
     with pytest.raises(SystemExit, match=r"\{seed\}"):
         command.main(["--side", "jax", "--seeds", "0-1", "--out", "x.json"])

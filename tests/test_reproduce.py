@@ -56,7 +56,7 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     before = readme.read_text()
     (results / "fidelity").mkdir()
     (results / "fidelity" / "cut.json").write_text('{"side": "jax", "epo')
-    with pytest.raises(SystemExit, match=f"^error: {results / 'fidelity' / 'cut.json'} cannot be read as JSON "):
+    with pytest.raises(errors.JaxcifarError, match=f"^{results / 'fidelity' / 'cut.json'} cannot be read as JSON "):
         reproduce.update_docs(results, [readme])
     assert readme.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results", "run"]  # no temporary file left
@@ -94,7 +94,7 @@ def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
     with pytest.raises(SystemExit, match="without --recompute-bn-stats; its epoch is 1, not 2; run python -m jaxcifar"):
         reproduce.add_evaluation(full_path, earlier)
     assert json.loads(full_path.read_text())["recomputed_bn"]["test_accuracies"] == [bn]  # the refusal wrote nothing
-    with pytest.raises(SystemExit, match=f"error: cannot read {tmp_path}/missing.json as JSON"):
+    with pytest.raises(errors.JaxcifarError, match=f"^{tmp_path}/missing.json cannot be read as JSON .*give the file"):
         reproduce.add_evaluation(full_path, tmp_path / "missing.json")
     costs = {line.split(" | ")[0]: line.split(" | ") for line in reproduce.recipe_costs(results).splitlines()}
     # The full-width run's median epoch prices every VGG recipe of that width and batch; NIN has no figure.
