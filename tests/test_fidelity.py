@@ -107,6 +107,8 @@ def test_tables_name_a_file_that_is_not_a_run_and_a_bad_window(tmp_path):
         with pytest.raises(SystemExit, match=f"^error: --window {window}: "):
             command.main(["--gaps", str(run), "--window", window])
     assert command.main(["--gaps", str(run), "--window", "1-2"]) == 0  # the good file alone
+    with pytest.raises(SystemExit, match=f"^error: {run} is not a fidelity run's JSON .it lacks config."):
+        bn_shift.main([str(run)])  # it rebuilds the run's dataset from its config, which this file lacks
 
 
 def test_seeds_need_a_placeholder_in_out():

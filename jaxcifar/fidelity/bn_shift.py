@@ -24,6 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from jaxcifar import errors
 from jaxcifar.fidelity import comparison
 from jaxcifar.fidelity.runs import default_workdir
 
@@ -212,14 +213,18 @@ def main(argv=None) -> int:
     if args.workdir and len(args.workdir) != len(args.runs):
         p.error(f"{len(args.workdir)} --workdir for {len(args.runs)} runs: give one per run, or none")
     workdirs = [Path(w) for w in args.workdir] or [default_workdir(Path(r)) for r in args.runs]
-    lo, _, hi = args.window.partition("-")
+    try:
+        window = comparison.parse_window(args.window)
+        comparison.check_run_files(args.runs, (*comparison.RUN_FIELDS, "config"))
+    except errors.JaxcifarError as e:
+        raise SystemExit(f"error: {e}") from None
     import ml_collections
 
     from jaxcifar import cache
 
     first = json.loads(Path(args.runs[0]).read_text())
     dataset = cache.load_dataset(ml_collections.ConfigDict(first["config"]), log=lambda m: print(m, file=sys.stderr))
-    runs = measure(args.runs, workdirs, dataset.test_images, dataset.test_labels, (int(lo), int(hi or lo)))
+    runs = measure(args.runs, workdirs, dataset.test_images, dataset.test_labels, window)
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": runs}, indent=1))
     print(tables(runs))

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from jaxcifar import cache, errors, machine
-from jaxcifar.fidelity import runs, tables
+from jaxcifar.fidelity import comparison, runs, tables
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,12 +68,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.table:
-            check_run_files(args.table)
+            comparison.check_run_files(args.table)
             print(tables.table(args.table))
             return 0
         if args.gaps:
-            window = parse_window(args.window)
-            check_run_files(args.gaps)
+            window = comparison.parse_window(args.window)
+            comparison.check_run_files(args.gaps)
             print(tables.gap_summary(args.gaps, window))
             return 0
         if not (args.side and args.out):
@@ -154,31 +154,6 @@ def result_writer(result: dict, out: Path, label: str):
               f"test {row['test_accuracy']:.2f} | G {row['gap']:+.2f}{extra} ({row['train_time_s']:.0f} s)", flush=True)
 
     return write
-
-
-RUN_FIELDS = ("side", "width", "variant", "seed", "num_epochs", "epochs")  # what the tables read of a run's JSON
-
-
-def check_run_files(paths: list[str]) -> None:
-    """One line naming the first of `paths` that is not a run's JSON (as --out writes it), before any table."""
-    for path in paths:
-        run = errors.read_json(path, "give the files that scripts/fidelity.py --out wrote")
-        missing = [k for k in RUN_FIELDS if k not in run] if isinstance(run, dict) else list(RUN_FIELDS)
-        if missing:
-            raise SystemExit(f"error: {path} is not a fidelity run's JSON (it lacks {', '.join(missing)}); give the "
-                             "files that scripts/fidelity.py --out wrote")
-
-
-def parse_window(text: str) -> tuple[int, int]:
-    """--window: '5-10' or '7' -> (first, last) epoch."""
-    lo, _, hi = text.partition("-")
-    try:
-        window = int(lo), int(hi or lo)
-    except ValueError:
-        raise SystemExit(f"error: --window {text}: give epochs as 5-10 or 7") from None
-    if not 1 <= window[0] <= window[1]:
-        raise SystemExit(f"error: --window {text}: the first epoch must be at least 1 and not after the last")
-    return window
 
 
 def parse_seeds(text: str) -> list[int]:

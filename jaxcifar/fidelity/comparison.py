@@ -1,11 +1,14 @@
 """The statistics that compare the two sides: G (train-mode training accuracy - eval-mode test accuracy, averaged
-over a window of epochs) per run, means with standard errors per group, and the criterion for a difference."""
+over a window of epochs) per run, means with standard errors per group, and the criterion for a difference; and the
+checks of what the tools that compute them are given (run files, the window)."""
 
 from __future__ import annotations
 
 import json
 import statistics
 from pathlib import Path
+
+from jaxcifar import errors
 
 SIGNIFICANT_SE = 2.0  # a difference between the sides beyond this many standard errors gets localised
 
@@ -60,3 +63,29 @@ def beyond_criterion(diff: float, se: float | None) -> bool:
 def format_mean_se(mean: float, se: float | None, sign: str = "") -> str:
     """'12.50 ± 1.15', or '12.50' without a standard error; sign "+" for differences."""
     return f"{mean:{sign}.2f}" if se is None else f"{mean:{sign}.2f} ± {se:.2f}"
+
+
+RUN_FIELDS = ("side", "width", "variant", "seed", "num_epochs", "epochs")  # what the tables read of a run's JSON
+
+
+def check_run_files(paths: list[str], fields: tuple[str, ...] = RUN_FIELDS) -> None:
+    """One line (errors.JaxcifarError) naming the first of `paths` that is not a run's JSON as fidelity.py --out
+    writes it (with `fields`), before any table."""
+    for path in paths:
+        run = errors.read_json(path, "give the files that scripts/fidelity.py --out wrote")
+        missing = [k for k in fields if k not in run] if isinstance(run, dict) else list(fields)
+        if missing:
+            raise errors.JaxcifarError(f"{path} is not a fidelity run's JSON (it lacks {', '.join(missing)}); give "
+                                       "the files that scripts/fidelity.py --out wrote")
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """--window: '5-10' or '7' -> (first, last) epoch."""
+    lo, _, hi = text.partition("-")
+    try:
+        window = int(lo), int(hi or lo)
+    except ValueError:
+        raise errors.JaxcifarError(f"--window {text}: give epochs as 5-10 or 7") from None
+    if not 1 <= window[0] <= window[1]:
+        raise errors.JaxcifarError(f"--window {text}: the first epoch must be at least 1 and not after the last")
+    return window
