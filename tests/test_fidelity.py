@@ -111,6 +111,32 @@ def test_tables_name_a_file_that_is_not_a_run_and_a_bad_window(tmp_path):
         bn_shift.main([str(run)])  # it rebuilds the run's dataset from its config, which this file lacks
 
 
+def test_a_bad_recipe_or_override_is_one_line_before_any_data_loads(tmp_path):
+    out, workdir = tmp_path / "run.json", tmp_path / "w"
+    base = ["--side", "torch", "--out", str(out), "--workdir", str(workdir), "--set", "data.data_dir=/nonexistent"]
+    for extra, message in (
+            (["--config", str(tmp_path / "nope.py")], "--config .*nope.py: no such file; give a recipe"),
+            (["--config", str(REPO / "README.md")], "--config .*README.md: is not a Python file"),
+            (["--width", "0"], "bad config: width=0.0 must be a positive number"),
+            (["--set", "conv_impl"], "--set conv_impl: give FIELD=VALUE"),
+            (["--set", "nogroup.x=1"], "--set nogroup.x=1: the config has no field 'nogroup.x'"),
+            (["--set", "width.x=1"], "--set width.x=1: the config has no field 'width.x'"),
+            (["--set", "batch_size=abc"], "--set batch_size=abc: batch_size is of type int and 'abc' is not"),
+            (["--set", "batch_size=0"], "bad config: batch_size=0 must be a positive integer"),
+    ):
+        with pytest.raises(SystemExit, match=f"^error: {message}"):
+            command.main(base + extra)
+    assert not out.exists() and not workdir.exists()
+    # replica_drift takes its control change through the same checks, under its own option's name
+    from jaxcifar.fidelity import replica_drift
+
+    for extra, message in ((["--control", "bogus=1"], "--control bogus=1: the config has no field 'bogus'"),
+                           (["--seeds", "a"], "--seeds a: give seeds as 2,3"), (["--steps", "0"], "--steps 0")):
+        with pytest.raises(SystemExit, match=f"^error: {message}"):
+            replica_drift.main(["--out", str(out), "--threads", "2", *extra])
+    assert not out.exists()
+
+
 def test_seeds_need_a_placeholder_in_out():
     with pytest.raises(SystemExit, match=r"\{seed\}"):
         command.main(["--side", "jax", "--seeds", "0-1", "--out", "x.json"])

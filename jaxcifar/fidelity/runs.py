@@ -17,8 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcifar import cache
+from jaxcifar import cache, errors
 from jaxcifar import config as config_lib
+from jaxcifar.errors import ConfigError
 
 
 def say(message: str) -> None:
@@ -35,19 +36,38 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def recipe_config(path, width: float, epochs: int, seed: int, overrides: list[str]):
-    """A recipe file's config at `width`, its schedule stretched to `epochs`, with FIELD=VALUE overrides."""
-    c = config_lib.load_config_file(path)
+def recipe_config(path, width: float, epochs: int, seed: int, overrides: list[str], flag: str = "--set"):
+    """A recipe file's config at `width`, its schedule stretched to `epochs`, with FIELD=VALUE overrides (given by
+    the option `flag`); checked as training checks it. A file that is missing or fails to load, an override of no
+    field or of the wrong type, and a value that cannot train raise ConfigError naming it."""
+    import ml_collections
+
+    if not Path(path).is_file() or Path(path).suffix != ".py":
+        what = "is not a Python file" if Path(path).is_file() else "no such file"
+        raise ConfigError(f"--config {path}: {what}; give a recipe such as configs/vgg_fast.py")
+    try:
+        c = config_lib.load_config_file(path)
+    except Exception as e:  # noqa: BLE001 - the user's file: whatever it raised, it is named in one line
+        raise ConfigError(f"--config {path} cannot be loaded ({type(e).__name__}: {errors.first_line(e)}); fix the "
+                          "file or give another") from None
+    config_lib.validate(c)  # first: a get_config() that returned something else has no width to set
     c.width, c.num_epochs, c.seed = width, epochs, seed
     for item in overrides:
-        key, _, value = item.partition("=")
+        key, eq, value = item.partition("=")
+        if not (key and eq):
+            raise ConfigError(f"{flag} {item}: give FIELD=VALUE, e.g. {flag} conv_impl=xla")
+        *groups, last = key.split(".")
         target = c
-        *path_, last = key.split(".")
-        for p in path_:
-            target = target[p]
-        if last not in target:
-            raise SystemExit(f"error: --set {item}: the config has no field {key!r}")
-        target[last] = parse_value(value)
+        for group in groups:
+            target = target.get(group) if isinstance(target, ml_collections.ConfigDict) else None
+        if not isinstance(target, ml_collections.ConfigDict) or last not in target:
+            raise ConfigError(f"{flag} {item}: the config has no field {key!r}")
+        try:  # a text field takes the text as it is (seeds=2 is the list "2", not the number)
+            target[last] = value if isinstance(target[last], str) else parse_value(value)
+        except TypeError:
+            kind = type(target[last]).__name__
+            raise ConfigError(f"{flag} {item}: {key} is of type {kind} and {value!r} is not") from None
+    config_lib.validate(c)
     return c
 
 
