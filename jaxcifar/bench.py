@@ -441,10 +441,23 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODELS]
-    if unknown or min(args.batch, args.runs, 1 if args.steps_per_call is None else args.steps_per_call) <= 0:
+    if unknown or min(args.batch, args.runs, args.epoch_steps, *(v for v in (args.steps_per_call, args.threads)
+                                                                 if v is not None)) <= 0:
         print(f"error: unknown model(s) {unknown} (choose from {MODELS})" if unknown else
-              "error: --batch, --runs and --steps-per-call must be positive", file=sys.stderr)
+              "error: --batch, --runs, --epoch-steps, --steps-per-call and --threads must be positive", file=sys.stderr)
         return 2
+    from jaxcifar.config import MAX_WIDTH
+
+    if not 0 < args.width <= MAX_WIDTH:
+        print(f"error: --width {args.width} must be a positive number up to {MAX_WIDTH}", file=sys.stderr)
+        return 2
+    if args.json:  # now, not after minutes of timing: a folder that cannot be made would lose the results
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"error: --json {args.json}: cannot make its folder ({e.strerror or e}); give another path",
+                  file=sys.stderr)
+            return 2
     if args.compare_torch:
         try:
             import torch  # noqa: F401
@@ -468,8 +481,8 @@ def main(argv=None) -> int:
                  args.epoch_steps, args.steps_per_call, replicas, variants, args.width)
     print(format_table(result))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
+        print(f"bench: results written to {args.json}")
     return 0
 
 

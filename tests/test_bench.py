@@ -31,6 +31,7 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert two["replicas"] == 2 and two["images_per_s"] == pytest.approx(2 * 4 / two["seconds_per_step"])
     printed = capsys.readouterr().out
     assert "train step" in printed and "2 seeds at once" in printed
+    assert printed.splitlines()[-1] == f"bench: results written to {out}"
 
 
 def test_fastest_step_settings_need_a_clear_win():
@@ -56,6 +57,12 @@ def test_pytorch_runs_where_jax_runs():
             bench.torch_device("gpu")
 
 
-def test_bench_rejects_unknown_models(capsys):
-    assert bench.main(["--models", "resnet"]) == 2
-    assert "unknown model" in capsys.readouterr().err
+def test_bench_refuses_bad_arguments_before_timing_anything(capsys, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    for argv, message in ((["--models", "resnet"], "unknown model"), (["--epoch-steps", "0"], "must be positive"),
+                          (["--threads", "0"], "must be positive"),
+                          (["--width", "0"], "--width 0.0 must be a positive"),
+                          (["--json", str(tmp_path / "a-file" / "x.json")], "cannot make its folder")):
+        assert bench.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
