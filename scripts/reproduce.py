@@ -51,7 +51,25 @@ def run_config(name: str, seeds: list[int], workdir: Path, extra: list[str]) -> 
            "--workdir", str(workdir), seed_flag, *extra]
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True)
+    proc = subprocess.Popen(cmd, cwd=REPO)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the training too (one process group); it stops after saving, as it promises: wait for that
+        # (subprocess.run would kill it a quarter of a second later, before its save). A second Ctrl-C kills it.
+        print("reproduce: interrupted; waiting for the training to save (the same command resumes it)", file=sys.stderr,
+              flush=True)
+        try:
+            proc.wait()
+        finally:
+            proc.kill()
+        raise
+    if code in (130, 143):  # SIGINT, SIGTERM: it said so above, and saved
+        print(f"reproduce: training {name} was stopped in {workdir}; the same command resumes it", file=sys.stderr)
+        raise SystemExit(code)
+    if code:  # its own message is above; the runs before it have their results written
+        raise SystemExit(f"error: training {name} (seeds {','.join(map(str, seeds))}) in {workdir} ended with exit code "
+                         f"{code} (its message is above); no result was written for it")
     return time.time() - t0
 
 
@@ -460,6 +478,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.table_only and args.no_readme:
         p.error("--table-only with --no-readme does nothing: drop one of them")
+    if args.num_epochs is not None and args.num_epochs < 1:
+        p.error(f"--num-epochs {args.num_epochs} must be at least 1")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"--seeds {args.seeds}: give comma-separated integers, e.g. 0,1,2")
     results_dir = Path(args.results)
     if args.add_evaluation:
         result = add_evaluation(*map(Path, args.add_evaluation))
@@ -473,12 +497,13 @@ def main(argv=None) -> int:
         print(write_result(result_from_workdir(Path(args.from_workdir), args.config_name), results_dir))
     elif not args.table_only:
         extra = [f"--config.data.archive={args.archive}"] if args.archive else []
-        if args.num_epochs:
+        if args.num_epochs is not None:
             extra.append(f"--config.num_epochs={args.num_epochs}")
-        for name in [c for c in args.configs.split(",") if c]:
-            if not (REPO / "configs" / f"{name}.py").exists():
-                p.error(f"no config configs/{name}.py")
-            seeds = [int(s) for s in args.seeds.split(",") if s]
+        names = [c for c in args.configs.split(",") if c]
+        missing = [name for name in names if not (REPO / "configs" / f"{name}.py").exists()]
+        if missing:  # before any training: not after hours of the configs listed first
+            p.error(f"no config configs/{missing[0]}.py")
+        for name in names:
             for group in [seeds] if args.together else [[s] for s in seeds]:
                 workdir = Path(args.runs_dir) / f"{name}-s{'-'.join(map(str, group))}"
                 wall = run_config(name, group, workdir, extra)

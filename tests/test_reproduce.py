@@ -240,3 +240,16 @@ def test_a_folder_that_is_not_a_finished_run_is_refused_in_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')  # epochs logged, but no save: a damaged workdir
     with pytest.raises(errors.CheckpointError, match=f"^no checkpoints in {tmp_path / 'checkpoints'}"):
         reproduce.result_from_workdir(tmp_path, "vgg_fast")
+
+
+def test_bad_arguments_are_refused_before_any_training(tmp_path, capsys):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    base = ["--runs-dir", str(runs), "--results", str(results), "--no-readme"]
+    for extra, message in ((["--num-epochs", "0"], "--num-epochs 0 must be at least 1"),
+                           (["--seeds", "a"], "--seeds a: give comma-separated integers"),
+                           (["--configs", "quick,nope"], "no config configs/nope.py"),  # quick would have trained first
+                           (["--table-only"], "--table-only with --no-readme does nothing")):
+        with pytest.raises(SystemExit) as exit_:
+            reproduce.main(base + extra)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not runs.exists() and not results.exists()
