@@ -68,8 +68,8 @@ def run_config(name: str, seeds: list[int], workdir: Path, extra: list[str]) -> 
         print(f"reproduce: training {name} was stopped in {workdir}; the same command resumes it", file=sys.stderr)
         raise SystemExit(code)
     if code:  # its own message is above; the runs before it have their results written
-        raise SystemExit(f"error: training {name} (seeds {','.join(map(str, seeds))}) in {workdir} ended with exit code "
-                         f"{code} (its message is above); no result was written for it")
+        raise SystemExit(f"error: training {name} (seeds {','.join(map(str, seeds))}) in {workdir} ended with exit "
+                         f"code {code} (its message is above); no result was written for it")
     return time.time() - t0
 
 
