@@ -19,7 +19,6 @@ import numpy as np
 
 from jaxcifar import cache, errors
 from jaxcifar import config as config_lib
-from jaxcifar.errors import ConfigError
 
 
 def say(message: str) -> None:
@@ -44,29 +43,29 @@ def recipe_config(path, width: float, epochs: int, seed: int, overrides: list[st
 
     if not Path(path).is_file() or Path(path).suffix != ".py":
         what = "is not a Python file" if Path(path).is_file() else "no such file"
-        raise ConfigError(f"--config {path}: {what}; give a recipe such as configs/vgg_fast.py")
+        raise errors.ConfigError(f"--config {path}: {what}; give a recipe such as configs/vgg_fast.py")
     try:
         c = config_lib.load_config_file(path)
     except Exception as e:  # noqa: BLE001 - the user's file: whatever it raised, it is named in one line
-        raise ConfigError(f"--config {path} cannot be loaded ({type(e).__name__}: {errors.first_line(e)}); fix the "
-                          "file or give another") from None
+        why = f"{type(e).__name__}: {errors.first_line(e)}"
+        raise errors.ConfigError(f"--config {path} cannot be loaded ({why}); fix the file or give another") from None
     config_lib.validate(c)  # first: a get_config() that returned something else has no width to set
     c.width, c.num_epochs, c.seed = width, epochs, seed
     for item in overrides:
         key, eq, value = item.partition("=")
         if not (key and eq):
-            raise ConfigError(f"{flag} {item}: give FIELD=VALUE, e.g. {flag} conv_impl=xla")
+            raise errors.ConfigError(f"{flag} {item}: give FIELD=VALUE, e.g. {flag} conv_impl=xla")
         *groups, last = key.split(".")
         target = c
         for group in groups:
             target = target.get(group) if isinstance(target, ml_collections.ConfigDict) else None
         if not isinstance(target, ml_collections.ConfigDict) or last not in target:
-            raise ConfigError(f"{flag} {item}: the config has no field {key!r}")
+            raise errors.ConfigError(f"{flag} {item}: the config has no field {key!r}")
         try:  # a text field takes the text as it is (seeds=2 is the list "2", not the number)
             target[last] = value if isinstance(target[last], str) else parse_value(value)
         except TypeError:
             kind = type(target[last]).__name__
-            raise ConfigError(f"{flag} {item}: {key} is of type {kind} and {value!r} is not") from None
+            raise errors.ConfigError(f"{flag} {item}: {key} is of type {kind} and {value!r} is not") from None
     config_lib.validate(c)
     return c
 
