@@ -2,6 +2,7 @@
 a workdir of another run is refused, several seeds run from one command, and G is summarised per group."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,7 +112,7 @@ def test_tables_name_a_file_that_is_not_a_run_and_a_bad_window(tmp_path):
         bn_shift.main([str(run)])  # it rebuilds the run's dataset from its config, which this file lacks
 
 
-def test_a_bad_recipe_or_override_is_one_line_before_any_data_loads(tmp_path):
+def test_a_bad_recipe_or_override_is_one_line_before_any_data_loads(tmp_path, monkeypatch):
     out, workdir = tmp_path / "run.json", tmp_path / "w"
     base = ["--side", "torch", "--out", str(out), "--workdir", str(workdir), "--set", "data.data_dir=/nonexistent"]
     for extra, message in (
@@ -126,6 +127,11 @@ def test_a_bad_recipe_or_override_is_one_line_before_any_data_loads(tmp_path):
     ):
         with pytest.raises(SystemExit, match=f"^error: {message}"):
             command.main(base + extra)
+    assert not out.exists() and not workdir.exists()
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if PyTorch, an optional extra, were not installed
+    with pytest.raises(SystemExit, match=r"^error: the PyTorch port needs PyTorch: pip install -e '\.\[torch\]'"):
+        command.main(base)
+    monkeypatch.undo()
     assert not out.exists() and not workdir.exists()
     # replica_drift takes its control change through the same checks, under its own option's name
     from jaxcifar.fidelity import replica_drift

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from jaxcifar import errors
 from jaxcifar.fidelity import comparison
-from jaxcifar.fidelity.runs import default_workdir
+from jaxcifar.fidelity.runs import default_workdir, require_torch
 
 
 def load_state(result: dict, workdir: Path):
@@ -216,6 +216,7 @@ def main(argv=None) -> int:
     try:
         window = comparison.parse_window(args.window)
         comparison.check_run_files(args.runs, (*comparison.RUN_FIELDS, "config"))
+        require_torch()  # either side's run is measured in the port's network
     except errors.JaxcifarError as e:
         raise SystemExit(f"error: {e}") from None
     import ml_collections

@@ -95,9 +95,7 @@ def run_one(args) -> None:
     if args.archive:
         config.data.archive = args.archive
     if args.side == "torch":
-        import torch
-
-        torch.set_num_threads(args.threads)
+        runs.require_torch().set_num_threads(args.threads)  # before the data loads: a missing torch is said at once
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     variant = args.variant or ",".join(args.set + (["same-stream"] if args.same_stream else [])) or "recipe"

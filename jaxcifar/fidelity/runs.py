@@ -25,6 +25,16 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def require_torch():
+    """torch, or a JaxcifarError saying how to install it (the port is an optional extra)."""
+    try:
+        import torch
+    except ImportError:
+        raise errors.JaxcifarError("the PyTorch port needs PyTorch: pip install -e '.[torch]' (the README's \"PyTorch "
+                                   "for the tests\" says which build)") from None
+    return torch
+
+
 def parse_value(text: str):
     """A --set value: an int, a float, true/false, or the text itself."""
     for cast in (int, float):
