@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxcifar import machine
+from jaxcifar import errors, machine
 
 MODELS = ("vgg_bn_drop", "nin")
 PHASES = ("forward", "backward", "forward+backward", "train step")
@@ -418,6 +418,45 @@ def run(models=MODELS, batch: int = 128, runs: int = 5, compare_torch: bool = Fa
     return result
 
 
+def checked_arguments(args) -> tuple[list[str], list[int], list[str] | bool]:
+    """(models, replica counts, step variants or True for all) of the command line, or a JaxcifarError naming the
+    first bad one; --json's folder is made here (a folder that cannot be made would lose the results at the end)."""
+    from jaxcifar.config import MAX_WIDTH
+
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        raise errors.JaxcifarError(f"unknown model(s) {unknown} (choose from {MODELS})")
+    optional = [v for v in (args.steps_per_call, args.threads) if v is not None]
+    if min(args.batch, args.runs, args.epoch_steps, *optional) <= 0:
+        raise errors.JaxcifarError("--batch, --runs, --epoch-steps, --steps-per-call and --threads must be positive")
+    if not 0 < args.width <= MAX_WIDTH:
+        raise errors.JaxcifarError(f"--width {args.width} must be a positive number up to {MAX_WIDTH}")
+    if args.json:
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise errors.JaxcifarError(f"--json {args.json}: cannot make its folder ({e.strerror or e}); give another "
+                                       "path") from None
+    if args.compare_torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise errors.JaxcifarError("--compare-torch needs PyTorch: pip install torch") from None
+    try:
+        replicas = [int(k) for k in args.replicas.split(",") if k.strip()]
+    except ValueError:
+        replicas = [0]
+    if any(k <= 0 for k in replicas):
+        raise errors.JaxcifarError(f"--replicas {args.replicas!r}: give positive integers, e.g. 1,4,8")
+    variants = [] if not args.step_variants else True if args.step_variants == "all" else \
+        [v.strip() for v in args.step_variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in STEP_VARIANTS] if isinstance(variants, list) else []
+    if unknown:
+        raise errors.JaxcifarError(f"--step-variants: unknown {unknown}; choose from {', '.join(STEP_VARIANTS)}")
+    return models, replicas, variants
+
+
 def main(argv=None) -> int:
     from jaxcifar import models
 
@@ -439,43 +478,10 @@ def main(argv=None) -> int:
                         f"from: {', '.join(STEP_VARIANTS)}), against the defaults, and name the fastest")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    models = [m for m in args.models.split(",") if m]
-    unknown = [m for m in models if m not in MODELS]
-    if unknown or min(args.batch, args.runs, args.epoch_steps, *(v for v in (args.steps_per_call, args.threads)
-                                                                 if v is not None)) <= 0:
-        print(f"error: unknown model(s) {unknown} (choose from {MODELS})" if unknown else
-              "error: --batch, --runs, --epoch-steps, --steps-per-call and --threads must be positive", file=sys.stderr)
-        return 2
-    from jaxcifar.config import MAX_WIDTH
-
-    if not 0 < args.width <= MAX_WIDTH:
-        print(f"error: --width {args.width} must be a positive number up to {MAX_WIDTH}", file=sys.stderr)
-        return 2
-    if args.json:  # now, not after minutes of timing: a folder that cannot be made would lose the results
-        try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: --json {args.json}: cannot make its folder ({e.strerror or e}); give another path",
-                  file=sys.stderr)
-            return 2
-    if args.compare_torch:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            print("error: --compare-torch needs PyTorch: pip install torch", file=sys.stderr)
-            return 2
     try:
-        replicas = [int(k) for k in args.replicas.split(",") if k.strip()]
-    except ValueError:
-        replicas = [0]
-    if any(k <= 0 for k in replicas):
-        print(f"error: --replicas {args.replicas!r}: give positive integers, e.g. 1,4,8", file=sys.stderr)
-        return 2
-    variants = [] if not args.step_variants else True if args.step_variants == "all" else \
-        [v.strip() for v in args.step_variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in STEP_VARIANTS] if isinstance(variants, list) else []
-    if unknown:
-        print(f"error: --step-variants: unknown {unknown}; choose from {', '.join(STEP_VARIANTS)}", file=sys.stderr)
+        models, replicas, variants = checked_arguments(args)
+    except errors.JaxcifarError as e:  # before any timing: not after minutes of it
+        print(f"error: {e}", file=sys.stderr)
         return 2
     result = run(models, args.batch, args.runs, args.compare_torch, args.dtype, args.threads, args.conv_impl,
                  args.epoch_steps, args.steps_per_call, replicas, variants, args.width)
