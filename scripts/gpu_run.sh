@@ -8,6 +8,9 @@
 # OUT_DIR     receives only what comes back from the slot, at most 8 small files: gpu_run.log,
 #             bench-gpu-float32.json, bench-gpu-bfloat16.json and one results JSON per finished run
 # BUDGET_S    seconds this call may take in all (default 540: one call of at most 9 minutes)
+# STAGES      runs NAME:SEEDS:DTYPE, space-separated; "A|B" runs the first of A, B that fits the time left
+# Also from the environment: BENCH=0 (no benchmark), BENCH16=0 (no bf16 one), VARIANTS (step variants to time,
+# comma-separated names of bench.STEP_VARIANTS; "" for none), BENCH_ARGS, FORCE_STAGES=1, PYTHON, WORK, MD5_FILE
 #
 # Plan for one H100 in 540 s (each stage is estimated from the throughput the benchmark just measured and
 # skipped, with a note in the log, when it would not end before the budget does; a run cut short by the
@@ -34,9 +37,10 @@ budget=${4:-540}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
 work=${WORK:-${TMPDIR:-/tmp}/jaxcifar-gpu}  # data, caches and run folders: never under OUT_DIR
-stages=${STAGES:-"vgg_fast:0,1,2,3,4,5,6,7:float32 vgg:0,1,2:float32 vgg_fast:0,1,2:bfloat16 nin:0,1,2:float32
+stages=${STAGES:-"vgg_fast:0,1,2,3,4,5,6,7:float32|vgg_fast:0,1,2,3:float32|vgg_fast:0,1:float32 vgg:0,1,2:float32 vgg_fast:0,1,2:bfloat16 nin:0,1,2:float32
  vgg_noflip:0,1,2:float32 vgg_nobn:0,1,2:float32 vgg_nodrop:0,1,2:float32 nin_noflip:0,1,2:float32"}
 bench_args=${BENCH_ARGS:-"--replicas 1,4,8 --compare-torch"}
+variants=${VARIANTS-all}  # --step-variants NAMES of the fp32 benchmark ("" for none)
 mkdir -p "$out" "$work"
 exec > >(tee -a "$out/gpu_run.log") 2>&1
 export TQDM_DISABLE=1  # progress bars would fill the log that comes back
@@ -78,24 +82,35 @@ bench32="$out/bench-$platform-float32.json" bench16="$out/bench-$platform-bfloat
 if [ "${BENCH:-1}" != 0 ]; then
   echo "== benchmark"
   # shellcheck disable=SC2086
-  timeout --signal=TERM "$(left)" $py -m jaxcifar.bench $bench_args --step-variants --json "$bench32" \
-    || echo "benchmark (fp32) $(why $?); training uses the defaults"
-  # shellcheck disable=SC2086
-  timeout --signal=TERM "$(( $(left) / 4 ))" $py -m jaxcifar.bench $bench_args --models vgg_bn_drop \
-    --dtype bfloat16 --json "$bench16" || echo "benchmark (bf16) $(why $?)"
+  timeout --signal=TERM "$(left)" $py -m jaxcifar.bench $bench_args ${variants:+--step-variants "$variants"} \
+    --json "$bench32" || echo "benchmark (fp32) $(why $?); training uses the defaults"
+  if [ "${BENCH16:-1}" != 0 ]; then
+    # shellcheck disable=SC2086
+    timeout --signal=TERM "$(( $(left) / 4 ))" $py -m jaxcifar.bench $bench_args --models vgg_bn_drop \
+      --dtype bfloat16 --json "$bench16" || echo "benchmark (bf16) $(why $?)"
+  fi
 fi
 
 # The fastest step settings the benchmark found for VGG, as --config flags.
 overrides=$($py scripts/gpu_plan.py overrides "$bench32" || true)
 echo "step settings from the benchmark: ${overrides:-the defaults of backends.STEP_CHOICES}"
 
-for stage in $stages; do
-  IFS=: read -r name seeds dtype <<<"$stage"
-  need=$($py scripts/gpu_plan.py estimate "$name" "$seeds" "$dtype" "$bench32" "$bench16")
-  if [ "$need" -gt "$(left)" ] && [ "${FORCE_STAGES:-0}" != 1 ]; then
+for choices in $stages; do
+  # A stage is one run, or alternatives "a|b|c" of which the first that fits the time left runs (more seeds first).
+  stage=""
+  for alternative in ${choices//|/ }; do
+    IFS=: read -r name seeds dtype <<<"$alternative"
+    need=$($py scripts/gpu_plan.py estimate "$name" "$seeds" "$dtype" "$bench32" "$bench16")
+    if [ "$need" -le "$(left)" ] || [ "${FORCE_STAGES:-0}" = 1 ]; then stage=$alternative; break; fi
     echo "== skipping $name ($dtype, seeds $seeds): needs ~${need} s, $(left) s left"
-    continue
+  done
+  if [ -z "$stage" ] && [ "$need" -ge 1000000000 ] && [ "$(left)" -gt 120 ]; then
+    # No benchmark figure to estimate from (it failed or was skipped): the smallest alternative runs anyway;
+    # the time left cuts it short if need be, and its finished epochs are still written.
+    echo "== no estimate for $name ($dtype): running seeds $seeds for at most the $(left) s left"
+    stage=$alternative
   fi
+  [ -n "$stage" ] || continue
   echo "== $name ($dtype, seeds $seeds in one program): ~${need} s estimated, $(left) s left"
   runs="$work/runs" tag="$name"
   [ "$dtype" = float32 ] || tag="$name-$dtype"
