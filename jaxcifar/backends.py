@@ -23,9 +23,10 @@ STEP_LOOPS = ("unroll", "scan")
 #     default 0.157 s/step, pool_grad=xla 0.166, bn_grad=autodiff 0.196, conv_impl=xla 0.595, whole-epoch scan 3.7.
 #   bn_grad closed_form: 3-6 % of a step (less memory traffic than autodiff's chain).
 #   dropout_bits 16: random bits are dropout's largest cost on CPU; 16-bit draws halve them.
-# gpu: PROVISIONAL, the CPU's choices except where the reason is XLA:CPU's alone; not yet measured on a GPU.
-#   `python -m jaxcifar.bench --step-variants` times every alternative there (scripts/gpu_run.sh runs it and
-#   trains with the fastest); replace these entries with what it measured.
+# gpu: PROVISIONAL, the CPU's choices except where the reason is XLA:CPU's alone. With them, one H200 (jax 0.11.2,
+#   VGG, batch 128, fp32; results/bench-gpu.json) takes 2.97 ms a step, the loop around the steps 39 % of an epoch.
+#   The alternatives are not timed there yet: `python -m jaxcifar.bench --step-variants` times each (scripts/gpu_run.sh
+#   runs it and trains with the fastest); replace these entries with what it measures.
 STEP_CHOICES = {
     "cpu": {"steps_per_call": 4, "step_loop": "unroll", "conv_impl": "small", "pool_grad": "first_max",
             "bn_grad": "closed_form", "dropout_bits": 16},

@@ -12,14 +12,14 @@
 # Also from the environment: BENCH=0 (no benchmark), BENCH16=0 (no bf16 one), VARIANTS (step variants to time,
 # comma-separated names of bench.STEP_VARIANTS; "" for none), BENCH_ARGS, FORCE_STAGES=1, PYTHON, WORK, MD5_FILE
 #
-# Plan for one H100 in 540 s (each stage is estimated from the throughput the benchmark just measured and
+# Plan for one H100 or H200 in 540 s (each stage is estimated from the throughput the benchmark just measured and
 # skipped, with a note in the log, when it would not end before the budget does; a run cut short by the
-# budget is stopped cleanly and written as a partial result):
-#   setup      ~90 s   wheels; parts joined and checked; tfds prepared and preprocessed under $WORK, not OUT_DIR
-#   benchmark  ~150 s  VGG and NIN at batch 128: fp32 (TF32) and bf16, JAX against PyTorch CUDA in the same
-#                      call; images/s summed over K = 1, 4, 8 seeds; every alternative of the step
-#                      (backends.STEP_CHOICES), whose fastest settings the training runs below then use
-#   vgg_fast   8 seeds in one program, 40 epochs: 16 M images, ~160 s at the goal of 100,000 images/s
+# budget is stopped cleanly and written as a partial result). Measured on an H200 on 2026-12-04 (docs/gpu.md):
+#   setup      71 s    wheels; parts joined and checked; tfds prepared and preprocessed under $WORK, not OUT_DIR
+#   benchmark  ~170 s  for VGG fp32 with --replicas 1,8 alone (compiles of 25-42 s each). The default adds NIN,
+#                      bf16, PyTorch CUDA and every alternative of the step (backends.STEP_CHOICES): several
+#                      minutes, too long for one call with training after it; set BENCH_ARGS and VARIANTS
+#   vgg_fast   4 seeds in one program, 40 epochs: 334 s of training (8 did not fit: seeds at once run slower there)
 #   then, while they fit, 3 seeds each in one program: vgg (300 epochs, 45 M images), vgg_fast in bf16,
 #   nin (300), and the ablations vgg_noflip, vgg_nobn, vgg_nodrop, nin_noflip.
 #
