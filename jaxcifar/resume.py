@@ -110,6 +110,11 @@ class TrainingRun:
     # Seconds spent training the epoch in progress (before the last save of it, once train.py adds the time since),
     # so that a resumed epoch's time covers the whole epoch; None: resumed from a save that did not record it.
     epoch_train_s: float | None = 0.0
+    # Epochs finished before this process started: the next one pays its compilation (runlog.run_eta).
+    epochs_restored: int = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.epochs_restored = len(self.history)
 
     @property
     def step(self) -> int:

@@ -179,7 +179,7 @@ def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Chec
     config, trainer = run.config, run.trainer
     lr = step_lib.learning_rate_at(config, trainer.steps_per_epoch, (epoch - 1) * trainer.steps_per_epoch)
     log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]"
-              + runlog.run_eta(run.history, epochs_left=config.num_epochs - epoch + 1))
+              + runlog.run_eta(run.history, config.num_epochs - epoch + 1, compiled_in=run.epochs_restored))
     first = run.step - (epoch - 1) * trainer.steps_per_epoch
     t0 = time.time()
     bar, progress = runlog.progress_bar(epoch, trainer.steps_per_epoch, first)

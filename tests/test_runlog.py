@@ -1,0 +1,28 @@
+"""The run's progress lines: the ETA leaves out the epoch that paid this process's compilation."""
+
+import re
+
+from jaxcifar import runlog
+
+
+def eta_seconds(line: str) -> float:
+    match = re.search(r"run ETA ([\d.]+) (s|min)", line)
+    assert match, line
+    return float(match.group(1)) * (60 if match.group(2) == "min" else 1)
+
+
+def test_eta_leaves_out_the_compiling_epoch_once_a_later_one_has_a_time():
+    history = [{"epoch_time_s": 59.0}, {"epoch_time_s": 6.8}]
+    assert eta_seconds(runlog.run_eta(history, 10, compiled_in=0)) == 68
+    # Without knowing which epoch compiled, the mean of the last epochs counts it (the old, pessimistic ETA).
+    assert eta_seconds(runlog.run_eta(history, 10)) > 300
+
+
+def test_eta_uses_the_compiling_epoch_while_it_is_the_only_one():
+    assert eta_seconds(runlog.run_eta([{"epoch_time_s": 59.0}], 1, compiled_in=0)) == 59
+
+
+def test_eta_after_a_resume_keeps_the_epochs_of_earlier_processes():
+    history = [{"epoch_time_s": 7.0}, {"epoch_time_s": 7.0}, {"epoch_time_s": 60.0}, {"epoch_time_s": 7.0}]
+    assert eta_seconds(runlog.run_eta(history, 2, compiled_in=2)) == 14
+    assert runlog.run_eta(history, 0, compiled_in=2) == ""
