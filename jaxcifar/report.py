@@ -27,14 +27,17 @@ def workdir_write_failed(e: OSError, path) -> WorkdirError:
                         "command to resume from the last checkpoint")
 
 
-def atomic_write(path: Path, payload: bytes) -> None:
+def atomic_write(path: Path, payload: bytes, failed=workdir_write_failed) -> None:
+    """`payload` in `path`, whole or not at all: a kill mid-write leaves the old file, a failed write no temporary
+    file. A failure raises `failed(OSError, path)`: the error saying what to do, which depends on what the file is
+    (a training workdir's resumes from its checkpoint; a results page is rebuilt by the same command)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(payload)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise workdir_write_failed(e, path) from None
+        raise failed(e, path) from None
 
 
 def plot_curves(history: Sequence[dict]) -> bytes:

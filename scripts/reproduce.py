@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxcifar import errors, machine
+from jaxcifar import errors, machine, report
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -128,16 +128,14 @@ def write_result(result: dict, results_dir: Path) -> Path:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """`text` in `path`, whole or not at all: a kill mid-write leaves the old file (a truncated result or README
-    would be a results file lost, or a page every later rebuild fails on)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise SystemExit(f"error: cannot write {path} ({e.strerror or e}); {path.name} is as it was: fix that and "
-                         "run the same command again") from None
+    """`text` in `path`, whole or not at all (a truncated result or README would be a results file lost, or a page
+    every later rebuild fails on)."""
+    report.atomic_write(path, text.encode(), failed=results_write_failed)
+
+
+def results_write_failed(e: OSError, path: Path) -> SystemExit:
+    return SystemExit(f"error: cannot write {path} ({e.strerror or e}); {path.name} is as it was: fix that and run the "
+                      "same command again")
 
 
 def add_evaluation(result_path: Path, evaluation_path: Path) -> dict:

@@ -284,3 +284,18 @@ def test_the_script_refuses_a_bad_flag_with_one_line_and_exit_code_2(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "scripts/fidelity.py"), "--side", "torch", "--out",
                         str(tmp_path / "x.json"), "--epochs", "0"], capture_output=True, text=True, cwd=REPO)
     assert (r.returncode, r.stderr.strip(), r.stdout) == (2, "error: --epochs 0 must be at least 1", "")
+
+
+def test_a_result_that_cannot_be_written_is_one_error_naming_it(tmp_path):
+    from jaxcifar import errors
+
+    out = tmp_path / "run.json"
+    write = command.result_writer({"side": "jax"}, out, "jax s0")
+    write([], None)
+    assert json.loads(out.read_text()) == {"side": "jax", "epochs": []}
+    blocked = tmp_path / "blocked.json"
+    blocked.mkdir()  # a folder where the file should go: the write fails as it is put in place
+    with pytest.raises(errors.JaxcifarError, match=f"^is a directory while writing {blocked}; .*, then run the same "
+                                                   "command: it resumes from the last saved epoch$"):
+        command.result_writer({"side": "jax"}, blocked, "jax s0")([{"epoch": 1}], None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked.json", "run.json"]  # no temporary file left
