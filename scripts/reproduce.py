@@ -19,7 +19,6 @@ import collections
 import functools
 import itertools
 import json
-import os
 import statistics
 import subprocess
 import sys
