@@ -211,13 +211,18 @@ def results_table(results_dir: Path) -> str:
 TRY_CONFIGS = ("quick", "tiny")  # runs that show the software works, not what a recipe reaches
 
 
+def in_words(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def headline(results_dir: Path) -> str:
     """The README's results: complete runs of the recipes only, one line each."""
     lines, rows = [], result_rows(results_dir)
     for row in rows:
         if row["done"] < row["planned"] or row["name"] in TRY_CONFIGS:
             continue
-        each = " and ".join(f"{a:.2f}" for a in row["accs"])
+        each = in_words([f"{a:.2f}" for a in row["accs"]])
         seeds = f"{len(row['accs'])} seeds: {each} %;" if len(row["accs"]) > 1 else "1 seed,"
         wall = "" if row["wall"] is None else f", {runlog_duration(row['wall'])}"
         width = ", full width" if row["full_width"] and row.get("widths") == {1.0} else ""

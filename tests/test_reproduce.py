@@ -253,3 +253,9 @@ def test_bad_arguments_are_refused_before_any_training(tmp_path, capsys):
             reproduce.main(base + extra)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not runs.exists() and not results.exists()
+
+
+def test_seed_lists_read_as_words():
+    assert reproduce.in_words(["90.75"]) == "90.75"
+    assert reproduce.in_words(["90.75", "90.41"]) == "90.75 and 90.41"
+    assert reproduce.in_words(["90.75", "90.41", "90.35", "90.85"]) == "90.75, 90.41, 90.35 and 90.85"
