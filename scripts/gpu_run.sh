@@ -10,7 +10,8 @@
 # BUDGET_S    seconds this call may take in all (default 540: one call of at most 9 minutes)
 # STAGES      runs NAME:SEEDS:DTYPE, space-separated; "A|B" runs the first of A, B that fits the time left
 # Also from the environment: BENCH=0 (no benchmark), BENCH16=0 (no bf16 one), VARIANTS (step variants to time,
-# comma-separated names of bench.STEP_VARIANTS; "" for none), BENCH_ARGS, FORCE_STAGES=1, PYTHON, WORK, MD5_FILE
+# comma-separated names of bench.STEP_VARIANTS; "" for none), BENCH_ARGS, FORCE_STAGES=1, PYTHON, WORK, MD5_FILE,
+# INSTALL=0 (the dependencies and this package are installed already: nothing is installed)
 #
 # Plan for one H100 or H200 in 540 s (each stage is estimated from the throughput the benchmark just measured and
 # skipped, with a note in the log, when it would not end before the budget does; a run cut short by the
@@ -49,11 +50,13 @@ left() { echo $(( budget - ($(date +%s) - start) )); }
 why() { if [ "$1" = 124 ]; then echo "ran out of its time"; else echo "failed (exit code $1)"; fi; }
 echo "== gpu_run.sh $(date -u +%FT%TZ), budget ${budget} s, work dir $work"
 
-echo "== installing dependencies from $wheels (no network)"
-$py -m pip install -q --no-index --find-links "$wheels" tensorflow-datasets array-record ml-collections \
-  importlib-resources tqdm absl-py matplotlib tensorboardx
-$py -m pip install -q --no-index --no-deps --no-build-isolation -e "$repo" 2>/dev/null \
-  || export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+if [ "${INSTALL:-1}" != 0 ]; then
+  echo "== installing dependencies from $wheels (no network)"
+  $py -m pip install -q --no-index --find-links "$wheels" tensorflow-datasets array-record ml-collections \
+    importlib-resources tqdm absl-py matplotlib tensorboardx
+  $py -m pip install -q --no-index --no-deps --no-build-isolation -e "$repo" 2>/dev/null \
+    || export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if [ -d "$data" ]; then
   echo "== joining $data/part-* and checking SHA256SUMS"

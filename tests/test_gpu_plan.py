@@ -1,8 +1,11 @@
 """scripts/gpu_plan.py: the budget arithmetic and step settings gpu_run.sh takes from the benchmark."""
 
 import json
+import os
+import subprocess
+import sys
 
-from conftest import load_script
+from conftest import REPO, load_script
 
 gpu_plan = load_script("gpu_plan")
 
@@ -41,3 +44,19 @@ def test_estimates_take_the_slower_neighbour_and_add_the_loop_around_the_steps(t
     # Counts beyond the measured ones take the nearest measured.
     assert gpu_plan.estimate("vgg_fast", "0,1,2,3,4,5,6,7,8,9", "float32", str(bench), "") == int(
         (10 * 40 * per_epoch / 37_661 + loop_s) * 1.1 + 60)
+
+
+def test_gpu_run_trains_the_smallest_alternative_when_no_benchmark_allows_an_estimate(fake_archive, tmp_path):
+    archive, md5_file = fake_archive
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable, "WORK": str(tmp_path / "work"), "MD5_FILE": str(md5_file),
+           "INSTALL": "0", "BENCH": "0", "STAGES": "tiny:0,1:float32|tiny:0:float32"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_run.sh"), str(tmp_path / "wheels"), str(archive),
+                           str(out), "300"], env=env, capture_output=True, text=True, timeout=290)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "gpu_run.log").read_text()
+    assert "== skipping tiny (float32, seeds 0,1): needs ~1000000000 s" in log
+    assert "== no estimate for tiny (float32): running seeds 0 for at most the" in log
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_run.log", "tiny-seed0-cpu.json"]  # data stayed in WORK
+    result = json.loads((out / "tiny-seed0-cpu.json").read_text())
+    assert (result["epochs_completed"], result["partial"]) == (2, False)
