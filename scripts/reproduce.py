@@ -301,8 +301,8 @@ def _epoch_cost(benches: list, runs: list, c, platform: str) -> tuple[float | No
                 # The loop around the steps: ~2 % of an epoch on a CPU, 39 % on an H200 (bench-gpu.json), where a
                 # 3 ms step leaves the host's dispatch showing.
                 outside = min(jax_entry.get("epoch_loop", {}).get("fraction_outside_steps", 0.0), 0.9)
-                seconds = 50_000 / jax_entry["images_per_s"] / (1 - outside)
-                return seconds, f"`{name}`, training loop only ({machine.device_label(b['machine'])})"
+                epoch_s = 50_000 / jax_entry["images_per_s"] / (1 - outside)
+                return epoch_s, f"`{name}`, training loop only ({machine.device_label(b['machine'])})"
     for name, r in runs:
         cfg = r.get("config", {})
         if ("config_name" in r and platform in r["device"].lower() and cfg.get("model") == c.model
