@@ -259,3 +259,20 @@ def test_seed_lists_read_as_words():
     assert reproduce.in_words(["90.75"]) == "90.75"
     assert reproduce.in_words(["90.75", "90.41"]) == "90.75 and 90.41"
     assert reproduce.in_words(["90.75", "90.41", "90.35", "90.85"]) == "90.75, 90.41, 90.35 and 90.85"
+
+
+def test_a_benchmark_prices_an_epoch_with_the_loop_around_its_steps(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    seconds = {"forward": 0.00118, "backward": 0.00267, "forward+backward": 0.00383, "train step": 0.00297}
+    bench = {"batch": 128, "dtype": "float32", "matmul_peak_gflops": 371630.0,
+             "machine": {"platform": "gpu", "device": "NVIDIA H200", "device_count": 1},
+             "models": {"vgg_bn_drop": {"jax": {"seconds": seconds, "images_per_s": 25_000.0, "steps_per_call": 4,
+                                                "epoch_loop": {"fraction_outside_steps": 0.5}}}}}
+    (results / "bench-gpu.json").write_text(json.dumps(bench))
+    costs = {line.split(" | ")[0]: line.split(" | ") for line in reproduce.recipe_costs(results).splitlines()}
+    # 50,000 images at 25,000 images/s is 2 s of steps; the loop outside them doubles it.
+    assert costs["| `vgg_fast`"][3:5] == ["not measured yet", "4 s / 2.7 min"]
+    assert "`bench-gpu.json`, training loop only (1 x NVIDIA H200)" in costs["| `vgg_fast`"][5]
+    row = reproduce.bench_table(results).splitlines()[2]
+    assert "| vgg_bn_drop | 1.18 ms | 2.67 ms | 3.83 ms | 2.97 ms | - | 4 | 25,000 | 50.0 % |" in row
