@@ -22,22 +22,25 @@ from jaxcifar import metrics
 from jaxcifar.errors import WorkdirError, os_error_cause, os_error_fix
 
 
-def workdir_write_failed(e: OSError, path) -> WorkdirError:
-    return WorkdirError(f"{os_error_cause(e) or e} while writing {path}; {os_error_fix(e)}, then run the same "
-                        "command to resume from the last checkpoint")
+RESUME_FROM_CHECKPOINT = "run the same command to resume from the last checkpoint"
 
 
-def atomic_write(path: Path, payload: bytes, failed=workdir_write_failed) -> None:
+def workdir_write_failed(e: OSError, path, then: str = RESUME_FROM_CHECKPOINT) -> WorkdirError:
+    """The error of a failed write: its cause, what to do about it, then `then` (which depends on what the file is:
+    a training workdir's resumes from its checkpoint; a results page is rebuilt by the same command)."""
+    return WorkdirError(f"{os_error_cause(e) or e} while writing {path}; {os_error_fix(e)}, then {then}")
+
+
+def atomic_write(path: Path, payload: bytes, then: str = RESUME_FROM_CHECKPOINT) -> None:
     """`payload` in `path`, whole or not at all: a kill mid-write leaves the old file, a failed write no temporary
-    file. A failure raises `failed(OSError, path)`: the error saying what to do, which depends on what the file is
-    (a training workdir's resumes from its checkpoint; a results page is rebuilt by the same command)."""
+    file and the error of workdir_write_failed(..., then)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(payload)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise failed(e, path) from None
+        raise workdir_write_failed(e, path, then) from None
 
 
 def plot_curves(history: Sequence[dict]) -> bytes:

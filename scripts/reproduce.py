@@ -129,12 +129,7 @@ def write_result(result: dict, results_dir: Path) -> Path:
 def write_atomically(path: Path, text: str) -> None:
     """`text` in `path`, whole or not at all (a truncated result or README would be a results file lost, or a page
     every later rebuild fails on)."""
-    report.atomic_write(path, text.encode(), failed=results_write_failed)
-
-
-def results_write_failed(e: OSError, path: Path) -> SystemExit:
-    return SystemExit(f"error: cannot write {path} ({e.strerror or e}); {path.name} is as it was: fix that and run the "
-                      "same command again")
+    report.atomic_write(path, text.encode(), then=f"run the same command again ({path.name} is as it was)")
 
 
 def add_evaluation(result_path: Path, evaluation_path: Path) -> dict:

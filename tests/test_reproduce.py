@@ -60,7 +60,8 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
         reproduce.update_docs(results, [readme])
     assert readme.read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "results", "run"]  # no temporary file left
-    with pytest.raises(SystemExit, match="^error: cannot write .*missing/x.json .*: fix that and run the same command"):
+    with pytest.raises(errors.JaxcifarError, match=r"^no such file or directory while writing .*missing/x.json; .*, "
+                                                   r"then run the same command again \(x.json is as it was\)$"):
         reproduce.write_atomically(tmp_path / "missing" / "x.json", "{}")
 
 

@@ -136,16 +136,12 @@ def summary_line(label: str, rows: list[dict], num_epochs: int, out: Path, workd
     return f"[{label}] {status}: {accuracy}; {out}"
 
 
-def result_write_failed(e: OSError, path: Path) -> errors.JaxcifarError:
-    return errors.JaxcifarError(f"{errors.os_error_cause(e) or e} while writing {path}; {errors.os_error_fix(e)}, "
-                                "then run the same command: it resumes from the last saved epoch")
-
-
 def result_writer(result: dict, out: Path, label: str):
     """(rows, new row) -> the JSON rewritten atomically with `rows`, and the new row said in one line."""
     def write(rows, row):
         result["epochs"] = rows
-        report.atomic_write(out, json.dumps(result, indent=1).encode(), failed=result_write_failed)
+        report.atomic_write(out, json.dumps(result, indent=1).encode(),
+                            then="run the same command: it resumes from the last saved epoch")
         if row is None:
             return
         extra = "".join(f" {k.replace('test_accuracy_', '')} {row[k]:.2f}" for k in row
