@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxcifar import parallel
+
 # Bump when any function below changes its output: it keys the preprocessed cache.
 PREPROCESS_VERSION = 1
 
@@ -34,7 +36,7 @@ _RGB_TO_YUV = np.array(
 _STD_THRESHOLD = 1e-4
 _STD_REPLACEMENT = 1e-4
 
-_CHUNK = 4096  # images per contrast-normalization chunk: bounds float64 temporaries
+_CHUNK = 1024  # images per chunk, one thread's piece of work: bounds float64 temporaries, balances the cores
 
 
 class NormalizationStats(NamedTuple):
@@ -83,21 +85,34 @@ def contrast_normalize(y: np.ndarray, kernel: np.ndarray | None = None) -> np.nd
     Subtractive step: x - conv(x) / conv(1), with the kernel scaled to sum 1 and
     zero padding, conv(1) correcting the borders. Divisive step on the result c:
     s = sqrt(conv(c^2)) / conv(1); s <= 1e-4 becomes 1e-4; output c / s.
+    Each plane is its own computation: chunks run on the machine's cores, the result the same bits.
     """
     y = np.asarray(y, dtype=np.float64)
     if y.ndim != 3:
         raise ValueError(f"contrast_normalize expects (N, H, W) planes, got shape {y.shape}")
+    normalize_planes = _plane_normalizer(y.shape[1:], kernel)
+    out = np.empty_like(y)
+
+    def one(span):
+        out[span] = normalize_planes(y[span])
+
+    parallel.map_ordered(one, parallel.spans(y.shape[0], _CHUNK))
+    return out
+
+
+def _plane_normalizer(plane_shape: tuple[int, int], kernel: np.ndarray | None = None):
+    """contrast_normalize's arithmetic for one chunk of (n, H, W) float64 planes."""
     kernel = gaussian1d(7) if kernel is None else np.asarray(kernel, dtype=np.float64)
     kernel = kernel / kernel.sum()
-    coef = _separable_mean(np.ones(y.shape[1:]), kernel)
-    out = np.empty_like(y)
-    for start in range(0, y.shape[0], _CHUNK):
-        x = y[start : start + _CHUNK]
+    coef = _separable_mean(np.ones(plane_shape), kernel)
+
+    def normalize_planes(x: np.ndarray) -> np.ndarray:
         centered = x - _separable_mean(x, kernel) / coef
         std = np.sqrt(_separable_mean(centered * centered, kernel)) / coef
         std = np.where(std > _STD_THRESHOLD, std, _STD_REPLACEMENT)
-        out[start : start + _CHUNK] = centered / std
-    return out
+        return centered / std
+
+    return normalize_planes
 
 
 def _check_uint8_images(name: str, images: np.ndarray) -> None:
@@ -106,10 +121,19 @@ def _check_uint8_images(name: str, images: np.ndarray) -> None:
 
 
 def yuv_with_local_y(images: np.ndarray) -> np.ndarray:
-    """RGB 0-255 -> YUV with the Y plane contrast-normalized (float64); U, V still raw."""
-    yuv = rgb2yuv(images)
-    yuv[..., 0] = contrast_normalize(yuv[..., 0])
-    return yuv
+    """RGB 0-255 -> YUV with the Y plane contrast-normalized (float64); U, V still raw. Chunks of images run on
+    the machine's cores (each image is its own computation: the same bits as one pass)."""
+    images = np.asarray(images)
+    out = np.empty(images.shape, np.float64)
+    normalize_planes = _plane_normalizer(images.shape[1:3])
+
+    def one(span):
+        yuv = rgb2yuv(images[span])
+        yuv[..., 0] = normalize_planes(yuv[..., 0])
+        out[span] = yuv
+
+    parallel.map_ordered(one, parallel.spans(images.shape[0], _CHUNK))
+    return out
 
 
 def normalize(train_uint8: np.ndarray, test_uint8: np.ndarray):
@@ -136,9 +160,17 @@ def normalize_rgb(train_uint8: np.ndarray, test_uint8: np.ndarray):
 def apply_stats(images: np.ndarray, stats: NormalizationStats, local_y_done: bool = False) -> np.ndarray:
     """Normalizes new images (uint8 RGB, or float64 YUV with `local_y_done`) with stored stats."""
     if stats.method == "yuv":
-        yuv = np.array(images, dtype=np.float64) if local_y_done else yuv_with_local_y(images)
-        yuv[..., 1:] = (yuv[..., 1:] - np.asarray(stats.mean)) / np.asarray(stats.std)
-        return yuv.astype(np.float32)
+        yuv = np.asarray(images, dtype=np.float64) if local_y_done else yuv_with_local_y(images)
+        mean, std = np.asarray(stats.mean), np.asarray(stats.std)
+        out = np.empty(yuv.shape, np.float32)
+
+        def one(span):  # elementwise: chunks on the cores, the same bits
+            chunk = yuv[span].copy()
+            chunk[..., 1:] = (chunk[..., 1:] - mean) / std
+            out[span] = chunk
+
+        parallel.map_ordered(one, parallel.spans(yuv.shape[0], _CHUNK))
+        return out
     if stats.method == "rgb":
         rgb = np.asarray(images, dtype=np.float64) / 255.0
         return ((rgb - np.asarray(stats.mean)) / np.asarray(stats.std)).astype(np.float32)

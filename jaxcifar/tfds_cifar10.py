@@ -22,6 +22,7 @@ from typing import Mapping
 
 import numpy as np
 
+from jaxcifar import parallel
 from jaxcifar.archive import CLASS_NAMES, OFFICIAL_MD5, TEST_FILES, TRAIN_FILES, md5s_of, parse_batches, read_archive
 from jaxcifar.errors import DataError, disk_failure_cause, first_line, os_error_fix
 
@@ -72,15 +73,24 @@ def _builder_class():
             }
 
         def _generate_examples(self, split_prefix, blobs):
-            from PIL import Image
-
             images, labels = parse_batches(blobs)
-            for index, (image, label) in enumerate(zip(images, labels)):
-                png = io.BytesIO()
-                Image.fromarray(image).save(png, format="PNG")
-                yield index, {"id": f"{split_prefix}{index:05d}", "image": png.getvalue(), "label": int(label)}
+            # PNG encoding was 16 of a preparation's 26 s on one core; chunks of it run on every core (the same
+            # bytes: each image is encoded alone).
+            chunks = parallel.map_ordered(lambda span: [_png_bytes(image) for image in images[span]],
+                                          parallel.spans(len(images), 1024))
+            pngs = [png for chunk in chunks for png in chunk]
+            for index, (png, label) in enumerate(zip(pngs, labels)):
+                yield index, {"id": f"{split_prefix}{index:05d}", "image": png, "label": int(label)}
 
     return Cifar10
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    return png.getvalue()
 
 
 def default_data_dir() -> str:
@@ -271,6 +281,7 @@ def load_uint8(data_dir: str | None = None) -> dict[str, np.ndarray]:
     for split in ("train", "test"):
         try:
             source = tfds.data_source("cifar10", split=split, data_dir=data_dir or default_data_dir(), download=False)
+            # Serial: tfds decodes under the GIL; read in threads, it took 14.4 s against 11.2 s (2-core Xeon).
             records = source.__getitems__(list(range(len(source))))
         except (RuntimeError, OSError, ValueError) as e:  # array_record: "Corrupted Riegeli/records file: ..."
             folder = builder(data_dir).data_dir

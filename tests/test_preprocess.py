@@ -107,3 +107,17 @@ def test_rgb_option_standardizes_each_channel():
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="uint8"):
         preprocess.normalize(np.zeros((2, 32, 32, 3), np.float32), np.zeros((2, 32, 32, 3), np.uint8))
+
+
+def test_preprocessing_on_several_threads_gives_the_serial_bits(monkeypatch):
+    # Chunks of images run on the cores (jaxcifar.parallel); the cache must hold the same bits as one thread wrote.
+    rng = np.random.default_rng(3)
+    train = rng.integers(0, 256, (2500, 32, 32, 3), dtype=np.uint8)  # 3 chunks, the last one short
+    test = rng.integers(0, 256, (1100, 32, 32, 3), dtype=np.uint8)
+    monkeypatch.setenv("JAXCIFAR_THREADS", "1")
+    serial = preprocess.normalize(train, test)
+    monkeypatch.setenv("JAXCIFAR_THREADS", "5")
+    threaded = preprocess.normalize(train, test)
+    for a, b in zip(serial[:2], threaded[:2]):
+        assert a.dtype == b.dtype == np.float32 and np.array_equal(a, b)
+    assert serial[2] == threaded[2]
