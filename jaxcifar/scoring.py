@@ -15,15 +15,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxcifar import batches
 from jaxcifar.mesh import global_array
-from jaxcifar.step import eval_step, over_replicas
+from jaxcifar.step import eval_split, over_replicas
 
 
 class SplitScorer:
     """Confusion counts and mean loss of K replicas' models over a labelled image set held on the devices.
 
     The images sit replicated on the mesh; each batch, split over the 'data' axis, is picked inside
-    the program (`step.eval_step`), so the loop passes only integers and works whichever process
-    holds which devices.
+    the program (`step.eval_split`, every batch in one call), so nothing but the totals crosses to the host, and it
+    works whichever process holds which devices.
     """
 
     def __init__(self, model, images: np.ndarray, labels: np.ndarray, *, num_classes: int, batch_size: int,
@@ -39,23 +39,19 @@ class SplitScorer:
         indices, valid = batches.eval_batches(len(labels), batch)
         rows = NamedSharding(mesh, P(None, "data"))
         self.indices, self.valid = global_array(indices, rows), global_array(valid, rows)
-        self._step = _scoring_program(model, num_classes, replicas, mesh, tuple(sorted((compiler_options or {}).items())))
+        self._program = _scoring_program(model, num_classes, replicas, mesh, tuple(sorted((compiler_options or {}).items())))
 
     def __call__(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:
         """Per replica: (confusion (K, C, C), mean loss (K,)) over every image, exactly once."""
-        confusion = jnp.zeros((self.replicas, self.num_classes, self.num_classes), jnp.int32)
-        loss = jnp.zeros([self.replicas], jnp.float32)
-        for batch in range(self.indices.shape[0]):
-            conf, batch_loss = self._step(params, batch_stats, self.images, self.labels, self.indices, self.valid,
-                                          np.int32(batch))
-            confusion, loss = confusion + conf, loss + batch_loss
+        confusion, loss = self._program(params, batch_stats, self.images, self.labels, self.indices, self.valid)
         return np.asarray(confusion), np.asarray(loss, np.float64) / self.count
 
 
 @functools.lru_cache(maxsize=16)
 def _scoring_program(model, num_classes: int, replicas: int, mesh: Mesh, compiler_options: tuple):
-    """The jitted evaluation batch, one per (model, replicas, mesh): scorers of the same model share its compile."""
+    """The jitted evaluation of a whole split, one per (model, replicas, mesh): scorers of the same model share its
+    compile."""
     replicated = NamedSharding(mesh, P())
-    return jax.jit(over_replicas(functools.partial(eval_step, model=model, num_classes=num_classes),
-                                 (0, 0, None, None, None, None, None), replicas),
+    return jax.jit(over_replicas(functools.partial(eval_split, model=model, num_classes=num_classes),
+                                 (0, 0, None, None, None, None), replicas),
                    out_shardings=(replicated, replicated), compiler_options=dict(compiler_options) or None)
