@@ -91,7 +91,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.dropout_bits = 0  # 16: two draws per 32-bit random word; 32: one
     c.log_every_steps = 20  # progress bar and NaN check cadence (each one syncs with the device)
     c.checkpoint_every_epochs = 1
+    # > 0: save at the first epoch end this many seconds after the last save, in place of checkpoint_every_epochs
+    # (a GPU slot: a 15-million-parameter save every 1.3 s epoch costs more than the epoch). The last epoch and a
+    # stop (Ctrl-C, SIGTERM) save whatever these say.
+    c.checkpoint_every_s = 0.0
     c.keep_checkpoints = 3
+    c.save_best = True  # best/ keeps the save of the best test accuracy (one more save whenever it improves)
+    c.report_every_epochs = 1  # report.html's cadence; 0: at the end and on a stop only
+    c.results = ml_collections.ConfigDict()
+    # A folder: the run's result file (as scripts/reproduce.py writes them, NAME-seedS-{cpu,gpu}.json) is rewritten
+    # there after every epoch, so a run cut short is a partial row. Empty: none.
+    c.results.dir = ""
+    c.results.name = ""  # NAME; empty: the --config file's name
     return c
 
 
@@ -151,6 +162,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
     for field in ("batch_size", "eval_batch_size", "num_epochs", "num_classes", "log_every_steps",
                   "checkpoint_every_epochs", "keep_checkpoints"):
         need(int(c[field]) == c[field] and c[field] > 0, f"{field}={c[field]} must be a positive integer")
+    need(math.isfinite(c.checkpoint_every_s) and c.checkpoint_every_s >= 0,
+         f"checkpoint_every_s={c.checkpoint_every_s} must be a number of seconds >= 0 (0: every "
+         "checkpoint_every_epochs epochs)")
+    need(int(c.report_every_epochs) == c.report_every_epochs and c.report_every_epochs >= 0,
+         f"report_every_epochs={c.report_every_epochs} must be an integer >= 0 (0: at the end and on a stop only)")
     need(c.num_classes == 10, f"num_classes={c.num_classes}; CIFAR-10 has 10 classes, so it must be 10")
     need(c.flip in FLIP_MODES, f"flip={c.flip!r}; choose one of {', '.join(FLIP_MODES)}")
     need(0 <= c.label_smoothing < 1, f"label_smoothing={c.label_smoothing} must be in [0, 1)")

@@ -5,6 +5,7 @@ or started afresh. `python -m jaxcifar.train` and the fidelity tools' JAX side b
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -113,8 +114,12 @@ class TrainingRun:
     # Epochs finished before this process started: the next one pays its compilation (runlog.run_eta).
     epochs_restored: int = dataclasses.field(init=False)
 
+    # When the run was last saved, or restored (time.monotonic()): `checkpoint_every_s` counts from it.
+    last_save_at: float = dataclasses.field(init=False)
+
     def __post_init__(self):
         self.epochs_restored = len(self.history)
+        self.last_save_at = time.monotonic()
 
     @property
     def step(self) -> int:
@@ -131,6 +136,7 @@ class TrainingRun:
         if self.epoch_metrics is not None and self.epoch_train_s is not None:
             meta["epoch_train_s"] = self.epoch_train_s
         epoch_metrics = self.trainer.zero_metrics() if self.epoch_metrics is None else self.epoch_metrics
+        self.last_save_at = time.monotonic()
         ckpt.save(step, checkpoint.to_tree({"train_state": self.state, "epoch_metrics": epoch_metrics}), meta,
                   is_best=is_best)
 

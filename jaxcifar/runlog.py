@@ -91,7 +91,7 @@ class RunLog:
 
 
 # The fields of an epoch record that measure time, and so differ between two runs of the same computation.
-TIMED_FIELDS = ("epoch_time_s", "train_images_per_s", "eval_time_s")
+TIMED_FIELDS = ("epoch_time_s", "train_images_per_s", "eval_time_s", "startup_s", "bookkeeping_s")
 # Where and by what code the epoch trained (machine.run_context): another machine may compute the same.
 CONTEXT_FIELDS = ("machine", "commit")
 

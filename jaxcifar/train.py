@@ -32,7 +32,7 @@ import ml_collections
 
 from jaxcifar import config as config_lib
 from jaxcifar import archive, cache, checkpoint, errors, models, report, resume, workdir as workdir_lib
-from jaxcifar import distributed, machine, runlog
+from jaxcifar import distributed, machine, results, runlog
 from jaxcifar import step as step_lib
 from jaxcifar.resume import TrainingRun
 from jaxcifar.runlog import RunLog
@@ -119,13 +119,23 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
         closing.callback(scalars.close)
     context = machine.run_context()
     resume.say_where_it_moved(run.history, context, log.print)
-    for epoch in resume.epochs_to_train(run, log.print):
-        ckpt.check()  # a save that failed in the background stops the run here, not at its end
-        record = train_and_evaluate_epoch(run, epoch, ckpt, log, stop, context)
-        save_log_and_report(run, record, ckpt, log, reporter, scalars, model_summary)
-        if stop():
-            ckpt.wait()
-            raise TrainingInterrupted(stop.signum, record["step"])
+    evaluated = None  # when the last epoch's evaluation ended: what follows until the next step is bookkeeping
+    try:
+        for epoch in resume.epochs_to_train(run, log.print):
+            ckpt.check()  # a save that failed in the background stops the run here, not at its end
+            waited = (("startup_s", time.monotonic() - summary.started) if evaluated is None
+                      else ("bookkeeping_s", time.monotonic() - evaluated))
+            record = dict(train_and_evaluate_epoch(run, epoch, ckpt, log, stop, context), **dict([waited]))
+            evaluated = time.monotonic()
+            stopping = stop()
+            save_log_and_report(run, record, ckpt, log, reporter, scalars, model_summary, stopping)
+            if stopping:
+                ckpt.wait()
+                raise TrainingInterrupted(stop.signum, record["step"])
+    except TrainingInterrupted:
+        if log.writer and run.config.report_every_epochs == 0 and run.history:  # the report waits for a stop
+            submit_report(run, reporter, model_summary)
+        raise
     return run.state
 
 
@@ -211,23 +221,46 @@ def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Chec
 
 
 def save_log_and_report(run: TrainingRun, record: dict, ckpt: checkpoint.Checkpointer, log: RunLog,
-               reporter: report.BackgroundReporter, scalars: report.ScalarWriter | None, summary: str) -> None:
-    """Saves the run (every `checkpoint_every_epochs`, at the end, and when the test accuracy is its best),
-    then logs the epoch and submits the report."""
+                        reporter: report.BackgroundReporter, scalars: report.ScalarWriter | None, summary: str,
+                        stopping: bool = False) -> None:
+    """Saves the run when a save is due (`checkpoint_every_epochs`, or `checkpoint_every_s` seconds after the last
+    one), at the end, on a stop (`stopping`) and when the test accuracy is its best (`save_best`); then logs the
+    epoch, submits the report (every `report_every_epochs`, at the end, on a stop) and rewrites the result file."""
     config, epoch = run.config, record["epoch"]
     runlog.log_epoch(log, record)
-    is_best = all(record["test_accuracy"] > h["test_accuracy"] for h in run.history)
+    is_best = config.save_best and all(record["test_accuracy"] > h["test_accuracy"] for h in run.history)
     run.history.append(record)
+    last = epoch == config.num_epochs
+    if config.checkpoint_every_s > 0:
+        due = time.monotonic() - run.last_save_at >= config.checkpoint_every_s
+    else:
+        due = epoch % config.checkpoint_every_epochs == 0
     # Save before logging: the save waits for the previous one, so a logged epoch's predecessor is
     # always on disk and a kill loses at most the last logged epoch and the one in progress.
-    if epoch % config.checkpoint_every_epochs == 0 or epoch == config.num_epochs or is_best:
+    if due or last or stopping or is_best:
         run.save(ckpt, epoch, is_best)
     log.epoch(record)
-    reporter.submit(run.workdir, list(run.history), config.to_dict(),
-                    optimizer_state(config, epoch, record["step"], record["learning_rate"]), summary,
-                    archive.CLASS_NAMES, run.trainer.choices)
+    every = config.report_every_epochs
+    if last or stopping or (every and epoch % every == 0):
+        submit_report(run, reporter, summary)
     if scalars is not None:
         scalars.write(record["step"], runlog.scalar_summary(record))
+    if config.results.dir and log.writer:
+        results.write_result(results.run_result(run.history, config.to_dict(), result_name(config), run.workdir),
+                             Path(config.results.dir))
+
+
+def submit_report(run: TrainingRun, reporter: report.BackgroundReporter, summary: str) -> None:
+    config, record = run.config, run.history[-1]
+    reporter.submit(run.workdir, list(run.history), config.to_dict(),
+                    optimizer_state(config, record["epoch"], record["step"], record["learning_rate"]), summary,
+                    archive.CLASS_NAMES, run.trainer.choices)
+
+
+def result_name(config) -> str:
+    """The NAME of the run's result file: `results.name`, else the --config file's, with the dtype if not fp32."""
+    name = config.results.name or "run"
+    return name if config.dtype == "float32" else f"{name}-{config.dtype}"
 
 
 def main(argv) -> None:
@@ -240,6 +273,10 @@ def main(argv) -> None:
     code, outcome = 0, "finished"
     try:
         config_lib.validate(cfg)  # first: a get_config() that returned a dict has no num_epochs to show
+        if cfg.results.dir and not cfg.results.name:
+            from ml_collections import config_flags
+
+            cfg.results.name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
         summary.num_epochs = cfg.num_epochs
         distributed.initialize_distributed()
         train_and_evaluate(cfg, workdir, summary)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import itertools
 import json
 import statistics
 import subprocess
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 from jaxcifar import errors, machine, report
+from jaxcifar import results as results_lib
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -82,48 +82,9 @@ def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | No
     if not records:
         raise SystemExit(f"error: {workdir} has no finished epochs")
     _, meta, _ = checkpoint.read_saved(workdir)  # a damaged save: CheckpointError, one line from cli.run_command
-    config = meta["config"]
-    final = records[-1]
-    seeds = final.get("seeds") or meta.get("seeds") or [config["seed"]]
-    per_seed = final.get("per_seed", {"test_accuracy": [final["test_accuracy"]]})
-    info = machine.machine_info()
-    return {
-        "config_name": config_name, "seed": seeds[0], "seeds": seeds, "workdir": str(workdir),
-        "epochs_completed": final["epoch"], "epochs_configured": config["num_epochs"],
-        "partial": final["epoch"] < config["num_epochs"],
-        "final_test_accuracy": final["test_accuracy"], "final_test_accuracies": per_seed["test_accuracy"],
-        "final_train_accuracy": final["train_accuracy"], "final_train_loss": final["train_loss"],
-        "curve": [{k: r[k] for k in ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                                     "learning_rate", "epoch_time_s", "train_images_per_s")} for r in records],
-        "wall_time_s": wall_time_s if wall_time_s is not None else sum(r["epoch_time_s"] for r in records),
-        "train_images_per_s": statistics.median(r["train_images_per_s"] for r in records),
-        # What trained the epochs, as each record says (a record from before records said so: this machine and
-        # checkout, the best guess left).
-        "device": epochs_by(records, "machine", machine.device_label(info)),
-        "commit": epochs_by(records, "commit", info["commit"]),
-        "versions": {k: info[k] for k in ("python", "jax", "flax")}, "date": info["date"],
-        "config": config,
-    }
-
-
-def epochs_by(records: list[dict], field: str, unrecorded: str | None) -> str | None:
-    """The value of `field` (machine or commit) the epochs were trained with: one value, or each with its epochs
-    ('A (epochs 1-17), B (epochs 18-40)') when the run moved; `unrecorded` stands for records without it."""
-    spans = [(value, [r["epoch"] for r in span])
-             for value, span in itertools.groupby(records, key=lambda r: r.get(field, unrecorded))]
-    if len(spans) == 1:
-        return spans[0][0]
-    return ", ".join(f"{v} (epoch{f's {e[0]}-{e[-1]}' if len(e) > 1 else f' {e[0]}'})" for v, e in spans)
-
-
-def write_result(result: dict, results_dir: Path) -> Path:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    tag = "cpu" if "cpu" in result["device"].lower() else "gpu"
-    seeds = result.get("seeds", [result["seed"]])
-    which = f"seed{seeds[0]}" if len(seeds) == 1 else f"seeds{'-'.join(map(str, seeds))}"
-    path = results_dir / f"{result['config_name']}-{which}-{tag}.json"
-    write_atomically(path, json.dumps(result, indent=1) + "\n")
-    return path
+    if not records[-1].get("seeds") and meta.get("seeds"):
+        records[-1] = dict(records[-1], seeds=meta["seeds"])
+    return results_lib.run_result(records, meta["config"], config_name, workdir, wall_time_s)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -500,7 +461,7 @@ def main(argv=None) -> int:
     elif args.from_workdir:
         if not args.config_name:
             p.error("--from-workdir needs --config-name")
-        print(write_result(result_from_workdir(Path(args.from_workdir), args.config_name), results_dir))
+        print(results_lib.write_result(result_from_workdir(Path(args.from_workdir), args.config_name), results_dir))
     elif not args.table_only:
         extra = [f"--config.data.archive={args.archive}"] if args.archive else []
         if args.num_epochs is not None:
@@ -514,7 +475,7 @@ def main(argv=None) -> int:
                 workdir = Path(args.runs_dir) / f"{name}-s{'-'.join(map(str, group))}"
                 wall = run_config(name, group, workdir, extra)
                 # Written as soon as the run ends: a session cut short keeps every finished run.
-                print(write_result(result_from_workdir(workdir, name, wall), results_dir), flush=True)
+                print(results_lib.write_result(result_from_workdir(workdir, name, wall), results_dir), flush=True)
     if not args.no_readme:
         changed = update_docs(results_dir)
         print(f"rebuilt from {results_dir}: " + (", ".join(str(p.relative_to(REPO)) for p in changed) or "nothing changed"))

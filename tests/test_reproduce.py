@@ -4,6 +4,7 @@ import math
 import pytest
 
 from jaxcifar import checkpoint, errors, evaluate, train
+from jaxcifar import results as results_lib
 from conftest import load_script, tiny_config
 
 reproduce = load_script("reproduce")
@@ -23,11 +24,11 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     assert result["config"]["width"] == pytest.approx(1 / 16) and "cpu" in result["device"].lower()
     assert (result["device"], result["commit"]) == (history[0]["machine"], history[0]["commit"])  # as trained
     results = tmp_path / "results"
-    reproduce.write_result(result, results)
+    results_lib.write_result(result, results)
     assert result["seeds"] == [0] and result["final_test_accuracies"] == [result["final_test_accuracy"]]
     other = dict(result, seed=1, seeds=[1], final_test_accuracy=result["final_test_accuracy"] + 2.0,
                  final_test_accuracies=[result["final_test_accuracy"] + 2.0])
-    reproduce.write_result(other, results)
+    results_lib.write_result(other, results)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{reproduce.TABLE_START}\nstale\n{reproduce.TABLE_END}\noutro\n")
     reproduce.update_docs(results, [readme])
@@ -37,11 +38,11 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     assert f"Complete runs, mean final test accuracy: `tiny` ({mean:.2f} %, 2 seeds). Partial runs" in text
     assert "have not been measured here" in text
     partial = dict(result, config_name="vgg", epochs_completed=2, epochs_configured=300, partial=True)
-    reproduce.write_result(partial, results)
+    results_lib.write_result(partial, results)
     reproduce.update_docs(results, [readme])
     assert "| `vgg` | 92.45 % |" in readme.read_text() and "2 of 300 (partial)" in readme.read_text()
     assert "`vgg` (2 of 300 epochs)" in readme.read_text() and "have not been measured here" in readme.read_text()
-    reproduce.write_result(dict(partial, epochs_completed=300, partial=False), results)
+    results_lib.write_result(dict(partial, epochs_completed=300, partial=False), results)
     reproduce.update_docs(results, [readme])
     assert "have not been measured here" not in readme.read_text()  # a complete vgg run answers the claim
     assert "stale" not in text and text.startswith("intro") and text.endswith("outro\n")
@@ -49,7 +50,7 @@ def test_results_and_table_come_from_run_files(prepared, tmp_path):
     acc = result["final_test_accuracy"]
     together = dict(result, config_name="vgg_fast", seeds=[0, 1, 2], final_test_accuracy=acc + 1.0,
                     final_test_accuracies=[acc, acc + 1.0, acc + 2.0])
-    assert reproduce.write_result(together, results).name == "vgg_fast-seeds0-1-2-cpu.json"
+    assert results_lib.write_result(together, results).name == "vgg_fast-seeds0-1-2-cpu.json"
     reproduce.update_docs(results, [readme])
     assert f"| `vgg_fast` | 92.45 % | {acc + 1.0:.2f} ± 1.00 % | 3 | 2 |" in readme.read_text()
     # a damaged results file (e.g. cut by a kill mid-write) is named in one line, and the page is left as it was
@@ -70,14 +71,14 @@ def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
     train.train_and_evaluate(tiny_config(prepared, num_epochs=2), str(workdir))
     results = tmp_path / "results"
     quick = dict(reproduce.result_from_workdir(workdir, "quick", wall_time_s=312.0))
-    reproduce.write_result(quick, results)
+    results_lib.write_result(quick, results)
     acc = quick["final_test_accuracy"]
     assert reproduce.quick_result(results).startswith(f"Measured: {acc:.2f} % test accuracy after 2 epochs, 5.2 min ")
     assert reproduce.headline(results).startswith("- No complete run at the recipes' own width")  # quick is a try
     full = dict(quick, config_name="vgg_fast", wall_time_s=7200.0,
                 curve=[dict(e, epoch_time_s=600.0) for e in quick["curve"]],
                 config=dict(quick["config"], width=1.0, batch_size=128, model="vgg_bn_drop"))
-    full_path = reproduce.write_result(full, results)
+    full_path = results_lib.write_result(full, results)
     line = (f"- `vgg_fast`, full width, 2 epochs: **{acc:.2f} %** final test accuracy (1 seed, {full['device']}, "
             f"2 h 00 min)")
     assert reproduce.headline(results) == (f"{line}. It tests {reproduce.CLAIM_TESTED['vgg_fast']} and ends "
@@ -107,10 +108,10 @@ def test_front_page_blocks_come_from_run_files(prepared, tmp_path):
 def test_a_run_that_moved_names_each_machine_with_its_epochs():
     a, b = "1 x cpu (Intel(R) Xeon(R) Processor, 2 cores)", "1 x cpu (AMD EPYC, 2 cores)"
     records = [{"epoch": e, "machine": a} for e in (1, 2, 3)] + [{"epoch": 4, "machine": b}]
-    assert reproduce.epochs_by(records, "machine", "here") == f"{a} (epochs 1-3), {b} (epoch 4)"
-    assert reproduce.epochs_by(records[:3], "machine", "here") == a
+    assert results_lib.epochs_by(records, "machine", "here") == f"{a} (epochs 1-3), {b} (epoch 4)"
+    assert results_lib.epochs_by(records[:3], "machine", "here") == a
     # Records from before they said it stand for what is here, the best guess left.
-    assert reproduce.epochs_by([{"epoch": 1}, {"epoch": 2, "machine": a}], "machine", b) == (f"{b} (epoch 1), "
+    assert results_lib.epochs_by([{"epoch": 1}, {"epoch": 2, "machine": a}], "machine", b) == (f"{b} (epoch 1), "
                                                                                                f"{a} (epoch 2)")
 
 

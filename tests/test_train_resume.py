@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcifar import checkpoint, errors, machine, resume, runlog, train
+from jaxcifar import cache, checkpoint, errors, machine, resume, runlog, train
 from jaxcifar.signals import TrainingInterrupted
 from jaxcifar.trainer import Trainer
 from conftest import REPO, assert_same_leaves, damage_every_data_file, tiny_config
@@ -425,3 +425,49 @@ def test_saves_interrupted_by_a_hard_stop_are_removed_on_the_next_start(referenc
     for leftover in leftovers:
         assert not leftover.exists() and f"removed {leftover}, a save that was stopped before its end" in out
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == [c for c in complete if "tmp" not in c]
+
+
+def test_a_gpu_slots_run_saves_by_time_reports_at_the_end_and_rewrites_its_result_every_epoch(prepared, tmp_path,
+                                                                                             monkeypatch):
+    from jaxcifar import results
+
+    written = []
+    real_write = results.write_result
+    monkeypatch.setattr(results, "write_result", lambda r, d: written.append(r) or real_write(r, d))
+    out, workdir = tmp_path / "out", tmp_path / "run"
+    c = tiny_config(prepared, num_epochs=3, checkpoint_every_s=3600.0, save_best=False, report_every_epochs=0,
+                    **{"results.dir": str(out), "results.name": "tiny"})
+    submitted = []
+    real_submit = train.submit_report
+    monkeypatch.setattr(train, "submit_report", lambda *a: submitted.append(a[0].history[-1]["epoch"]) or real_submit(*a))
+    train.train_and_evaluate(c, str(workdir))
+    per_epoch = Trainer(c, cache.load_dataset(c)).steps_per_epoch
+    # No save was due within the hour, none is a best/ save: the last epoch's is the only one. One report, at the end.
+    assert checkpoint.complete_steps(workdir / "checkpoints") == [3 * per_epoch]
+    assert checkpoint.complete_steps(workdir / "best") == []
+    assert submitted == [3] and (workdir / "report.html").is_file()
+    # The result after each epoch: a partial row until the last.
+    assert [(r["epochs_completed"], r["partial"]) for r in written] == [(1, True), (2, True), (3, False)]
+    final = json.loads((out / "tiny-seed0-cpu.json").read_text())
+    assert final["dtype"] == "float32" and final["final_test_accuracy"] == written[-1]["final_test_accuracy"]
+    assert "startup_s" in final["curve"][0] and all("bookkeeping_s" in e for e in final["curve"][1:])
+
+
+def test_a_stop_at_an_epochs_end_saves_that_epoch_whatever_the_checkpoint_cadence(prepared, tmp_path, monkeypatch):
+    workdir = tmp_path / "run"
+    c = tiny_config(prepared, num_epochs=4, checkpoint_every_epochs=2)
+    real_epoch = train.train_and_evaluate_epoch
+
+    def epoch_then_signal(run, epoch, *args):
+        record = real_epoch(run, epoch, *args)
+        if epoch == 3:  # the signal comes as epoch 3 ends: a save was not due (every 2 epochs)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # a watcher thread sets the stop flag (signal_watch.py): let it, as the save would
+        return record
+
+    monkeypatch.setattr(train, "train_and_evaluate_epoch", epoch_then_signal)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train.train_and_evaluate(c, str(workdir))
+    per_epoch = Trainer(c, cache.load_dataset(c)).steps_per_epoch
+    assert stopped.value.step == 3 * per_epoch
+    assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == 3 * per_epoch
