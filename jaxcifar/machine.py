@@ -62,3 +62,14 @@ def run_context() -> dict:
     run resumed elsewhere, or by other code, shows it epoch by epoch."""
     info = machine_info()
     return {"machine": device_label(info), "commit": info["commit"]}
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (its interpreter start and imports included: ~3-5 s of a training
+    command's start-up before any line of it runs); 0.0 where /proc does not say."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22, counted after the name's closing ")"
+        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0

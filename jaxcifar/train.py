@@ -128,7 +128,11 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
             record = dict(train_and_evaluate_epoch(run, epoch, ckpt, log, stop, context), **dict([waited]))
             evaluated = time.monotonic()
             stopping = stop()
-            save_log_and_report(run, record, ckpt, log, reporter, scalars, model_summary, stopping)
+            saved = save_log_and_report(run, record, ckpt, log, reporter, scalars, model_summary, stopping)
+            if not stopping and stop():  # the signal came during the bookkeeping: its announcement said "saved"
+                if not saved:
+                    run.save(ckpt, epoch)
+                stopping = True
             if stopping:
                 ckpt.wait()
                 raise TrainingInterrupted(stop.signum, record["step"])
@@ -222,10 +226,11 @@ def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Chec
 
 def save_log_and_report(run: TrainingRun, record: dict, ckpt: checkpoint.Checkpointer, log: RunLog,
                         reporter: report.BackgroundReporter, scalars: report.ScalarWriter | None, summary: str,
-                        stopping: bool = False) -> None:
+                        stopping: bool = False) -> bool:
     """Saves the run when a save is due (`checkpoint_every_epochs`, or `checkpoint_every_s` seconds after the last
     one), at the end, on a stop (`stopping`) and when the test accuracy is its best (`save_best`); then logs the
-    epoch, submits the report (every `report_every_epochs`, at the end, on a stop) and rewrites the result file."""
+    epoch, submits the report (every `report_every_epochs`, at the end, on a stop) and rewrites the result file.
+    Returns whether it saved."""
     config, epoch = run.config, record["epoch"]
     runlog.log_epoch(log, record)
     is_best = config.save_best and all(record["test_accuracy"] > h["test_accuracy"] for h in run.history)
@@ -237,7 +242,8 @@ def save_log_and_report(run: TrainingRun, record: dict, ckpt: checkpoint.Checkpo
         due = epoch % config.checkpoint_every_epochs == 0
     # Save before logging: the save waits for the previous one, so a logged epoch's predecessor is
     # always on disk and a kill loses at most the last logged epoch and the one in progress.
-    if due or last or stopping or is_best:
+    saving = due or last or stopping or is_best
+    if saving:
         run.save(ckpt, epoch, is_best)
     log.epoch(record)
     every = config.report_every_epochs
@@ -248,6 +254,7 @@ def save_log_and_report(run: TrainingRun, record: dict, ckpt: checkpoint.Checkpo
     if config.results.dir and log.writer:
         results.write_result(results.run_result(run.history, config.to_dict(), result_name(config), run.workdir),
                              Path(config.results.dir))
+    return saving
 
 
 def submit_report(run: TrainingRun, reporter: report.BackgroundReporter, summary: str) -> None:
@@ -269,7 +276,8 @@ def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and tfds narrate every file at INFO
     cfg, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-    summary = runlog.RunSummary(Path(workdir), 0)
+    # The run's clock starts with the process: the summary's time and the first epoch's startup_s count the imports.
+    summary = runlog.RunSummary(Path(workdir), 0, started=time.monotonic() - machine.process_age_s())
     code, outcome = 0, "finished"
     try:
         config_lib.validate(cfg)  # first: a get_config() that returned a dict has no num_epochs to show

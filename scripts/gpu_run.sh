@@ -1,73 +1,82 @@
 #!/usr/bin/env bash
-# The one command a GPU slot runs: benchmark, then train as many seeds and configs as fit in BUDGET_S.
+# The one command of a GPU slot: train the runs the seed's table still lacks (scripts/gpu_plan.py reads results/),
+# one after another, for as long as this call's budget lasts. Run again in the next call on the same (warm) machine,
+# it resumes where the last call stopped: the run in progress from its checkpoint, the finished ones skipped.
 #
+#   scripts/gpu_run.sh --plan                             the queue and each run's estimate; touches no GPU
 #   scripts/gpu_run.sh WHEELS_DIR DATA OUT_DIR [BUDGET_S]
 #
 # WHEELS_DIR  wheels of what the GPU image lacks (scripts/make_gpu_wheels.sh); installed without network
 # DATA        cifar-10-binary.tar.gz, or a folder of its split parts (part-aa, ... + SHA256SUMS)
-# OUT_DIR     receives only what comes back from the slot, at most 8 small files: gpu_run.log,
-#             bench-gpu-float32.json, bench-gpu-bfloat16.json and one results JSON per finished run
+# OUT_DIR     receives only what comes back from the slot (at most 8 files): gpu_run.log and each run's result
+#             JSON, rewritten after every epoch (a run cut short is a partial row); packed into results.tar if the
+#             results would make more than 7 files
 # BUDGET_S    seconds this call may take in all (default 540: one call of at most 9 minutes)
-# STAGES      runs NAME:SEEDS:DTYPE, space-separated; "A|B" runs the first of A, B that fits the time left
-# Also from the environment: BENCH=0 (no benchmark), BENCH16=0 (no bf16 one), VARIANTS (step variants to time,
-# comma-separated names of bench.STEP_VARIANTS; "" for none), BENCH_ARGS, FORCE_STAGES=1, PYTHON, WORK, MD5_FILE,
-# INSTALL=0 (the dependencies and this package are installed already: nothing is installed)
+# From the environment: RUNS (NAME:SEED:DTYPE ..., default the queue of `gpu_plan.py queue results/`), SLOT_FLAGS
+# (--config flags of every run; default below), BENCH=1 (the benchmark against PyTorch CUDA as a tail, when the
+# queue is done and time is left), BENCH_ARGS, PYTHON, WORK, MD5_FILE, INSTALL=0 (nothing to install)
 #
-# Plan for one H100 or H200 in 540 s (each stage is estimated from the throughput the benchmark just measured and
-# skipped, with a note in the log, when it would not end before the budget does; a run cut short by the
-# budget is stopped cleanly and written as a partial result). Measured on an H200 on 2026-12-04 (docs/gpu.md):
-#   setup      71 s    wheels; parts joined and checked; tfds prepared and preprocessed under $WORK, not OUT_DIR
-#   benchmark  ~170 s  for VGG fp32 with --replicas 1,8 alone (compiles of 25-42 s each). The default adds NIN,
-#                      bf16, PyTorch CUDA and every alternative of the step (backends.STEP_CHOICES): several
-#                      minutes, too long for one call with training after it; set BENCH_ARGS and VARIANTS
-#   vgg_fast   4 seeds in one program, 40 epochs: 334 s of training (8 did not fit: seeds at once run slower there)
-#   then, while they fit, 3 seeds each in one program: vgg (300 epochs, 45 M images), vgg_fast in bf16,
-#   nin (300), and the ablations vgg_noflip, vgg_nobn, vgg_nodrop, nin_noflip.
+# Where a slot's time goes (issue 47): nothing runs before training but the setup (wheels, data joined and checked,
+# tfds prepared and preprocessed on every core); runs save every 2 minutes rather than every epoch, keep no best/
+# save, write the report at their end (SIGTERM: at once, with a save); seeds train one after another, each its own
+# process: the persistent compilation cache in WORK compiles a config's program once. (Several seeds in one vmapped
+# program ran slower on an H200 than one seed: 30,000 images/s summed for 4 against 42,646 for 1; docs/gpu.md.)
 #
-# Rehearsal on a CPU (the same stages, minutes long; FORCE_STAGES=1 runs the stages whatever the estimates, which
-# assume full CIFAR-10 and the benchmarked model's full width; BENCH=0 skips the benchmark):
-#   PYTHON=.venv/bin/python MD5_FILE=fake/md5sums.txt STAGES="tiny:0,1:float32" \
-#     BENCH_ARGS="--models vgg_bn_drop --batch 8 --runs 1 --epoch-steps 2 --replicas 1,2" \
-#     scripts/gpu_run.sh WHEELS fake/cifar-10-binary.tar.gz OUT 600
+# Rehearsal on a CPU (minutes; RUNS names the tiny config, whose fake archive has its own MD5 list):
+#   PYTHON=.venv/bin/python INSTALL=0 MD5_FILE=fake/md5sums.txt RUNS="tiny:0:float32 tiny:1:float32" \
+#     scripts/gpu_run.sh - fake/cifar-10-binary.tar.gz OUT 300
 set -euo pipefail
-start=$(date +%s)
-wheels=${1:?usage: gpu_run.sh WHEELS_DIR DATA OUT_DIR [BUDGET_S]}
-data=${2:?DATA: archive or parts folder}
-out=${3:?OUT_DIR}
-budget=${4:-540}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
-work=${WORK:-${TMPDIR:-/tmp}/jaxcifar-gpu}  # data, caches and run folders: never under OUT_DIR
-stages=${STAGES:-"vgg_fast:0,1,2,3,4,5,6,7:float32|vgg_fast:0,1,2,3:float32|vgg_fast:0,1:float32 vgg:0,1,2:float32 vgg_fast:0,1,2:bfloat16 nin:0,1,2:float32
- vgg_noflip:0,1,2:float32 vgg_nobn:0,1,2:float32 vgg_nodrop:0,1,2:float32 nin_noflip:0,1,2:float32"}
-bench_args=${BENCH_ARGS:-"--replicas 1,4,8 --compare-torch"}
-variants=${VARIANTS-all}  # --step-variants NAMES of the fp32 benchmark ("" for none)
+if [ "${1:-}" = --plan ]; then  # on the development machine: the project's venv, if PYTHON does not say
+  [ -z "${PYTHON:-}" ] && [ -x "$repo/.venv/bin/python" ] && py=$repo/.venv/bin/python
+  exec $py "$repo/scripts/gpu_plan.py" plan "${2:-$repo/results}"
+fi
+usage="usage: gpu_run.sh WHEELS_DIR DATA OUT_DIR [BUDGET_S], or gpu_run.sh --plan"
+die() { echo "gpu_run.sh: error: $*" >&2; exit 2; }
+[ $# -ge 3 ] && [ $# -le 4 ] || die "$usage"
+start=$(date +%s)
+wheels=$1 data=$2 out=$3 budget=${4:-540}
+[[ "$budget" =~ ^[0-9]+$ ]] && [ "$budget" -gt 0 ] || die "BUDGET_S=$budget: give the call's seconds, a positive integer"
+if [ "${INSTALL:-1}" != 0 ] && [ ! -d "$wheels" ]; then
+  die "no wheels folder $wheels: make it with scripts/make_gpu_wheels.sh, or set INSTALL=0 where all is installed"
+fi
+[ -e "$data" ] || die "no data at $data: give cifar-10-binary.tar.gz, or the folder of its parts and SHA256SUMS"
+work=${WORK:-${TMPDIR:-/tmp}/jaxcifar-gpu}  # data, caches, run folders and what earlier calls finished: never OUT
+slot_flags=${SLOT_FLAGS:-"--config.checkpoint_every_s=120 --config.save_best=false --config.report_every_epochs=0"}
+min_start_s=60  # a run's start-up and compilation (~50 s for the VGG on an H200): less than this left, none starts
 mkdir -p "$out" "$work"
 exec > >(tee -a "$out/gpu_run.log") 2>&1
 export TQDM_DISABLE=1  # progress bars would fill the log that comes back
 left() { echo $(( budget - ($(date +%s) - start) )); }
-# Why a timed stage ended early: out of time (timeout's 124) and a failure call for different fixes.
-why() { if [ "$1" = 124 ]; then echo "ran out of its time"; else echo "failed (exit code $1)"; fi; }
 echo "== gpu_run.sh $(date -u +%FT%TZ), budget ${budget} s, work dir $work"
 
-if [ "${INSTALL:-1}" != 0 ]; then
+if [ "${INSTALL:-1}" != 0 ] && [ ! -e "$work/.installed" ]; then
   echo "== installing dependencies from $wheels (no network)"
   $py -m pip install -q --no-index --find-links "$wheels" tensorflow-datasets array-record ml-collections \
     importlib-resources tqdm absl-py matplotlib tensorboardx
   $py -m pip install -q --no-index --no-deps --no-build-isolation -e "$repo" 2>/dev/null \
-    || export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+    || echo "export PYTHONPATH=$repo" > "$work/.pythonpath"
+  touch "$work/.installed"
 fi
+# shellcheck disable=SC1091
+[ -e "$work/.pythonpath" ] && . "$work/.pythonpath"
 
+archive="$work/cifar-10-binary.tar.gz"
 if [ -d "$data" ]; then
-  echo "== joining $data/part-* and checking SHA256SUMS"
-  (cd "$data" && sha256sum -c --ignore-missing SHA256SUMS)
-  cat "$data"/part-* > "$work/cifar-10-binary.tar.gz"
-  want=$(grep 'cifar-10-binary.tar.gz' "$data/SHA256SUMS" | cut -d' ' -f1)
-  got=$(sha256sum "$work/cifar-10-binary.tar.gz" | cut -d' ' -f1)
-  [ "$want" = "$got" ] || { echo "error: joined archive sha256 $got != $want" >&2; exit 1; }
-  archive="$work/cifar-10-binary.tar.gz"
+  [ -f "$data/SHA256SUMS" ] || die "$data has no SHA256SUMS: split the archive with ../shared/cifar10/split.sh"
+  want=$(awk '$2 ~ /cifar-10-binary\.tar\.gz$/ {print $1}' "$data/SHA256SUMS")
+  [ -n "$want" ] || die "$data/SHA256SUMS has no line for cifar-10-binary.tar.gz: split the archive again with split.sh"
+  if [ ! -f "$archive" ] || [ "$(sha256sum "$archive" | cut -d' ' -f1)" != "$want" ]; then
+    echo "== joining $data/part-* and checking SHA256SUMS"
+    (cd "$data" && sha256sum -c --quiet --ignore-missing SHA256SUMS) || die "a part of $data is damaged; send it again"
+    cat "$data"/part-* > "$archive.tmp"
+    got=$(sha256sum "$archive.tmp" | cut -d' ' -f1)
+    [ "$want" = "$got" ] || die "the joined archive's sha256 is $got, not $want: a part is missing; send every part"
+    mv "$archive.tmp" "$archive"
+  fi
 else
-  archive="$data"
+  archive=$data
 fi
 export TFDS_DATA_DIR="$work/tfds" JAXCIFAR_CACHE_DIR="$work/cache"
 md5=${MD5_FILE:+--md5-file $MD5_FILE}
@@ -76,56 +85,46 @@ cd "$repo"
 echo "== preparing CIFAR-10"
 # shellcheck disable=SC2086
 $py -m jaxcifar.prepare --archive "$archive" --preprocess $md5
-$py -c 'import jax, jaxlib; print("devices:", jax.devices(), "jax", jax.__version__, "jaxlib", jaxlib.__version__)'
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 echo "setup done after $(( $(date +%s) - start )) s"
 
-platform=$($py -c 'import jax; print("gpu" if jax.default_backend() == "gpu" else "cpu")')
-bench32="$out/bench-$platform-float32.json" bench16="$out/bench-$platform-bfloat16.json"
-if [ "${BENCH:-1}" != 0 ]; then
-  echo "== benchmark"
-  # shellcheck disable=SC2086
-  timeout --signal=TERM "$(left)" $py -m jaxcifar.bench $bench_args ${variants:+--step-variants "$variants"} \
-    --json "$bench32" || echo "benchmark (fp32) $(why $?); training uses the defaults"
-  if [ "${BENCH16:-1}" != 0 ]; then
-    # shellcheck disable=SC2086
-    timeout --signal=TERM "$(( $(left) / 4 ))" $py -m jaxcifar.bench $bench_args --models vgg_bn_drop \
-      --dtype bfloat16 --json "$bench16" || echo "benchmark (bf16) $(why $?)"
+runs=${RUNS-$($py scripts/gpu_plan.py queue results)}
+touch "$work/finished"
+for run in $runs; do
+  IFS=: read -r name seed dtype <<<"$run"
+  grep -qxF "$run" "$work/finished" && continue  # an earlier call of this slot finished it
+  if [ "$(left)" -lt $((min_start_s + 15)) ]; then
+    echo "== $(left) s left: too little to start $name seed $seed ($dtype); the next call starts it"
+    break
   fi
-fi
-
-# The fastest step settings the benchmark found for VGG, as --config flags.
-overrides=$($py scripts/gpu_plan.py overrides "$bench32" || true)
-echo "step settings from the benchmark: ${overrides:-the defaults of backends.STEP_CHOICES}"
-
-for choices in $stages; do
-  # A stage is one run, or alternatives "a|b|c" of which the first that fits the time left runs (more seeds first).
-  stage=""
-  for alternative in ${choices//|/ }; do
-    IFS=: read -r name seeds dtype <<<"$alternative"
-    need=$($py scripts/gpu_plan.py estimate "$name" "$seeds" "$dtype" "$bench32" "$bench16")
-    if [ "$need" -le "$(left)" ] || [ "${FORCE_STAGES:-0}" = 1 ]; then stage=$alternative; break; fi
-    echo "== skipping $name ($dtype, seeds $seeds): needs ~${need} s, $(left) s left"
-  done
-  if [ -z "$stage" ] && [ "$need" -ge 1000000000 ] && [ "$(left)" -gt 120 ]; then
-    # No benchmark figure to estimate from (it failed or was skipped): the smallest alternative runs anyway;
-    # the time left cuts it short if need be, and its finished epochs are still written.
-    echo "== no estimate for $name ($dtype): running seeds $seeds for at most the $(left) s left"
-    stage=$alternative
-  fi
-  [ -n "$stage" ] || continue
-  echo "== $name ($dtype, seeds $seeds in one program): ~${need} s estimated, $(left) s left"
-  runs="$work/runs" tag="$name"
+  need=$($py scripts/gpu_plan.py estimate "$name" "$seed" "$dtype" results)
+  echo "== $name seed $seed ($dtype): ~${need} s estimated, $(left) s left in this call"
+  tag=$name
   [ "$dtype" = float32 ] || tag="$name-$dtype"
-  workdir="$runs/$tag-s${seeds//,/-}"
+  t0=$(date +%s) rc=0
   # shellcheck disable=SC2086
   timeout --signal=TERM --kill-after=30 "$(( $(left) - 15 ))" $py -m jaxcifar.train \
-      --config "configs/$name.py" --workdir "$workdir" --config.seeds="$seeds" --config.dtype="$dtype" \
-      --config.data.archive="$archive" $train_md5 $overrides \
-    || echo "$name $(why $?): its finished epochs are written as a partial result"
-  if [ -s "$workdir/metrics.jsonl" ]; then
-    $py scripts/reproduce.py --from-workdir "$workdir" --config-name "$tag" --results "$out" --no-readme
-  fi
+      --config "configs/$name.py" --workdir "$work/runs/$tag-s$seed" --config.seed="$seed" --config.dtype="$dtype" \
+      --config.data.archive="$archive" $train_md5 $slot_flags --config.results.dir="$out" \
+      --config.results.name="$name" || rc=$?
+  echo "== $name seed $seed ($dtype): $(( $(date +%s) - t0 )) s, exit code $rc"
+  case $rc in
+    0) echo "$run" >> "$work/finished" ;;
+    124|143) echo "== out of this call's time: its saved epochs are a partial row; the next call resumes it"; break ;;
+    *) echo "== $name seed $seed failed (its error is above): on to the next run" ;;
+  esac
 done
+
+if [ "${BENCH:-1}" != 0 ] && [ "$(left)" -gt 120 ]; then
+  echo "== benchmark (a tail: the queue is done)"
+  # shellcheck disable=SC2086
+  timeout --signal=TERM "$(( $(left) - 15 ))" $py -m jaxcifar.bench ${BENCH_ARGS:-"--models vgg_bn_drop --compare-torch"} \
+    --json "$out/bench-$($py -c 'import jax; print(jax.default_backend())')-float32.json" \
+    || echo "benchmark ended early (exit code $?)"
+fi
+results=$(find "$out" -maxdepth 1 -name '*.json' | wc -l)
+if [ "$results" -gt 7 ]; then  # what comes back is at most 8 files
+  (cd "$out" && tar -cf results.tar ./*.json && rm -f ./*.json)
+  echo "== $results result files packed into results.tar (tar -xf results.tar -C results/)"
+fi
 echo "== done after $(( $(date +%s) - start )) s; files in $out:"
 ls -l "$out"
