@@ -26,7 +26,7 @@ STEP_LOOPS = ("unroll", "scan")
 # gpu: PROVISIONAL, the CPU's choices except where the reason is XLA:CPU's alone. With them, one H200 (jax 0.11.2,
 #   VGG, batch 128, fp32; results/bench-gpu.json) takes 2.97 ms a step, the loop around the steps 39 % of an epoch.
 #   The alternatives are not timed there yet: `python -m jaxcifar.bench --step-variants` times each (scripts/gpu_run.sh
-#   runs it and trains with the fastest); replace these entries with what it measures.
+#   runs the benchmark only as a tail, after the table's runs); replace these entries with what it measures.
 STEP_CHOICES = {
     "cpu": {"steps_per_call": 4, "step_loop": "unroll", "conv_impl": "small", "pool_grad": "first_max",
             "bn_grad": "closed_form", "dropout_bits": 16},
