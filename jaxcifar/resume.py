@@ -19,24 +19,29 @@ from jaxcifar import step as step_lib
 from jaxcifar.step import TrainState
 from jaxcifar.trainer import Trainer
 
-# Changing any of these makes the resumed run differ from an uninterrupted run of the new config:
-# another network, input, step -> epoch mapping, random stream or update rule. (The seeds are compared
-# apart, as the list the run trained; `num_epochs` only where the schedule spans the run.)
-FIXED_FIELDS = ("model", "width", "batch_norm", "dropout", "num_classes", "batch_size", "dtype", "flip",
-                "label_smoothing", "data.preprocess", "optimizer.learning_rate", "optimizer.momentum",
-                "optimizer.dampening", "optimizer.weight_decay", "optimizer.learning_rate_decay",
-                "optimizer.epoch_step", "optimizer.schedule")
+# The resume policy fails safe: every config field is fixed on resume (changing it would make the resumed run differ
+# from an uninterrupted run of the new config: another network, input, step -> epoch mapping, random stream or update
+# rule) unless it is listed here, with the reason it may change. A field added to the config is fixed until someone
+# adds it here.
+CHANGEABLE_FIELDS = {
+    "num_epochs": "how long to train; fixed where the schedule spans the run (SCHEDULES_OVER_THE_RUN)",
+    "seed": "compared apart, as the list of seeds the run trained", "seeds": "likewise",
+    "eval_batch_size": "evaluation only: the same counts, the test loss summed in other batches",
+    "log_every_steps": "logging", "checkpoint_every_epochs": "saving", "checkpoint_every_s": "saving",
+    "keep_checkpoints": "saving", "save_best": "saving", "report_every_epochs": "the report",
+    "results.dir": "where the result file goes", "results.name": "its name",
+    "compile_cache_dir": "where compiled programs are kept",
+    "data.data_dir": "where the data is: the data itself is checked by its fingerprint and statistics",
+    "data.cache_dir": "likewise", "data.archive": "likewise", "data.md5_file": "likewise",
+    # How the step is built: the same function, rounded differently (noted at resume). dropout_bits changes the
+    # random stream: its resolved value is compared apart (FIXED_STEP_CHOICES).
+    "steps_per_call": "how the step is built", "step_loop": "likewise", "conv_impl": "likewise",
+    "pool_grad": "likewise", "bn_grad": "likewise", "dropout_bits": "compared apart, resolved",
+}
 # Schedules whose rate at a step depends on the run's length.
 SCHEDULES_OVER_THE_RUN = ("cosine", "onecycle")
 # Step choices that change the random stream (not only the rounding): a resume must keep them.
 FIXED_STEP_CHOICES = ("dropout_bits",)
-
-
-def config_field(config, dotted: str):
-    value = config
-    for part in dotted.split("."):
-        value = value[part]
-    return value
 
 
 def incompatible_run(meta: dict, config, seeds: list[int], choices: dict) -> list[str]:
@@ -64,20 +69,23 @@ def other_dataset(meta: dict, fingerprint: str, stats: dict) -> str | None:
 
 
 def incompatible_fields(saved_config: dict, config) -> list[str]:
-    """'field: saved -> now' for each setting whose change would make a resumed run another run."""
-    fields = FIXED_FIELDS
+    """'field: saved -> now' for each setting whose change would make a resumed run another run: every field but
+    CHANGEABLE_FIELDS. A field the save predates counts as the default it had before it existed (base_config's);
+    one without a default there differs unless unset (None)."""
+    now = _flat(config.to_dict())
+    saved = {**_flat(config_lib.base_config().to_dict()), **_flat(saved_config)}
+    changeable = set(CHANGEABLE_FIELDS)
     if config.optimizer.schedule in SCHEDULES_OVER_THE_RUN:
-        fields += ("num_epochs",)
-    out = []
-    for field in fields:
-        try:
-            saved = config_field(saved_config, field)
-        except (KeyError, TypeError):  # a field added to the config after the save: none yet, every FIXED_FIELDS
-            # entry dates from layout replicas-1; so that adding one does not orphan the saves made before it
-            continue
-        now = config_field(config, field)
-        if saved != now:
-            out.append(f"{field}: {saved!r} -> {now!r}")
+        changeable.discard("num_epochs")
+    return [f"{field}: {saved.get(field)!r} -> {value!r}" for field, value in now.items()
+            if field not in changeable and saved.get(field) != value]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'optimizer.learning_rate': 1.0, ...} of a nested config dict."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 

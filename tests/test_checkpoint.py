@@ -212,3 +212,32 @@ def test_a_read_refused_by_permissions_is_named_as_such_through_orbax_wrapping()
         assert errors.failure_line(e) == "permission denied"
     assert errors.failure_line(OSError(28, "No space left on device")) == "no space left on device"
     assert errors.failure_line(TypeError("a bug\nsecond line")) == "TypeError: a bug"
+
+
+def test_a_field_added_to_the_config_is_fixed_on_resume_without_touching_the_policy(monkeypatch):
+    from jaxcifar import config as config_lib
+
+    real_base = config_lib.base_config
+
+    def base_with_a_new_field():
+        c = real_base()
+        c.augment_strength = 1.0  # someone adds a field that shapes the trained function, and forgets resume.py
+        c.optimizer.nesterov = False
+        return c
+
+    monkeypatch.setattr(config_lib, "base_config", base_with_a_new_field)
+    saved, now = configs(augment_strength=2.0)
+    assert resume.incompatible_fields(saved, now) == ["augment_strength: 1.0 -> 2.0"]
+    saved, now = configs(**{"optimizer.nesterov": True})
+    assert resume.incompatible_fields(saved, now) == ["optimizer.nesterov: False -> True"]
+    # A save from before the field existed counts as its default: the same run resumes, another one is refused.
+    saved, now = configs(augment_strength=2.0)
+    del saved["augment_strength"]
+    assert resume.incompatible_fields(saved, now) == ["augment_strength: 1.0 -> 2.0"]
+    saved, now = configs()
+    del saved["augment_strength"]
+    assert resume.incompatible_fields(saved, now) == []
+    # What the policy lists as changeable stays changeable.
+    saved, now = configs(save_best=False, checkpoint_every_s=120.0, report_every_epochs=0,
+                         **{"results.dir": "/tmp/x", "data.archive": "/a.tar.gz", "steps_per_call": 8})
+    assert resume.incompatible_fields(saved, now) == []
