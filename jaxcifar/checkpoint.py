@@ -11,9 +11,6 @@ file) is caught on restore by per-leaf checksums recorded in the meta at save ti
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -21,23 +18,14 @@ from typing import Any
 
 import flax.serialization
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxcifar import distributed, orbax_quiet, trees
+from jaxcifar import distributed, integrity, orbax_quiet
 from jaxcifar import workdir as workdir_lib
 from jaxcifar.errors import CheckpointDamaged, CheckpointError, CheckpointSaveFailed, failure_line, os_error_fix
 
-__all__ = ["CheckpointDamaged", "CheckpointError", "Checkpointer", "LAYOUT", "CHECKSUM_METHOD"]
-
 # Every state leaf has a leading replica axis (one entry per seed), recorded in the meta as "seeds".
 LAYOUT = "replicas-1"
-# Per-leaf checksums in the meta: the wrapping uint32 sum of the leaf's bits times odd position weights.
-# Integer sums are exact in any order, so every device, sharding and CPU gets the same value; one
-# flipped bit changes it (odd weight times a power of two is never 0 mod 2^32). Method 2 adds the
-# SHA-256 of the meta itself ("meta_sha256"), which holds the normalization statistics and config.
-CHECKSUM_METHOD = "u32-weighted-sum-2"
 
 
 def check_layout(meta: dict, where) -> None:
@@ -67,74 +55,6 @@ def _manager(directory: Path, keep: int, read_only: bool = False) -> ocp.Checkpo
     return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
-# ---------------------------------------------------------------------------
-# Checksums
-
-
-def _leaf_checksum(x):
-    bits = jnp.dtype(x.dtype).itemsize * 8
-    if bits > 32:
-        raise TypeError(f"no checksum for {x.dtype} leaves")
-    u = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32).ravel()
-    weights = jnp.arange(u.size, dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) | jnp.uint32(1)
-    return jnp.sum(u * weights, dtype=jnp.uint32)
-
-
-@jax.jit
-def _checksums(leaves):
-    return [_leaf_checksum(x) for x in leaves]
-
-
-def tree_checksums(tree) -> dict[str, int]:
-    """{leaf path: checksum} of a tree of arrays (on any devices; computed where the arrays are)."""
-    flat = trees.flat_dict(tree)
-    return dict(zip(flat, (int(v) for v in jax.device_get(_checksums(list(flat.values()))))))
-
-
-def verify_checksums(tree, meta: dict, where: str, partial: bool = False) -> None:
-    """Raises CheckpointDamaged when a restored leaf's checksum differs from the one saved with it.
-
-    `partial`: `tree` holds only some of the saved leaves; those are checked.
-    """
-    saved = meta["checksums"]  # check_meta_checksum refused a meta without them
-    now = tree_checksums(tree)
-    bad = [k for k in now if saved.get(k) != now[k]] + ([] if partial else [k for k in saved if k not in now])
-    if bad:
-        raise CheckpointDamaged(f"{where}: {len(bad)} of {len(now)} arrays fail their saved checksums "
-                                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); its files were damaged")
-
-
-def meta_sha256(meta: dict) -> str:
-    """SHA-256 of a meta (less its own digest) as JSON: the same before the save and after reading it back."""
-    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(json.loads(json.dumps(body)), sort_keys=True).encode()).hexdigest()
-
-
-def check_meta_checksum(meta: dict, where: str) -> None:
-    """Raises CheckpointDamaged when a meta fails its digest, lacks its checksums, or names a checksum method this
-    version does not know (a damaged name must not switch verification off). Every released version wrote
-    CHECKSUM_METHOD with the meta's SHA-256, so a meta without them has lost them."""
-    method = meta.get("checksum_method")
-    if method is None or "checksums" not in meta or "meta_sha256" not in meta:
-        missing = [k for k in ("checksum_method", "checksums", "meta_sha256") if k not in meta]
-        raise CheckpointDamaged(f"{where}: its meta file lacks {', '.join(missing)}, which every save records; the "
-                                "meta file is damaged, so its arrays cannot be verified")
-    if method != CHECKSUM_METHOD:
-        raise CheckpointDamaged(f"{where}: its meta names the checksum method {method!r}, which this version does not "
-                                f"know ({CHECKSUM_METHOD!r}); the meta file is damaged, or a newer jaxcifar wrote it")
-    if meta.get("meta_sha256") != meta_sha256(meta):
-        raise CheckpointDamaged(f"{where}: its meta file (config, normalization statistics, history) fails its saved "
-                                "SHA-256; its files were damaged")
-
-
-def check_meta_step(meta: dict, step: int, where: str) -> None:
-    """Raises CheckpointDamaged when a save's folder name and its meta name different steps (a copied or renamed
-    folder: as found, it would resume from or label the wrong state)."""
-    if meta.get("step") != step:
-        raise CheckpointDamaged(f"{where}: its meta records step {meta.get('step')}, not {step}; the folder was "
-                                "copied or renamed, so it is not the save of that step")
-
-
 def _abstract(x) -> jax.ShapeDtypeStruct:
     """A restore target for template leaf `x`: its sharding, or without one, this process's first device.
 
@@ -147,37 +67,22 @@ def _abstract(x) -> jax.ShapeDtypeStruct:
     return target
 
 
+# ---------------------------------------------------------------------------
+
+
 def _saved_arrays(manager, step: int) -> dict:
     """Orbax's metadata (shape, dtype) of the arrays a save holds, as nested dicts; CheckpointDamaged if unreadable."""
     where = f"checkpoint {step} in {manager.directory}"
     try:
         tree = manager.item_metadata(step)["state"]
-    except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
-        if not unreadable(e):
+    except Exception as e:  # noqa: BLE001 - narrowed by integrity.unreadable()
+        if not integrity.unreadable(e):
             raise
         raise CheckpointDamaged(f"{where} is unreadable: {failure_line(e)}") from None
     tree = getattr(tree, "tree", tree)
     if tree is None:
         raise CheckpointDamaged(f"{where} is unreadable: its array metadata is missing")
     return tree
-
-
-def _array_specs(tree) -> dict[str, tuple]:
-    """{path: (shape, dtype)} of a nested dict of arrays or of orbax's array metadata."""
-    return {path: (tuple(a.shape), np.dtype(a.dtype).name) for path, a in trees.flat_dict(tree).items()}
-
-
-def _structure_difference(saved: dict, template: dict, partial: bool = False) -> str | None:
-    """None when the saved arrays match the template's paths, shapes and dtypes (`partial`: the template's
-    are among the saved ones); else the first differences."""
-    if saved == template or partial and all(saved.get(k) == v for k, v in template.items()):
-        return None
-    missing = [k for k in template if k not in saved]
-    extra = [] if partial else [k for k in saved if k not in template]
-    changed = [f"{k} {saved[k]} -> {template[k]}" for k in template if k in saved and saved[k] != template[k]]
-    parts = [f"{label}: {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
-             for label, items in (("missing", missing), ("unexpected", extra), ("different", changed)) if items]
-    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------
@@ -212,8 +117,8 @@ class Checkpointer:
         after its save starts, the epoch before it is durable.
         The meta records the step and each leaf's checksum (computed on the device, before the copy).
         """
-        meta = {**meta, "step": step, "checksums": tree_checksums(state_tree), "checksum_method": CHECKSUM_METHOD}
-        meta["meta_sha256"] = meta_sha256(meta)
+        meta = {**meta, "step": step, "checksums": integrity.tree_checksums(state_tree), "checksum_method": integrity.CHECKSUM_METHOD}
+        meta["meta_sha256"] = integrity.meta_sha256(meta)
         for manager, wanted in ((self.latest, True), (self.best, is_best)):
             # Several processes: one save in flight in all (orbax's background threads of two concurrent
             # multi-process saves meet at barriers of the same name and fail: measured, 2 processes on gloo).
@@ -308,18 +213,9 @@ class Checkpointer:
             time.sleep(0.05)
 
     def _set_aside(self, damaged: list[int]) -> Path | None:
-        """Moves damaged saves out of the way (a resumed run saves those steps again), deleting nothing."""
-        if not damaged:
-            return None
-        aside = self.workdir / "damaged-checkpoints"
-        if distributed.is_writer():  # every process found the same damage; one moves it, the others wait
-            aside.mkdir(exist_ok=True)
-            for s in damaged:
-                src = Path(self.latest.directory) / str(s)
-                if src.exists():
-                    os.replace(src, aside / f"{s}-{int(time.time())}")
-        distributed.barrier("damaged checkpoints set aside")
-        self.latest.reload()
+        aside = integrity.set_aside(self.workdir, Path(self.latest.directory), damaged)
+        if aside is not None:
+            self.latest.reload()
         return aside
 
     def _manager_of(self, best: bool) -> ocp.CheckpointManager:
@@ -334,14 +230,14 @@ class Checkpointer:
     def _read_meta(manager, step: int) -> dict:
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
-            if not unreadable(e):
+        except Exception as e:  # noqa: BLE001 - narrowed by integrity.unreadable()
+            if not integrity.unreadable(e):
                 raise
             raise CheckpointDamaged(f"checkpoint {step} in {manager.directory} is unreadable: {failure_line(e)}") from None
         if not isinstance(meta, dict):
             raise CheckpointDamaged(f"checkpoint {step} in {manager.directory} has a damaged meta file")
-        check_meta_checksum(meta, f"checkpoint {step} in {manager.directory}")
-        check_meta_step(meta, step, f"checkpoint {step} in {manager.directory}")
+        integrity.check_meta_checksum(meta, f"checkpoint {step} in {manager.directory}")
+        integrity.check_meta_step(meta, step, f"checkpoint {step} in {manager.directory}")
         return meta
 
     def steps(self, best: bool = False) -> list[int]:
@@ -354,7 +250,7 @@ class Checkpointer:
         meta = self._read_meta(manager, step)
         if check_meta is not None:
             check_meta(meta)
-        difference = _structure_difference(_array_specs(_saved_arrays(manager, step)), _array_specs(template), partial)
+        difference = integrity.structure_difference(integrity.array_specs(_saved_arrays(manager, step)), integrity.array_specs(template), partial)
         if difference:
             raise CheckpointError(f"{where} does not hold the arrays this version builds for its config "
                                   f"({difference}); it was written by another jaxcifar version or model code: "
@@ -362,11 +258,11 @@ class Checkpointer:
         abstract = jax.tree_util.tree_map(_abstract, template)
         try:
             state = manager.restore(step, args=ocp.args.Composite(state=self._restore_args(abstract, partial)))["state"]
-        except Exception as e:  # noqa: BLE001 - narrowed by unreadable()
-            if not unreadable(e):
+        except Exception as e:  # noqa: BLE001 - narrowed by integrity.unreadable()
+            if not integrity.unreadable(e):
                 raise
             raise CheckpointDamaged(f"{where} is unreadable: {failure_line(e)}") from None
-        verify_checksums(state, meta, where, partial)
+        integrity.verify_checksums(state, meta, where, partial)
         return state, meta
 
     def _restore_args(self, abstract, partial: bool = False):
@@ -423,17 +319,6 @@ def complete_steps(directory: Path) -> list[int]:
         return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
     except OSError:
         return []
-
-
-def unreadable(e: BaseException) -> bool:
-    """Whether a restore failed on the saved bytes (damage) rather than on code. Measured by damaging each
-    file of a save (truncated, emptied, deleted, replaced by noise, a flipped byte, a folder in its place):
-    TensorStore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE are ValueErrors, a damaged JSON file a
-    JSONDecodeError or UnicodeDecodeError (ValueErrors too), missing files OSErrors, and orbax wraps a
-    failed array read in a bare Exception. Anything else (a TypeError, an AttributeError) is a bug."""
-    if isinstance(e, (OSError, ValueError, EOFError)):
-        return True
-    return type(e) is Exception and "Encountered error while reading array" in str(e)
 
 
 def _require_step(manager, step: int) -> None:

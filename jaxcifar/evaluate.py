@@ -28,6 +28,7 @@ import numpy as np
 from jaxcifar import archive, backends, cache, checkpoint, errors, metrics, models, preprocess, resume
 from jaxcifar import workdir as workdir_lib
 from jaxcifar import step as step_lib
+from jaxcifar.errors import CheckpointDamaged, CheckpointError
 from jaxcifar import scoring
 from jaxcifar import mesh as mesh_lib
 from jaxcifar.errors import ConfigError
@@ -66,7 +67,7 @@ def load_all_seeds(workdir: str | Path, step: int | None = None, best: bool = Fa
     for attempt in range(REREADS + 1):
         try:
             return _load_all_seeds(workdir, step, best)
-        except checkpoint.CheckpointDamaged as e:
+        except CheckpointDamaged as e:
             if step is not None or attempt == REREADS or e.step is None or _still_there(workdir, e.step, best):
                 raise
             # Rotated away mid-read by the training run beside us: not damage. Read the newest instead.
@@ -84,7 +85,7 @@ def _load_all_seeds(workdir: Path, step: int | None, best: bool) -> list[Trained
     try:
         steps = ckpt.steps(best)
         if not steps:
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"no {'best ' if best else ''}checkpoints in {workdir}; " + (
                     "the run saves one there when an epoch improves the test accuracy; drop --best to read the latest"
                     if best and ckpt.steps() else f"train first with `python -m jaxcifar.train --workdir {workdir} ...`"))
@@ -98,8 +99,8 @@ def _load_all_seeds(workdir: Path, step: int | None, best: bool) -> list[Trained
             # Only what inference needs: the optimizer state and training metrics stay on disk.
             tree, meta, _ = ckpt.restore({"train_state": inference_template(model, len(seeds))}, step=step, best=best,
                                          partial=True)
-        except checkpoint.CheckpointDamaged as e:
-            raise checkpoint.CheckpointDamaged(f"{e}; not using it: {_other_saves(ckpt, steps, step, best)} (a resumed "
+        except CheckpointDamaged as e:
+            raise CheckpointDamaged(f"{e}; not using it: {_other_saves(ckpt, steps, step, best)} (a resumed "
                                                "training run sets it aside and falls back by itself)", step=step) from None
     finally:
         ckpt.close()

@@ -104,12 +104,6 @@ def classify_images(trained: evaluate.TrainedModel, images: dict) -> dict:
     return {path: {name: float(v) for name, v in zip(archive.CLASS_NAMES, p)} for path, p in zip(images, probs)}
 
 
-def classify(trained: evaluate.TrainedModel, paths: list[str]):
-    """(results, errors): {path: {class: probability}} for readable files, {path: reason} for the rest."""
-    images, errors_ = read_images(paths)
-    return classify_images(trained, images), errors_
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m jaxcifar.predict", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)

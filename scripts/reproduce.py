@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxcifar import errors, machine, report
+from jaxcifar import errors, machine, report, runlog
 from jaxcifar import results as results_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def headline(results_dir: Path) -> str:
             continue
         each = in_words([f"{a:.2f}" for a in row["accs"]])
         seeds = f"{len(row['accs'])} seeds: {each} %;" if len(row["accs"]) > 1 else "1 seed,"
-        wall = "" if row["wall"] is None else f", {runlog_duration(row['wall'])}"
+        wall = "" if row["wall"] is None else f", {runlog.duration(row['wall'])}"
         width = ", full width" if row["full_width"] and row.get("widths") == {1.0} else ""
         line = (f"- {row['label']}{width}, {row['done']} epochs: **{_mean_std(row['accs'])}** final test accuracy "
                 f"({seeds} {row['device']}{wall})")
@@ -208,7 +208,7 @@ def quick_result(results_dir: Path) -> str:
     for r in runs:
         accs = r.get("final_test_accuracies", [r["final_test_accuracy"]])
         lines.append(f"Measured: {_mean_std(accs)} test accuracy after {r['epochs_completed']} epochs, "
-                     f"{runlog_duration(r['wall_time_s'])} from the command to its summary line (dataset already "
+                     f"{runlog.duration(r['wall_time_s'])} from the command to its summary line (dataset already "
                      f"prepared and cached), on {r['device']} (`{results_dir.name}/quick-*.json`).")
     return "\n".join(lines)
 
@@ -235,7 +235,7 @@ def recipe_costs(results_dir: Path) -> str:
         for platform in ("cpu", "gpu"):
             epoch, source = _epoch_cost(benches, runs, c, platform)
             cells.append("not measured yet" if epoch is None else
-                         f"{runlog_duration(epoch)} / {runlog_duration(epoch * c.num_epochs)}")
+                         f"{runlog.duration(epoch)} / {runlog.duration(epoch * c.num_epochs)}")
             sources += [source] if source else []
         lines.append(f"| `{name}` | {doc} | {c.num_epochs} | {cells[0]} | {cells[1]} | {'; '.join(sources) or '-'} |")
     return "\n".join(lines)
@@ -266,12 +266,6 @@ def _epoch_cost(benches: list, runs: list, c, platform: str) -> tuple[float | No
                 and len(r.get("seeds", [0])) == 1):
             return statistics.median(e["epoch_time_s"] for e in r["curve"]), f"`{name}` ({r['device']})"
     return None, None
-
-
-def runlog_duration(seconds: float) -> str:
-    from jaxcifar import runlog
-
-    return runlog.duration(seconds)
 
 
 WIDTHS = {0.5: "½", 0.25: "¼", 0.125: "⅛"}

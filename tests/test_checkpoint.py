@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from jaxcifar import checkpoint, resume
+from jaxcifar import integrity
+from jaxcifar.errors import CheckpointDamaged, CheckpointError
 from conftest import REPO, damage_every_data_file, flip_bytes_in_largest_file, set_fields
 
 
@@ -54,7 +56,7 @@ def test_a_given_damaged_step_is_refused_not_replaced(tmp_path):
     flip_bytes_in_largest_file(tmp_path / "checkpoints" / "2")
     ck = checkpoint.Checkpointer(tmp_path, read_only=True)
     try:
-        with pytest.raises(checkpoint.CheckpointDamaged, match="checkpoint 2 .* fail their saved checksums"):
+        with pytest.raises(CheckpointDamaged, match="checkpoint 2 .* fail their saved checksums"):
             ck.restore(random_tree(0), step=2)
     finally:
         ck.close()
@@ -71,7 +73,7 @@ def test_a_partial_restore_reads_and_verifies_only_what_it_names(tmp_path):
         np.testing.assert_array_equal(np.asarray(state["b"]), trees[1]["b"])
         flip_bytes_in_largest_file(tmp_path / "checkpoints" / "1")  # damages "w", which a partial restore of "b" skips
         assert list(ck.restore({"b": np.zeros(7, np.float32)}, partial=True)[0]) == ["b"]
-        with pytest.raises(checkpoint.CheckpointDamaged, match=r"fail their saved checksums \(w\)"):
+        with pytest.raises(CheckpointDamaged, match=r"fail their saved checksums \(w\)"):
             ck.restore({"w": np.zeros((256, 256), np.float32)}, step=1, partial=True)
     finally:
         ck.close()
@@ -82,9 +84,9 @@ def test_a_checkpoint_of_other_shapes_is_refused_and_not_set_aside(tmp_path):
     other = {**random_tree(0), "w": np.zeros((128, 256), np.float32)}
     ck = checkpoint.Checkpointer(tmp_path)
     try:
-        with pytest.raises(checkpoint.CheckpointError, match=r"w \(\(256, 256\), 'float32'\) -> \(\(128, 256\)") as e:
+        with pytest.raises(CheckpointError, match=r"w \(\(256, 256\), 'float32'\) -> \(\(128, 256\)") as e:
             ck.restore(other, set_aside_damaged=True)
-        assert not isinstance(e.value, checkpoint.CheckpointDamaged)
+        assert not isinstance(e.value, CheckpointDamaged)
     finally:
         ck.close()
     assert (tmp_path / "checkpoints" / "1").is_dir() and not (tmp_path / "damaged-checkpoints").exists()
@@ -121,14 +123,14 @@ def test_checksums_see_every_bit_and_every_leaf_dtype():
     import jax.numpy as jnp
 
     tree = {"f": jnp.arange(1000, dtype=jnp.float32), "h": jnp.ones(5, jnp.bfloat16), "u": jnp.arange(3, dtype=jnp.uint32)}
-    base = checkpoint.tree_checksums(tree)
+    base = integrity.tree_checksums(tree)
     assert set(base) == {"f", "h", "u"}
     for bit in (0, 17, 31):  # one bit of one element, anywhere
         bits = np.asarray(tree["f"]).view(np.uint32).copy()
         bits[637] ^= np.uint32(1 << bit)
-        assert checkpoint.tree_checksums({**tree, "f": jnp.asarray(bits.view(np.float32))})["f"] != base["f"]
+        assert integrity.tree_checksums({**tree, "f": jnp.asarray(bits.view(np.float32))})["f"] != base["f"]
     swapped = jnp.asarray(np.asarray(tree["f"])[::-1].copy())  # same values, other positions
-    assert checkpoint.tree_checksums({**tree, "f": swapped})["f"] != base["f"]
+    assert integrity.tree_checksums({**tree, "f": swapped})["f"] != base["f"]
 
 
 DAMAGED_RESTORE = """

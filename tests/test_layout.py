@@ -74,6 +74,20 @@ def test_no_module_uses_another_modules_private_names():
     assert found == [], found
 
 
+def test_no_test_patches_a_private_name_by_string():
+    # monkeypatch.setattr(obj, "_name", ...) or setattr(obj, "_name", ...), and "module._name" targets: a test that
+    # reaches a private name this way is bound to code that may change without notice; patch a public seam.
+    found = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
+                    and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("setattr", "delattr")):
+                continue
+            strings = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            found += [f"{path.name}:{node.lineno}: {s}" for s in strings if any(private(part) for part in s.split("."))]
+    assert found == [], found
+
+
 def test_no_function_is_longer_than_a_screen():
     long = [f"{p.relative_to(REPO)}:{n.name} ({n.end_lineno - n.lineno + 1} lines)" for p in SOURCES
             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))

@@ -41,7 +41,8 @@ def test_predict_agrees_with_the_dataset_pipeline(trained_run, prepared, tmp_pat
     path = tmp_path / "test3.png"
     Image.fromarray(image).save(path)
     trained = evaluate.load_trained(trained_run)
-    results, errors = predict.classify(trained, [str(path)])
+    images, errors = predict.read_images([str(path)])
+    results = predict.classify_images(trained, images)
     cached = cache.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
     idx = next(i for i in range(len(raw["test_images"])) if np.array_equal(raw["test_images"][i], image))
     want = predict.softmax(evaluate.predict_logits(trained, cached.test_images[idx:idx + 1], 1).astype(np.float64))[0]

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcifar import cache, checkpoint, errors, machine, resume, runlog, train
+from jaxcifar import cache, checkpoint, errors, integrity, machine, resume, runlog, train
+from jaxcifar.errors import CheckpointError
 from jaxcifar.signals import TrainingInterrupted
 from jaxcifar.trainer import Trainer
 from conftest import REPO, assert_same_leaves, damage_every_data_file, tiny_config
@@ -190,7 +191,7 @@ def test_a_resume_that_would_be_another_run_is_refused(prepared, reference_run, 
     import shutil
     shutil.copytree(reference_run, tmp_path / "w")
     config = tiny_config(prepared, num_epochs=5, **change)
-    with pytest.raises(checkpoint.CheckpointError, match=re.escape(named)):
+    with pytest.raises(CheckpointError, match=re.escape(named)):
         train.train_and_evaluate(config, str(tmp_path / "w"))
     assert runlog.untimed_records(tmp_path / "w") == runlog.untimed_records(reference_run)  # nothing written
 
@@ -349,11 +350,11 @@ def test_a_bug_in_the_restore_path_keeps_its_traceback_and_sets_nothing_aside(re
     shutil.copytree(reference_run, workdir)
     steps = checkpoint.Checkpointer(workdir, read_only=True).steps()
 
-    def broken(self, abstract, partial=False):
+    def broken(tree, meta, where, partial=False):
         raise AttributeError("a bug in jaxcifar, not damage")
 
     template = checkpoint.read_saved(workdir)[0]
-    monkeypatch.setattr(checkpoint.Checkpointer, "_restore_args", broken)
+    monkeypatch.setattr(integrity, "verify_checksums", broken)
     ck = checkpoint.Checkpointer(workdir)
     try:
         with pytest.raises(AttributeError, match="a bug in jaxcifar"):
@@ -400,7 +401,7 @@ def test_a_resume_or_an_evaluation_on_other_data_is_refused(reference_run, prepa
     before = (workdir / "metrics.jsonl").read_text()
     c = tiny_config(prepared, num_epochs=5, log_every_steps=1)
     c.data.data_dir, c.data.cache_dir, c.data.md5_file = str(tmp_path / "tfds"), str(tmp_path / "cache"), str(md5_file)
-    with pytest.raises(checkpoint.CheckpointError, match=r"holds a run trained on other data \(dataset fingerprint "):
+    with pytest.raises(CheckpointError, match=r"holds a run trained on other data \(dataset fingerprint "):
         train.train_and_evaluate(c, str(workdir))
     assert (workdir / "metrics.jsonl").read_text() == before  # nothing trained, nothing lost
     args = ["--workdir", str(workdir), "--data-dir", str(tmp_path / "tfds"), "--cache-dir", str(tmp_path / "cache")]

@@ -8,6 +8,7 @@ import pytest
 
 from jaxcifar import cache, checkpoint, config as config_lib, evaluate, fake_data, runlog, signals, train, trees
 from jaxcifar import step as step_lib
+from jaxcifar.errors import CheckpointError
 from jaxcifar.trainer import Trainer
 from conftest import assert_same_leaves, tiny_config
 
@@ -162,7 +163,7 @@ def test_resuming_with_other_seeds_is_refused(two_seed_runs, prepared, tmp_path)
     import shutil
 
     shutil.copytree(two_seed_runs[0], tmp_path / "w")
-    with pytest.raises(checkpoint.CheckpointError, match=r"seeds: \[3, 5, 8\] -> \[3, 6\]"):
+    with pytest.raises(CheckpointError, match=r"seeds: \[3, 5, 8\] -> \[3, 6\]"):
         train.train_and_evaluate(tiny_config(prepared, num_epochs=3, seeds="3,6"), str(tmp_path / "w"))
 
 
