@@ -49,23 +49,29 @@ def run_command(main) -> None:
             raise
         print(e.code, file=sys.stderr, flush=True)  # a command's refusal, SystemExit("error: ..."): a usage error
         code = 2
-    except errors.JaxcifarError as e:  # a problem with the user's input or files that the command did not catch
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = 2
-    except KeyboardInterrupt:
-        print("\njaxcifar: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+    except Exception as e:  # noqa: BLE001 - one line each, by failure()
+        code, line = failure(e)
+        print(line, file=sys.stderr, flush=True)
+    except KeyboardInterrupt as e:
+        print(f"\n{failure(e)[1]}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(130)
-    except MemoryError:
-        print(f"error: {errors.OUT_OF_MEMORY}", file=sys.stderr, flush=True)
-        code = 2
-    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in a file
-        from jaxcifar import runlog
-
-        print(f"error: unexpected {type(e).__name__}: {errors.first_line(e)} ({runlog.keep_traceback(None)})",
-              file=sys.stderr, flush=True)
-        code = 1
     sys.exit(code)
+
+
+def failure(e: BaseException, workdir: Path | None = None) -> tuple[int, str]:
+    """(exit code, the one line that says it) of an exception no command handled; every command's, training's too.
+    A problem with the user's input or files is exit code 2; a bug is 1, its traceback kept in `workdir`'s log.txt
+    or a file of its own, named in the line."""
+    if isinstance(e, errors.JaxcifarError):
+        return 2, f"error: {e}"
+    if isinstance(e, MemoryError):
+        return 2, f"error: {errors.OUT_OF_MEMORY}"
+    if isinstance(e, KeyboardInterrupt):
+        return 130, "jaxcifar: interrupted (Ctrl-C)"
+    from jaxcifar import runlog
+
+    return 1, f"error: unexpected {type(e).__name__}: {errors.first_line(e)} ({runlog.keep_traceback(workdir)})"
 
 
 def define_flags() -> None:

@@ -115,16 +115,3 @@ class CheckpointSaveFailed(WorkdirError):
 
 class TrainingDiverged(JaxcifarError):
     """The loss became NaN or infinite."""
-
-
-def read_json(path, give: str):
-    """The JSON in `path`; a file that is missing, unreadable or not JSON raises a JaxcifarError naming it, followed
-    by `give` (what the user should pass instead)."""
-    import json
-    from pathlib import Path
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
-        raise JaxcifarError(f"{path} cannot be read as JSON ({why}); {give}") from None

@@ -11,7 +11,6 @@ import base64
 import concurrent.futures
 import html
 import io
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -19,28 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxcifar import metrics
-from jaxcifar.errors import WorkdirError, os_error_cause, os_error_fix
-
-
-RESUME_FROM_CHECKPOINT = "run the same command to resume from the last checkpoint"
-
-
-def workdir_write_failed(e: OSError, path, then: str = RESUME_FROM_CHECKPOINT) -> WorkdirError:
-    """The error of a failed write: its cause, what to do about it, then `then` (which depends on what the file is:
-    a training workdir's resumes from its checkpoint; a results page is rebuilt by the same command)."""
-    return WorkdirError(f"{os_error_cause(e) or e} while writing {path}; {os_error_fix(e)}, then {then}")
-
-
-def atomic_write(path: Path, payload: bytes, then: str = RESUME_FROM_CHECKPOINT) -> None:
-    """`payload` in `path`, whole or not at all: a kill mid-write leaves the old file, a failed write no temporary
-    file and the error of workdir_write_failed(..., then)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise workdir_write_failed(e, path, then) from None
+from jaxcifar.files import atomic_write, write_failed
 
 
 def plot_curves(history: Sequence[dict]) -> bytes:
@@ -300,7 +278,7 @@ class ScalarWriter:
                 self._writer.add_scalar(tag, float(value), step)
             self._writer.flush()
         except OSError as e:
-            raise workdir_write_failed(e, self.logdir) from None
+            raise write_failed(e, self.logdir) from None
 
     def close(self) -> None:
         self._writer.close()

@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from jaxcifar import machine, report
+from jaxcifar import files, machine
 
 # Per-epoch fields a result's curve keeps; the timing ones (startup_s, bookkeeping_s) when the records have them.
 CURVE_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "epoch_time_s",
@@ -68,7 +68,7 @@ def write_result(result: dict, results_dir: Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise report.workdir_write_failed(e, path.parent, "run the same command again") from None
-    report.atomic_write(path, (json.dumps(result, indent=1) + "\n").encode(),
+        raise files.write_failed(e, path.parent, "run the same command again") from None
+    files.atomic_write(path, (json.dumps(result, indent=1) + "\n").encode(),
                         then=f"run the same command again ({path.name} is as it was)")
     return path

@@ -7,17 +7,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import ml_collections
 import numpy as np
 
-from jaxcifar import cache, checkpoint
+from jaxcifar import checkpoint
 from jaxcifar import config as config_lib
 from jaxcifar.errors import CheckpointError
 from jaxcifar import step as step_lib
 from jaxcifar.step import TrainState
 from jaxcifar.trainer import Trainer
+
+if TYPE_CHECKING:  # for type hints only
+    from jaxcifar import cache
 
 # The resume policy fails safe: every config field is fixed on resume (changing it would make the resumed run differ
 # from an uninterrupted run of the new config: another network, input, step -> epoch mapping, random stream or update

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcifar import archive, metrics, report
+from jaxcifar import archive, files, metrics
 from jaxcifar.errors import short_path
 
 
@@ -50,7 +50,7 @@ class RunLog:
             self._text.write(msg + "\n")
         except OSError as e:
             self._close_text()
-            raise report.workdir_write_failed(e, self.workdir / "log.txt") from None
+            raise files.write_failed(e, self.workdir / "log.txt") from None
 
     def _close_text(self) -> None:
         try:
@@ -66,7 +66,7 @@ class RunLog:
                 with open(self.workdir / name, "a") as f:  # rewrite() wrote the CSV's header at the start
                     f.write(line)
             except OSError as e:
-                raise report.workdir_write_failed(e, self.workdir / name) from None
+                raise files.write_failed(e, self.workdir / name) from None
 
     def rewrite(self, history: list[dict]) -> None:
         """Makes metrics.csv/jsonl hold exactly `history` (atomic replace), keeping what it drops aside."""
@@ -80,7 +80,7 @@ class RunLog:
                     f.write("".join(line + "\n" for line in old[len(history):]))
         for name, text in (("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history)),
                            ("metrics.csv", ",".join(self.csv_fields) + "\n" + "".join(map(self._csv_row, history)))):
-            report.atomic_write(self.workdir / name, text.encode())
+            files.atomic_write(self.workdir / name, text.encode())
 
     def _csv_row(self, record: dict) -> str:
         return ",".join(_csv_value(_csv_field(record, k)) for k in self.csv_fields) + "\n"

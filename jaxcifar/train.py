@@ -32,7 +32,7 @@ import ml_collections
 
 from jaxcifar import config as config_lib
 from jaxcifar import archive, cache, checkpoint, errors, models, report, resume, workdir as workdir_lib
-from jaxcifar import distributed, machine, results, runlog
+from jaxcifar import cli, distributed, machine, results, runlog
 from jaxcifar import step as step_lib
 from jaxcifar.resume import TrainingRun
 from jaxcifar.runlog import RunLog
@@ -291,18 +291,11 @@ def main(argv) -> None:
     except TrainingInterrupted as e:
         code = 128 + e.signum
         outcome = f"stopped by {signal.Signals(e.signum).name} at step {e.step}, saved (the same command resumes)"
-    except errors.JaxcifarError as e:
-        print(f"error: {e}", file=sys.stderr)
-        code, outcome = 2, "failed"
-    except KeyboardInterrupt:  # before the stop handlers were installed, or after they were removed
-        code, outcome = 130, "interrupted"
-    except MemoryError:
-        print(f"error: {errors.OUT_OF_MEMORY}", file=sys.stderr)
-        code, outcome = 2, "failed"
-    except Exception as e:  # a bug: one line here, the traceback in log.txt
-        code, outcome = 1, "failed"
-        print(f"error: unexpected {type(e).__name__}: {errors.first_line(e)} "
-              f"({runlog.keep_traceback(summary.workdir)})", file=sys.stderr)
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one line each, as every command says it
+        code, line = cli.failure(e, summary.workdir)
+        outcome = "interrupted" if code == 130 else "failed"  # Ctrl-C before or after the stop handlers
+        if code != 130:
+            print(line, file=sys.stderr)
     if summary.writer:
         print(summary.line(outcome), flush=True)
     elif code:  # the other processes of a multi-process run say how they ended; process 0 sums the run up
@@ -312,8 +305,6 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-
-    from jaxcifar import cli
 
     cli.define_flags()
     flags.adopt_module_key_flags(cli)  # --help lists --config and --workdir (not only --helpfull)

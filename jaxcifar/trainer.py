@@ -5,18 +5,22 @@ from __future__ import annotations
 import functools
 import math
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxcifar import config as config_lib
-from jaxcifar import backends, cache
+from jaxcifar import backends
 from jaxcifar.errors import ConfigError, TrainingDiverged
 from jaxcifar.scoring import SplitScorer
 from jaxcifar.mesh import global_array, make_mesh
 from jaxcifar.step import (TrainState, build_model, build_optimizer, call_plan, epoch_order, init_replicas,
                            over_replicas, steps_done, train_steps, zero_replica_metrics)
+
+if TYPE_CHECKING:  # for type hints only: the Trainer does not sit above the tfds stack
+    from jaxcifar import cache
 
 
 # The progress bar's longest silence: a sync this often costs nothing at full width (one 4-step call of the VGG

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxcifar import errors, machine, report, runlog
+from jaxcifar import files, machine, runlog
 from jaxcifar import results as results_lib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def result_from_workdir(workdir: Path, config_name: str, wall_time_s: float | No
 def write_atomically(path: Path, text: str) -> None:
     """`text` in `path`, whole or not at all (a truncated result or README would be a results file lost, or a page
     every later rebuild fails on)."""
-    report.atomic_write(path, text.encode(), then=f"run the same command again ({path.name} is as it was)")
+    files.atomic_write(path, text.encode(), then=f"run the same command again ({path.name} is as it was)")
 
 
 def add_evaluation(result_path: Path, evaluation_path: Path) -> dict:
@@ -98,7 +98,7 @@ def add_evaluation(result_path: Path, evaluation_path: Path) -> dict:
     --json EVALUATION` measured on the same run's final epoch (BatchNorm statistics re-estimated, a diagnostic);
     anything else is refused, naming what differs."""
     give = "give the file that scripts/reproduce.py or python -m jaxcifar.evaluate --json wrote"
-    result, evaluation = (errors.read_json(p, give) for p in (result_path, evaluation_path))
+    result, evaluation = (files.read_json(p, give) for p in (result_path, evaluation_path))
     seeds = evaluation.get("seeds", [evaluation.get("seed")])
     workdir = Path(str(evaluation.get("workdir")))
     problems = [problem for problem, ok in (
@@ -394,7 +394,7 @@ def generated_blocks(results_dir: Path) -> dict[tuple[str, str], str]:
 def check_readable(results_dir: Path) -> None:
     """Every JSON file the blocks are made from parses, or one line naming the first that does not."""
     for path in sorted(results_dir.rglob("*.json")):
-        errors.read_json(path, f"every JSON file under {results_dir} is read as a run's result: restore it (git "
+        files.read_json(path, f"every JSON file under {results_dir} is read as a run's result: restore it (git "
                                "checkout -- PATH, if it is tracked) or move it elsewhere; README.md and docs/ are "
                                "unchanged")
 

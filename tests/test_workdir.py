@@ -64,8 +64,8 @@ def test_a_workdir_entry_of_the_wrong_kind_stops_the_run_before_it_starts(tmp_pa
 def test_a_write_failure_is_advised_by_its_cause(tmp_path, code, advice):
     import errno
 
-    from jaxcifar import report
-    error = report.workdir_write_failed(OSError(getattr(errno, code), os.strerror(getattr(errno, code))),
+    from jaxcifar import files
+    error = files.write_failed(OSError(getattr(errno, code), os.strerror(getattr(errno, code))),
                                         tmp_path / "metrics.jsonl")
     assert f"while writing {tmp_path / 'metrics.jsonl'}; {advice}" in str(error)
     assert code != "EMFILE" or "free space" not in str(error)

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxcifar import cache, errors, machine, report
+from jaxcifar import cache, errors, files, machine
 from jaxcifar.fidelity import comparison, runs, tables
 
 REPO = Path(__file__).resolve().parents[2]
@@ -140,7 +140,7 @@ def result_writer(result: dict, out: Path, label: str):
     """(rows, new row) -> the JSON rewritten atomically with `rows`, and the new row said in one line."""
     def write(rows, row):
         result["epochs"] = rows
-        report.atomic_write(out, json.dumps(result, indent=1).encode(),
+        files.atomic_write(out, json.dumps(result, indent=1).encode(),
                             then="run the same command: it resumes from the last saved epoch")
         if row is None:
             return

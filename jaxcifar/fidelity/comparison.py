@@ -8,7 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
-from jaxcifar import errors
+from jaxcifar import errors, files
 
 SIGNIFICANT_SE = 2.0  # a difference between the sides beyond this many standard errors gets localised
 
@@ -72,7 +72,7 @@ def check_run_files(paths: list[str], fields: tuple[str, ...] = RUN_FIELDS) -> N
     """One line (errors.JaxcifarError) naming the first of `paths` that is not a run's JSON as fidelity.py --out
     writes it (with `fields`), before any table."""
     for path in paths:
-        run = errors.read_json(path, "give the files that scripts/fidelity.py --out wrote")
+        run = files.read_json(path, "give the files that scripts/fidelity.py --out wrote")
         missing = [k for k in fields if k not in run] if isinstance(run, dict) else list(fields)
         if missing:
             raise errors.JaxcifarError(f"{path} is not a fidelity run's JSON (it lacks {', '.join(missing)}); give "
