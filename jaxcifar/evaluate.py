@@ -129,26 +129,6 @@ def inference_template(model, replicas: int) -> dict:
     return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((replicas, *s.shape), s.dtype), shapes)
 
 
-@functools.cache
-def _logits_fn(model):
-    return jax.jit(functools.partial(model.apply, train=False), compiler_options=backends.compiler_options())
-
-
-def predict_logits(trained: TrainedModel, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
-    """Logits of a saved run for preprocessed float32 images (N, 32, 32, 3)."""
-    return logits_of(trained.model, trained.variables, images, trained.config.num_classes, batch_size)
-
-
-def logits_of(model, variables: dict, images: np.ndarray, num_classes: int, batch_size: int = 500) -> np.ndarray:
-    """Eval-mode logits of `variables` for preprocessed images, in fixed-size batches (one compile)."""
-    logits, out = _logits_fn(model), []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(logits(variables, padded))[: len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
-
-
 def batch_statistics(model, variables: dict, images: np.ndarray, num_batches: int, batch_size: int, seed: int = 0,
                      dropout_seed: int | None = None):
     """Each of `num_batches` training batches' BatchNorm statistics (mean, unbiased variance per layer).

@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from jaxcifar import archive, errors, evaluate, preprocess
+from jaxcifar import archive, errors, evaluate, preprocess, scoring
 from jaxcifar import workdir as workdir_lib
 
 
@@ -100,7 +100,8 @@ def classify_images(trained: evaluate.TrainedModel, images: dict) -> dict:
     if not images:
         return {}
     x = preprocess.apply_stats(np.stack(list(images.values())), trained.stats)
-    probs = softmax(evaluate.predict_logits(trained, x, batch_size=min(len(x), 64)).astype(np.float64))
+    logits = scoring.eval_logits(trained.model, trained.variables, x, trained.config.num_classes, min(len(x), 64))
+    probs = softmax(logits.astype(np.float64))
     return {path: {name: float(v) for name, v in zip(archive.CLASS_NAMES, p)} for path, p in zip(images, probs)}
 
 

@@ -1,7 +1,8 @@
-"""SplitScorer: confusion counts and mean loss of trained models over a labelled image set held on the devices.
+"""The project's one evaluation path: eval-mode networks over images.
 
-The project's one evaluation: the Trainer runs it on the test split every epoch, `python -m jaxcifar.evaluate`
-on a saved run.
+SplitScorer: confusion counts and mean loss over a labelled image set held on the devices; the Trainer runs it on
+the test split every epoch, `python -m jaxcifar.evaluate` on a saved run, the fidelity tools for their accuracies.
+eval_logits: the logits of unlabelled images (`python -m jaxcifar.predict`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcifar import batches
+from jaxcifar import backends, batches
 from jaxcifar.mesh import global_array
 from jaxcifar.step import eval_split, over_replicas
 
@@ -54,3 +55,19 @@ def _scoring_program(model, num_classes: int, replicas: int, mesh: Mesh, compile
     return jax.jit(over_replicas(functools.partial(eval_split, model=model, num_classes=num_classes),
                                  (0, 0, None, None, None, None), replicas),
                    out_shardings=(replicated, replicated), compiler_options=dict(compiler_options) or None)
+
+
+def eval_logits(model, variables: dict, images: np.ndarray, num_classes: int, batch_size: int = 500) -> np.ndarray:
+    """Eval-mode logits of `variables` (one run's, no replica axis) for preprocessed images, in fixed-size batches
+    (one compile)."""
+    logits, out = _logits_program(model), []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded = np.concatenate([chunk, np.zeros((batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(logits(variables, padded))[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
+
+
+@functools.cache
+def _logits_program(model):
+    return jax.jit(functools.partial(model.apply, train=False), compiler_options=backends.compiler_options())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcifar import archive, cache, evaluate, predict, tfds_cifar10
+from jaxcifar import archive, cache, evaluate, predict, scoring, tfds_cifar10
 from conftest import png_header
 
 
@@ -45,7 +45,8 @@ def test_predict_agrees_with_the_dataset_pipeline(trained_run, prepared, tmp_pat
     results = predict.classify_images(trained, images)
     cached = cache.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
     idx = next(i for i in range(len(raw["test_images"])) if np.array_equal(raw["test_images"][i], image))
-    want = predict.softmax(evaluate.predict_logits(trained, cached.test_images[idx:idx + 1], 1).astype(np.float64))[0]
+    logits = scoring.eval_logits(trained.model, trained.variables, cached.test_images[idx:idx + 1], 10, 1)
+    want = predict.softmax(logits.astype(np.float64))[0]
     np.testing.assert_allclose(list(results[str(path)].values()), want, rtol=1e-4, atol=1e-6)
 
 
@@ -82,7 +83,7 @@ def test_predict_prints_one_line_per_image_and_the_table_on_request(trained_run,
 def test_predict_refuses_nan_probabilities(trained_run, tmp_path, capsys, monkeypatch):
     path = tmp_path / "im.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
-    monkeypatch.setattr(evaluate, "predict_logits", lambda trained, x, batch_size: np.full((len(x), 10), np.nan))
+    monkeypatch.setattr(scoring, "eval_logits", lambda model, variables, x, classes, batch_size: np.full((len(x), 10), np.nan))
     assert predict.main(["--workdir", str(trained_run), str(path)]) == 2
     captured = capsys.readouterr()
     assert "gives no probabilities (NaN) for 1 of 1 images" in captured.err and "nan" not in captured.out.lower()

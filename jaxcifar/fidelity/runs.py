@@ -153,6 +153,8 @@ def run_jax(config, dataset: cache.Preprocessed, measure: Measurements, record: 
 
 def measure_jax_epoch(trainer, state, dataset, measure: Measurements, epoch: int, loss: float, train_accuracy: float,
                       train_time: float) -> dict:
+    import jax
+
     from jaxcifar import evaluate
     from jaxcifar import step as step_lib
 
@@ -161,8 +163,9 @@ def measure_jax_epoch(trainer, state, dataset, measure: Measurements, epoch: int
     model, classes, batch = trainer.model, trainer.config.num_classes, trainer.config.batch_size
 
     def accuracy(variables, images, labels):
-        correct = int((evaluate.logits_of(model, variables, images, classes).argmax(-1) == labels).sum())
-        return 100.0 * correct / len(labels)
+        one = jax.tree_util.tree_map(lambda x: np.asarray(x)[None], variables)  # a replica axis of 1
+        confusion, _ = _scorer(model, images, labels, classes)(one["params"], one["batch_stats"])
+        return 100.0 * float(np.trace(confusion[0])) / len(labels)
 
     test = (dataset.test_images, dataset.test_labels)
     row = epoch_row(epoch, loss, train_accuracy, accuracy(variables, *test), accuracy(variables, *measure.train_eval),
@@ -176,6 +179,22 @@ def measure_jax_epoch(trainer, state, dataset, measure: Measurements, epoch: int
         row["test_accuracy_dropout_bn_mean_inverse_std"] = accuracy(by_inverse_std, *test)
         row["max_inverse_std_vs_var_relative"] = spread
     return row
+
+
+_SCORERS: dict = {}  # (model, id(images)) -> (images, SplitScorer): the images sit on the devices once per run
+
+
+def _scorer(model, images: np.ndarray, labels: np.ndarray, classes: int):
+    """The evaluation of `model` over `images` (scoring.SplitScorer, as training evaluates), built once."""
+    import jax
+
+    from jaxcifar import mesh, scoring
+
+    held = _SCORERS.get((model, id(images)))
+    if held is None or held[0] is not images:
+        held = _SCORERS[(model, id(images))] = (images, scoring.SplitScorer(
+            model, images, labels, num_classes=classes, batch_size=500, replicas=1, mesh=mesh.make_mesh(jax.devices())))
+    return held[1]
 
 
 def dropout_statistics(model, variables, images, num_batches: int, batch_size: int, seed: int = 0):
