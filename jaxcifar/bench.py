@@ -237,10 +237,8 @@ def _jax_passes(trainer, images, labels):
     x, y, key = jax.device_put(images), jax.device_put(labels), jax.random.key(1)
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     jit = functools.partial(jax.jit, compiler_options=trainer.compiler_options)
-    c = trainer.config
     loss_fn = functools.partial(step_lib.training_loss, batch_stats=state.batch_stats, images=x, labels=y,
-                                dropout_key=key, model=model, label_smoothing=c.label_smoothing,
-                                num_classes=c.num_classes)
+                                dropout_key=key, model=model, recipe=trainer.recipe)
 
     forward = jit(lambda v: model.apply(v, x, train=False))
     forward_train = jit(lambda p: loss_fn(p)[0])

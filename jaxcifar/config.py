@@ -6,10 +6,9 @@ import math
 
 import ml_collections
 
-from jaxcifar import backends, models, optim, preprocess
+from jaxcifar import augment, backends, models, optim, preprocess
 from jaxcifar.errors import ConfigError
 
-FLIP_MODES = ("batchflip", "independent", "none")
 DTYPES = ("float32", "bfloat16")
 MAX_WIDTH = 16  # the channel multiplier: 16 times the original VGG is already ~4 billion parameters
 
@@ -64,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.seeds = ""  # e.g. "0,1,2": that many independent runs trained at once in one program; empty: `seed` alone
     c.flip = "batchflip"  # train.lua's BatchFlip: exactly half of each batch mirrored
+    c.augment = "flip"  # the recipe's flips only; "crop_flip": random crops of the image padded by 4 zeros, then flips
     c.label_smoothing = 0.0
 
     c.optimizer = ml_collections.ConfigDict()
@@ -168,7 +168,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(int(c.report_every_epochs) == c.report_every_epochs and c.report_every_epochs >= 0,
          f"report_every_epochs={c.report_every_epochs} must be an integer >= 0 (0: at the end and on a stop only)")
     need(c.num_classes == 10, f"num_classes={c.num_classes}; CIFAR-10 has 10 classes, so it must be 10")
-    need(c.flip in FLIP_MODES, f"flip={c.flip!r}; choose one of {', '.join(FLIP_MODES)}")
+    need(c.flip in augment.FLIP_MODES, f"flip={c.flip!r}; choose one of {', '.join(augment.FLIP_MODES)}")
+    need(c.augment in augment.AUGMENTS, f"augment={c.augment!r}; choose one of {', '.join(augment.AUGMENTS)}")
     need(0 <= c.label_smoothing < 1, f"label_smoothing={c.label_smoothing} must be in [0, 1)")
     o = c.optimizer
     need(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxcifar import backends, batches, metrics, models, optim
+from jaxcifar import augment, backends, batches, metrics, models, optim
+from jaxcifar.recipe import Recipe
 
 
 @flax.struct.dataclass
@@ -169,7 +170,7 @@ def stream_key(key_data, stream: int):
 
 
 def step_keys(state: TrainState):
-    """(flip key, dropout key) of the update about to be applied: a function of (seed, step) only."""
+    """(augmentation key, dropout key) of the update about to be applied: a function of (seed, step) only."""
     return step_keys_at(state.key_data, state.step)
 
 
@@ -182,34 +183,34 @@ def epoch_order(key_data, epoch, num_examples: int, batch_size: int):
     return batches.epoch_batch_indices(stream_key(key_data, ORDER_STREAM), epoch, num_examples, batch_size)
 
 
-def training_loss(params, *, batch_stats, images, labels, dropout_key, model, label_smoothing: float,
-                  num_classes: int):
-    """The loss a train step differentiates (train mode: batch statistics, dropout; labels smoothed), with the
+def training_loss(params, *, batch_stats, images, labels, dropout_key, model, recipe: Recipe):
+    """The loss a train step differentiates (train mode: batch statistics, dropout; the recipe's loss), with the
     logits and the updated BatchNorm statistics. `bench` times this same function."""
     logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, images, train=True,
                                   rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates["batch_stats"])
+    return recipe.loss(logits, labels), (logits, updates["batch_stats"])
 
 
-def train_step(state: TrainState, epoch_metrics: dict, images, labels, epoch_indices, *, model, tx, flip: str,
-               label_smoothing: float, num_classes: int, batch_sharding=None):
-    """One torch7-SGD update on the batch `epoch_indices[step % steps]`; accumulates epoch metrics."""
+def train_step(state: TrainState, epoch_metrics: dict, images, labels, epoch_indices, *, model, tx, recipe: Recipe,
+               batch_sharding=None):
+    """One torch7-SGD update on the batch `epoch_indices[step % steps]`, augmented as the recipe says; accumulates
+    epoch metrics."""
     steps = epoch_indices.shape[0]
-    flip_key, dropout_key = step_keys(state)
-    x, y = batches.gather_batch(images, labels, epoch_indices[state.step % steps], flip_key, flip)
+    augment_key, dropout_key = step_keys(state)
+    x, y = batches.gather_batch(images, labels, epoch_indices[state.step % steps])
+    x = augment.augment(x, augment_key, recipe.augment)
     if batch_sharding is not None:
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
 
     loss_fn = functools.partial(training_loss, batch_stats=state.batch_stats, images=x, labels=y,
-                                dropout_key=dropout_key, model=model, label_smoothing=label_smoothing,
-                                num_classes=num_classes)
+                                dropout_key=dropout_key, model=model, recipe=recipe)
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           batch_stats=batch_stats, opt_state=opt_state)
+    classes = recipe.num_classes
     epoch_metrics = {"loss_sum": epoch_metrics["loss_sum"] + loss, "last_loss": loss,
-                     "confusion": epoch_metrics["confusion"] + metrics.confusion_update(logits, y, num_classes)}
+                     "confusion": epoch_metrics["confusion"] + metrics.confusion_update(logits, y, classes)}
     return state, epoch_metrics
 
 

@@ -16,6 +16,7 @@ from jaxcifar import backends
 from jaxcifar.errors import ConfigError, TrainingDiverged
 from jaxcifar.scoring import SplitScorer
 from jaxcifar.mesh import global_array, make_mesh
+from jaxcifar.recipe import Recipe
 from jaxcifar.step import (TrainState, build_model, build_optimizer, call_plan, epoch_order, init_replicas,
                            over_replicas, steps_done, train_steps, zero_replica_metrics)
 
@@ -64,8 +65,8 @@ class Trainer:
                                         num_classes=config.num_classes, batch_size=config.eval_batch_size,
                                         replicas=self.replicas, mesh=self.mesh, compiler_options=self.compiler_options)
         self._train_calls = {}  # steps per call -> compiled program, built on first use
-        self._train_step_kwargs = dict(model=self.model, tx=self.tx, flip=config.flip,
-                                       label_smoothing=config.label_smoothing, num_classes=config.num_classes,
+        self.recipe = Recipe.of_config(config)
+        self._train_step_kwargs = dict(model=self.model, tx=self.tx, recipe=self.recipe,
                                        batch_sharding=NamedSharding(self.mesh, P("data")))
         order = functools.partial(epoch_order, num_examples=self.num_train, batch_size=config.batch_size)
         self._epoch_order = jax.jit(over_replicas(order, (0, None), self.replicas), out_shardings=batch_rows)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxcifar import archive as archive_lib
-from jaxcifar import batches, cache, errors, prepare, tfds_cifar10
+from jaxcifar import augment, batches, cache, errors, prepare, tfds_cifar10
 
 
 def test_good_archive_verifies(fake_archive):
@@ -181,7 +181,8 @@ def test_batchflip_mirrors_exactly_half(batch):
     idx = jnp.arange(batch)
     counts = []
     for seed in range(5):
-        x, y = batches.gather_batch(images, labels, idx, jax.random.key(seed), "batchflip")
+        x, y = batches.gather_batch(images, labels, idx)
+        x = augment.augment(x, jax.random.key(seed), augment.Augment("batchflip"))
         flipped = np.array([np.array_equal(x[i], images[i, :, ::-1]) for i in range(batch)])
         unchanged = np.array([np.array_equal(x[i], images[i]) for i in range(batch)])
         assert np.all(flipped ^ unchanged)
@@ -195,11 +196,42 @@ def test_independent_flips_and_no_flips():
     idx = jnp.arange(256)
     counts = set()
     for seed in range(4):
-        x, _ = batches.gather_batch(images, idx, idx, jax.random.key(seed), "independent")
+        x = augment.augment(images[idx], jax.random.key(seed), augment.Augment("independent"))
         counts.add(sum(np.array_equal(x[i], images[i, :, ::-1]) for i in range(256)))
     assert all(80 < n < 176 for n in counts) and len(counts) > 1  # binomial(256, 1/2), not forced to half
-    x, _ = batches.gather_batch(images, idx, idx, jax.random.key(0), "none")
+    x = augment.augment(images[idx], jax.random.key(0), augment.Augment("none"))
     np.testing.assert_array_equal(x, images)
+
+
+def test_random_crops_keep_a_window_of_each_zero_padded_image_and_leave_the_flips_as_they_were():
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(64, 8, 8, 3)).astype(np.float32))
+    crop = augment.Augment("none", crop_padding=4)
+    padded = np.pad(np.asarray(images), ((0, 0), (4, 4), (4, 4), (0, 0)))
+    offsets = set()
+    for seed in range(3):
+        x = np.asarray(augment.augment(images, jax.random.key(seed), crop))
+        for i in range(64):
+            windows = [(r, c) for r in range(9) for c in range(9) if np.array_equal(x[i], padded[i, r:r + 8, c:c + 8])]
+            assert windows, f"image {i} is not a window of its padded copy"
+            offsets.add(windows[0])
+    assert len(offsets) > 40  # offsets spread over the 9 x 9 possible windows, not a fixed one
+    # Crops draw from their own stream: the same key flips the same images with or without them.
+    flips = augment.Augment("batchflip")
+    key = jax.random.key(7)
+    plain = np.asarray(augment.augment(images, key, flips))
+    mirrored = [not np.array_equal(plain[i], np.asarray(images)[i]) for i in range(64)]
+    both = np.asarray(augment.augment(images, key, augment.Augment("batchflip", crop_padding=4)))
+    unflipped = np.asarray(augment.augment(images, key, crop))
+    assert [not np.array_equal(both[i], unflipped[i]) for i in range(64)] == mirrored
+
+
+def test_the_config_resolves_its_augmentation_once():
+    from jaxcifar import config as config_lib
+
+    c = config_lib.base_config()
+    assert augment.Augment.of_config(c) == augment.Augment("batchflip", 0)  # the seed's recipe: flips only
+    c.augment, c.flip = "crop_flip", "independent"
+    assert augment.Augment.of_config(c) == augment.Augment("independent", 4)
 
 
 def test_eval_batches_cover_every_example_once():

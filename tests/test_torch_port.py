@@ -86,3 +86,30 @@ def test_the_port_builds_each_recipe_as_the_jax_side_does_and_steps_its_rate_ali
     # The JAX side computes the rate in float32 (a few units of its 6e-8 rounding near a peak of 1), the port in
     # float64; a rate off by a step, an epoch or a halving differs by far more.
     np.testing.assert_allclose(torch_port.learning_rates(c, steps_per_epoch), want, rtol=2e-6, atol=3e-7)
+
+
+@pytest.mark.parametrize("recipe_augment", ["flip", "crop_flip"])
+def test_the_port_augments_as_the_jax_side_does_from_the_same_stream(recipe_augment):
+    import jax.numpy as jnp
+
+    from jaxcifar import augment
+    from jaxcifar import config as config_lib
+    from jaxcifar import step as step_lib
+    from jaxcifar.fidelity.runs import JaxStream
+
+    c = config_lib.base_config()
+    c.batch_size, c.augment, c.seed = 16, recipe_augment, 3
+    images = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype(np.float32)
+    stream = JaxStream(c, 16)
+    port = torch_port.TorchRun(c, images, np.zeros(16, np.int32), c.seed, stream=stream)
+    spec = augment.Augment.of_config(c)
+    for step in (0, 5):
+        port.step = step
+        got = port.augment_batch(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
+        key = step_lib.step_keys_at(stream.rng, step)[0]
+        want = np.asarray(augment.augment(jnp.asarray(images), key, spec)).transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(got, want)
+    # Without a stream the port draws its own crops: windows of the padded images, not all at one offset.
+    port = torch_port.TorchRun(c, images, np.zeros(16, np.int32), c.seed)
+    if recipe_augment == "crop_flip":
+        assert len({tuple(o) for o in port.crop_offsets(16).tolist()}) > 1

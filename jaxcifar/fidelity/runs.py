@@ -224,25 +224,33 @@ def dropout_statistics(model, variables, images, num_batches: int, batch_size: i
 
 
 class JaxStream:
-    """jaxcifar's data order, flips and initialization for `config.seed`, for the PyTorch side to replay."""
+    """jaxcifar's data order, crops, flips and initialization for `config.seed`, for the PyTorch side to replay."""
 
     def __init__(self, config, num_examples: int):
         import jax
 
-        from jaxcifar import batches
+        from jaxcifar import augment
         from jaxcifar import step as step_lib
 
         self.config, self.n = config, num_examples
         self.rng = jax.random.key_data(jax.random.key(config.seed))
         self._order = jax.jit(step_lib.epoch_order, static_argnums=(2, 3))
-        self._flips = jax.jit(lambda rng, step: batches.flip_mask(step_lib.step_keys_at(rng, step)[0],
-                                                                  config.batch_size, config.flip))
+        spec = augment.Augment.of_config(config)
+        self._flips = jax.jit(lambda rng, step: augment.flip_mask(step_lib.step_keys_at(rng, step)[0],
+                                                                  config.batch_size, spec.flip))
+        self._crops = jax.jit(lambda rng, step: augment.crop_offsets(
+            jax.random.fold_in(step_lib.step_keys_at(rng, step)[0], augment.CROP_STREAM), config.batch_size,
+            max(spec.crop_padding, 1)))
 
     def order(self, epoch):
         return np.asarray(self._order(self.rng, epoch, self.n, self.config.batch_size))
 
     def flips(self, step):
         return np.asarray(self._flips(self.rng, step))
+
+    def crops(self, step):
+        """(batch, 2) crop offsets of the step, as augment.augment draws them (when the recipe crops)."""
+        return np.asarray(self._crops(self.rng, step))
 
     def initial_variables(self, image_shape):
         from jaxcifar import step as step_lib

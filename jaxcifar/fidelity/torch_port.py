@@ -161,6 +161,8 @@ class TorchRun:
         self.images = torch.from_numpy(np.ascontiguousarray(train_images.transpose(0, 3, 1, 2)))
         self.labels = torch.from_numpy(train_labels.astype(np.int64))
         self.flip = config.flip
+        # augment.AUGMENTS, mirrored: "crop_flip" pads by 4 zeros and keeps a random window of each image
+        self.crop_padding = {"flip": 0, "crop_flip": 4}[config.augment]
         self.steps_per_epoch = len(train_labels) // config.batch_size
         self.lr = learning_rates(config, self.steps_per_epoch)
         self.step = 0
@@ -171,6 +173,22 @@ class TorchRun:
         if self.flip == "independent":
             return torch.rand(batch, generator=self.generator) < 0.5
         return torch.zeros(batch, dtype=torch.bool)
+
+    def crop_offsets(self, batch: int) -> torch.Tensor:
+        if self.stream is not None:
+            return torch.tensor(np.asarray(self.stream.crops(self.step), np.int64))
+        return torch.randint(0, 2 * self.crop_padding + 1, (batch, 2), generator=self.generator)
+
+    def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Random crops (when the recipe has them), then flips: jaxcifar.augment's recipe, NCHW."""
+        b, _, h, w = x.shape
+        if self.crop_padding:
+            p = self.crop_padding
+            padded = tnn.functional.pad(x, (p, p, p, p))
+            at = self.crop_offsets(b)
+            x = torch.stack([padded[i, :, r:r + h, c:c + w] for i, (r, c) in enumerate(at.tolist())])
+        mask = self._flip_mask(b) if self.stream is None else torch.tensor(np.asarray(self.stream.flips(self.step)))
+        return torch.where(mask[:, None, None, None], x.flip(3), x)
 
     def train_epoch(self) -> dict:
         """One epoch in train mode; (mean loss, accuracy %) of the training forwards, as train.lua reports."""
@@ -183,9 +201,7 @@ class TorchRun:
             order = torch.tensor(np.asarray(self.stream.order(self.step // self.steps_per_epoch + 1), np.int64))
         loss_sum, correct = 0.0, 0
         for idx in order:
-            x, y = self.images[idx], self.labels[idx]
-            mask = self._flip_mask(b) if self.stream is None else torch.tensor(np.asarray(self.stream.flips(self.step)))
-            x = torch.where(mask[:, None, None, None], x.flip(3), x)
+            x, y = self.augment_batch(self.images[idx]), self.labels[idx]
             for group in self.opt.param_groups:
                 group["lr"] = float(self.lr[self.step])
             self.opt.zero_grad(set_to_none=True)
