@@ -121,7 +121,7 @@ def time_training(trainer, runs: int, count: int | None = None) -> dict:
 
     state, epoch_metrics = trainer.init_state(), trainer.zero_metrics()
     order = trainer.epoch_order(state.key_data, 1)
-    count = count or min(trainer.steps_per_call, trainer.steps_per_epoch)
+    count = count or min(trainer.plan.steps_per_call, trainer.plan.steps_per_epoch)
     holder = {"state": state, "epoch_metrics": epoch_metrics}
 
     def steps():
@@ -131,9 +131,9 @@ def time_training(trainer, runs: int, count: int | None = None) -> dict:
 
     first, call_s = _timed(steps, runs)
     step_s = call_s / count
-    return {"steps_per_call": count, "step_loop": trainer.choices["step_loop"], "replicas": trainer.replicas,
+    return {"steps_per_call": count, "step_loop": trainer.choices["step_loop"], "replicas": trainer.plan.replicas,
             "seconds_per_step": step_s, "compile_seconds": first - call_s,
-            "images_per_s": trainer.replicas * trainer.config.batch_size / step_s}
+            "images_per_s": trainer.plan.replicas * trainer.config.batch_size / step_s}
 
 
 def time_passes(forward, forward_train, forward_backward, runs: int) -> tuple[dict, dict]:
@@ -223,7 +223,7 @@ def bench_jax(model_name: str, batch: int, runs: int, dtype: str = "float32", co
         "images_per_s": batch / seconds["train step"],
         "train_gflops_per_image": flops_per_image / 1e9,
         "achieved_gflops": flops_per_image * batch / seconds["train step"] / 1e9,
-        "epoch_loop": time_epoch_loop(trainer, per_call),
+        "epoch_loop": time_epoch_loop(trainer),
     }
 
 
@@ -248,13 +248,11 @@ def _jax_passes(trainer, images, labels):
             lambda: jax.block_until_ready(forward_backward(state.params)))
 
 
-def time_epoch_loop(trainer, per_call: int) -> dict:
+def time_epoch_loop(trainer) -> dict:
     """The training loop's own cost (epoch order, progress syncs, metric fetches): a short epoch through
     `train_epoch` against the same steps called back to back, alternated so that the machine's drift hits
     both alike; the fastest of each is compared. Shapes are compiled already (time_training ran)."""
     import jax
-
-    from jaxcifar import step as step_lib
 
     loop_s, bare_s = [], []
     for _ in range(2):
@@ -267,12 +265,12 @@ def time_epoch_loop(trainer, per_call: int) -> dict:
         order = trainer.epoch_order(fresh.key_data, 1)
         jax.block_until_ready((fresh, epoch_metrics, order))
         t0 = time.perf_counter()
-        for count in step_lib.call_plan(0, trainer.steps_per_epoch, per_call):
+        for count in trainer.plan.calls(0):  # the calls train_epoch makes
             fresh, epoch_metrics = trainer.run_steps(fresh, epoch_metrics, order, count)
         jax.block_until_ready(epoch_metrics)
         bare_s.append(time.perf_counter() - t0)
     epoch_s, steps_s = min(loop_s), min(bare_s)
-    return {"steps": trainer.steps_per_epoch, "seconds": epoch_s, "bare_steps_seconds": steps_s,
+    return {"steps": trainer.plan.steps_per_epoch, "seconds": epoch_s, "bare_steps_seconds": steps_s,
             "fraction_outside_steps": max(epoch_s - steps_s, 0.0) / epoch_s}
 
 

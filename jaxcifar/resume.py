@@ -140,7 +140,7 @@ class TrainingRun:
         """Starts the asynchronous save of the run after `epochs_done` epochs (plus the epoch in progress's steps)."""
         c, step = self.config, self.step
         meta = {"epoch": epochs_done, "step": step, "history": self.history, "stats": self.dataset.stats.to_json(),
-                "fingerprint": self.dataset.fingerprint, "config": c.to_dict(), "seeds": config_lib.seed_list(c),
+                "fingerprint": self.dataset.fingerprint, "config": c.to_dict(), "seeds": list(self.trainer.plan.seeds),
                 "layout": checkpoint.LAYOUT, "step_choices": self.trainer.choices}
         if self.identity is not None:
             meta["run_identity"] = self.identity
@@ -171,7 +171,7 @@ def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Prep
             raise CheckpointError(f"{workdir} holds a run trained on other data ({other_data}); resuming "
                                              "would train it on different images: point --config.data.* (or "
                                              "TFDS_DATA_DIR) at the data it trained on, or use a fresh --workdir")
-        differing = incompatible_run(meta, config, trainer.seeds, trainer.choices)
+        differing = incompatible_run(meta, config, list(trainer.plan.seeds), trainer.choices)
         if differing:
             raise CheckpointError(
                 f"{workdir} holds checkpoints of a different run ({'; '.join(differing)}); "
@@ -185,8 +185,8 @@ def restore_or_init(config, workdir: Path, trainer: Trainer, dataset: cache.Prep
     epoch_metrics = trainer.place(checkpoint.from_tree(template["epoch_metrics"], tree["epoch_metrics"]))
     run = TrainingRun(config, workdir, trainer, dataset, state, epoch_metrics, meta["history"], step, restored=True,
                       identity=identity,
-                      epoch_train_s=meta.get("epoch_train_s") if step % trainer.steps_per_epoch else 0.0)
-    say(f"resumed from checkpoint at step {step}, {resume_point(step, trainer.steps_per_epoch)} "
+                      epoch_train_s=meta.get("epoch_train_s") if step % trainer.plan.steps_per_epoch else 0.0)
+    say(f"resumed from checkpoint at step {step}, {trainer.plan.resume_point(step)} "
               f"({len(run.history)} of {config.num_epochs} epochs done), from {workdir / 'checkpoints'}")
     rounding = {k: (v, trainer.choices[k]) for k, v in meta.get("step_choices", {}).items()
                 if k in trainer.choices and v != trainer.choices[k]}
@@ -210,16 +210,10 @@ def say_where_it_moved(history: list[dict], context: dict, say: Callable[[str], 
             f"resumes with {context['commit']} (each epoch's record names its commit)")
 
 
-def resume_point(step: int, steps_per_epoch: int) -> str:
-    """'after epoch 3' for a step at an epoch's end, 'during epoch 4' for one inside it."""
-    epoch, into = divmod(step, steps_per_epoch)
-    return f"after epoch {epoch}" if into == 0 else f"during epoch {epoch + 1}"
-
-
 def epochs_to_train(run: TrainingRun, say: Callable[[str], None]) -> range:
     """The epochs (1-based) left to train: from the one the state's step falls in, to `num_epochs`."""
-    start = run.step // run.trainer.steps_per_epoch + 1
-    if run.history and start > run.config.num_epochs:
+    left = run.trainer.plan.epochs_left(run.step)
+    if run.history and not left:
         say(f"nothing to train: the run in {run.workdir} has already trained {len(run.history)} epochs, past "
                   f"num_epochs={run.config.num_epochs}; raise --config.num_epochs to train further")
-    return range(start, run.config.num_epochs + 1)
+    return left

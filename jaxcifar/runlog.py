@@ -22,15 +22,11 @@ class RunLog:
                   "eval_time_s")
     PER_SEED_FIELDS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
-    def __init__(self, workdir: Path, seeds: list[int] | None = None, writer: bool = True):
+    def __init__(self, workdir: Path, writer: bool = True):
         """`writer=False` (every process but 0 of a multi-process run): prints and writes nothing."""
         self.workdir = workdir
         self.writer = writer
-        self.seeds = seeds or []
-        # With several seeds the means lead; then the std of test accuracy and each seed's own numbers.
-        self.csv_fields = self.CSV_FIELDS + (
-            ("test_accuracy_std", *(f"{k}_seed{s}" for s in self.seeds for k in self.PER_SEED_FIELDS))
-            if len(self.seeds) > 1 else ())
+        self.csv_fields = self.CSV_FIELDS  # with several seeds, `rewrite` adds theirs
         self._text = open(workdir / "log.txt", "a", buffering=1) if writer else None
 
     def print(self, msg: str = "") -> None:
@@ -68,8 +64,13 @@ class RunLog:
             except OSError as e:
                 raise files.write_failed(e, self.workdir / name) from None
 
-    def rewrite(self, history: list[dict]) -> None:
-        """Makes metrics.csv/jsonl hold exactly `history` (atomic replace), keeping what it drops aside."""
+    def rewrite(self, history: list[dict], seeds: tuple[int, ...] = ()) -> None:
+        """Makes metrics.csv/jsonl hold exactly `history` (atomic replace), keeping what it drops aside; the CSV's
+        columns from now on are those of a run of `seeds`: with several, the means lead, then the std of test
+        accuracy and each seed's own numbers."""
+        self.csv_fields = self.CSV_FIELDS + (
+            ("test_accuracy_std", *(f"{k}_seed{s}" for s in seeds for k in self.PER_SEED_FIELDS))
+            if len(seeds) > 1 else ())
         if not self.writer:
             return
         jsonl = self.workdir / "metrics.jsonl"

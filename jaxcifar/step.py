@@ -231,23 +231,6 @@ def train_steps(state: TrainState, epoch_metrics: dict, images, labels, epoch_in
     return state, epoch_metrics
 
 
-def call_plan(first: int, steps: int, steps_per_call: int) -> list[int]:
-    """How many steps each call runs from step `first` to the end of an epoch of `steps`.
-
-    Multi-step calls start at multiples of `steps_per_call` counted from the epoch's start, so a
-    run resumed at any step groups its updates exactly as an uninterrupted one does (a multi-step
-    program may round differently from single calls in the last bit). More than an epoch's steps
-    per call: one call per epoch.
-    """
-    steps_per_call = min(steps_per_call, steps)
-    plan, i = [], first
-    while i < steps:
-        k = steps_per_call if i % steps_per_call == 0 and i + steps_per_call <= steps else 1
-        plan.append(k)
-        i += k
-    return plan
-
-
 def eval_step(params, batch_stats, images, labels, all_indices, all_valid, batch, *, model, num_classes: int):
     """Confusion counts and summed loss of evaluation batch `batch` (padding rows weighted 0).
 

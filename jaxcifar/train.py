@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import signal
 import sys
@@ -42,22 +41,27 @@ from jaxcifar.trainer import Trainer
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       summary: runlog.RunSummary | None = None) -> TrainState:
+                       summary: runlog.RunSummary | None = None, config_name: str = "run") -> TrainState:
     """Trains `config` in `workdir`, resuming from its latest intact checkpoint if there is one.
 
     One training run per workdir: another one holding it is refused (workdir.WorkdirLock, taken by
     process 0). Problems the user can fix raise errors.JaxcifarError; log.txt records them too.
     `summary`, if given, is filled in as the run goes, so that its last line can be said however it ends.
+    `config_name` names the result file when `results.dir` is set and `results.name` is not (the command line gives
+    its --config file's name).
     """
-    config_lib.validate(config)
+    config_lib.validate(config)  # the one validation, before anything is read
     summary = summary if summary is not None else runlog.RunSummary(Path(workdir), config.num_epochs)
+    summary.num_epochs = config.num_epochs
+    if config.results.dir and not config.results.name:
+        config.results.name = config_name
     writer = summary.writer = distributed.is_writer()  # of several processes, only process 0 writes files
     workdir = workdir_lib.make_workdir(workdir) if writer else Path(workdir)
     with contextlib.ExitStack() as stack:  # closes in reverse: pending saves, reporter, checkpointer, log, lock
         lock = workdir_lib.WorkdirLock(workdir)
         if writer:
             stack.enter_context(lock)  # before the log opens: a refused run writes nothing
-        log = RunLog(workdir, config_lib.seed_list(config), writer=writer)
+        log = RunLog(workdir, writer=writer)
         stack.callback(log.close)
         try:
             if lock.stale:
@@ -101,16 +105,15 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
            reporter: report.BackgroundReporter, closing: contextlib.ExitStack,
            summary: runlog.RunSummary) -> TrainState:
     """The recipe: restore or initialise, then for each epoch train, evaluate, save, log and report."""
-    seeds = config_lib.seed_list(config)
-    runs = f"seeds {','.join(map(str, seeds))} in one program" if len(seeds) > 1 else f"seed {seeds[0]}"
-    log.print(f"jaxcifar: {config.model}, {runs}, on {jax.device_count()} {jax.devices()[0].platform} device(s); "
-              f"workdir {workdir}")
+    log.print(f"jaxcifar: {config.model} on {jax.device_count()} {jax.devices()[0].platform} device(s); workdir "
+              f"{workdir}")
     dataset = cache.load_dataset_once(config, log.print)
     run = resume.restore_or_init(config, workdir, Trainer(config, dataset), dataset, ckpt, log.print)
+    plan = run.trainer.plan
     if not run.restored and (workdir / "metrics.jsonl").exists() and (workdir / "metrics.jsonl").read_text().strip():
         log.print(f"warning: {workdir} holds the metrics of an earlier run but no checkpoint; starting afresh "
                   "(the old metrics move to metrics.discarded.jsonl)")
-    log.rewrite(run.history)  # the logs hold exactly the restored history (resume order, resume.restore_or_init)
+    log.rewrite(run.history, plan.seeds)  # the logs hold exactly the restored history (resume order, restore_or_init)
     summary.follow(run.history)
     stop.describe = functools.partial(stop_announcement, run.trainer)
     model_summary = describe_run(run, log)
@@ -155,20 +158,7 @@ def open_scalars(workdir: Path, history: list[dict]) -> report.ScalarWriter:
 
 def stop_announcement(trainer: Trainer) -> str:
     """What a stop signal's acknowledgement says happens next, from where the loop has dispatched to."""
-    step = trainer.dispatched_step
-    if step is None:
-        return "stopping as soon as training reaches its first step boundary, then saving a checkpoint"
-    per_epoch = trainer.steps_per_epoch
-    epoch_end = math.ceil(step / per_epoch) * per_epoch
-    if step == epoch_end:
-        return f"stopping when epoch {step // per_epoch} has been evaluated and saved (step {step})"
-    if distributed.single_process():
-        return f"stopping after the compiled call in progress (by step {min(step + trainer.steps_per_call, epoch_end)}), then saving a checkpoint"
-    every = trainer.config.log_every_steps
-    into = step - (epoch_end - per_epoch)
-    boundary = min(epoch_end, epoch_end - per_epoch + (into // every + 1) * every + trainer.steps_per_call - 1)
-    return (f"stopping at the next log boundary, where the {jax.process_count()} processes agree (by step {boundary}), "
-            "then saving a checkpoint")
+    return trainer.plan.stop_landing(trainer.dispatched_step, 1 if distributed.single_process() else jax.process_count())
 
 
 def describe_run(run: TrainingRun, log: RunLog) -> str:
@@ -176,7 +166,9 @@ def describe_run(run: TrainingRun, log: RunLog) -> str:
     trainer, config = run.trainer, run.config
     one = step_lib.replica(run.state, 0)
     choices = ", ".join(f"{k} {v}" for k, v in trainer.choices.items())
-    log.print(f"{models.count_params(one.params):,} parameters per run; {trainer.steps_per_epoch} steps of "
+    seeds = trainer.plan.seeds
+    runs = f"seeds {','.join(map(str, seeds))} in one program" if len(seeds) > 1 else f"seed {seeds[0]}"
+    log.print(f"{runs}; {models.count_params(one.params):,} parameters per run; {trainer.plan.steps_per_epoch} steps of "
               f"{config.batch_size} per epoch; {config.num_epochs} epoch{'s' if config.num_epochs > 1 else ''}; step: {choices}")
     order = step_lib.layer_order(trainer.model, trainer.train_images.shape[1:])
     return report.model_summary(one.params, one.batch_stats, order)
@@ -190,13 +182,13 @@ def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Chec
     A stop signal mid-epoch saves the run with the partial epoch's metrics and its training time so far, and
     raises TrainingInterrupted; the resumed epoch's record then times the whole epoch.
     """
-    config, trainer = run.config, run.trainer
-    lr = step_lib.learning_rate_at(config, trainer.steps_per_epoch, (epoch - 1) * trainer.steps_per_epoch)
+    config, trainer, plan = run.config, run.trainer, run.trainer.plan
+    lr = step_lib.learning_rate_at(config, plan.steps_per_epoch, plan.epoch_start(epoch))
     log.print(f"==> epoch {epoch}/{config.num_epochs} [batch {config.batch_size}, lr {lr:.6g}]"
               + runlog.run_eta(run.history, config.num_epochs - epoch + 1, compiled_in=run.epochs_restored))
-    first = run.step - (epoch - 1) * trainer.steps_per_epoch
+    first = run.step - plan.epoch_start(epoch)
     t0 = time.time()
-    bar, progress = runlog.progress_bar(epoch, trainer.steps_per_epoch, first)
+    bar, progress = runlog.progress_bar(epoch, plan.steps_per_epoch, first)
     try:
         run.state, run.epoch_metrics, finished = trainer.train_epoch(run.state, epoch, run.epoch_metrics, progress,
                                                                      stop)
@@ -210,15 +202,15 @@ def train_and_evaluate_epoch(run: TrainingRun, epoch: int, ckpt: checkpoint.Chec
         raise TrainingInterrupted(stop.signum, run.step)
     train_time = time.time() - t0
     if run.epoch_train_s is None:  # resumed from a save without the time before it: the part timed here only
-        timed_steps = trainer.steps_per_epoch - first
+        timed_steps = plan.steps_per_epoch - first
     else:
-        timed_steps, train_time = trainer.steps_per_epoch, train_time + run.epoch_train_s
+        timed_steps, train_time = plan.steps_per_epoch, train_time + run.epoch_train_s
     run.epoch_train_s = 0.0
     train_loss, train_conf = trainer.epoch_summary(run.epoch_metrics)
     run.epoch_metrics = None
     t1 = time.time()
     test_conf, test_loss = trainer.score_test_set(run.state.params, run.state.batch_stats)
-    return runlog.epoch_record(epoch=epoch, step=run.step, lr=lr, seeds=trainer.seeds,
+    return runlog.epoch_record(epoch=epoch, step=run.step, lr=lr, seeds=list(plan.seeds),
                                train_loss=train_loss, train_conf=train_conf, test_loss=test_loss, test_conf=test_conf,
                                train_time=train_time, eval_time=time.time() - t1,
                                images=timed_steps * config.batch_size, context=context)
@@ -280,14 +272,10 @@ def main(argv) -> None:
     summary = runlog.RunSummary(Path(workdir), 0, started=time.monotonic() - machine.process_age_s())
     code, outcome = 0, "finished"
     try:
-        config_lib.validate(cfg)  # first: a get_config() that returned a dict has no num_epochs to show
-        if cfg.results.dir and not cfg.results.name:
-            from ml_collections import config_flags
+        from ml_collections import config_flags
 
-            cfg.results.name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
-        summary.num_epochs = cfg.num_epochs
         distributed.initialize_distributed()
-        train_and_evaluate(cfg, workdir, summary)
+        train_and_evaluate(cfg, workdir, summary, Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
     except TrainingInterrupted as e:
         code = 128 + e.signum
         outcome = f"stopped by {signal.Signals(e.signum).name} at step {e.step}, saved (the same command resumes)"

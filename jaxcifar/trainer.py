@@ -11,13 +11,13 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxcifar import config as config_lib
 from jaxcifar import backends
 from jaxcifar.errors import ConfigError, TrainingDiverged
 from jaxcifar.scoring import SplitScorer
 from jaxcifar.mesh import global_array, make_mesh
 from jaxcifar.recipe import Recipe
-from jaxcifar.step import (TrainState, build_model, build_optimizer, call_plan, epoch_order, init_replicas,
+from jaxcifar.plan import RunPlan
+from jaxcifar.step import (TrainState, build_model, build_optimizer, epoch_order, init_replicas,
                            over_replicas, steps_done, train_steps, zero_replica_metrics)
 
 if TYPE_CHECKING:  # for type hints only: the Trainer does not sit above the tfds stack
@@ -41,40 +41,32 @@ class Trainer:
 
     def __init__(self, config, dataset: cache.Preprocessed, devices=None):
         self.config = config
-        self.seeds = config_lib.seed_list(config)
-        self.replicas = len(self.seeds)
         self.num_train = len(dataset.train_labels)
-        self.steps_per_epoch = self.num_train // config.batch_size
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"bad config: batch_size={config.batch_size} exceeds the {self.num_train} training images")
         devices = list(jax.devices() if devices is None else devices)
         if config.batch_size % len(devices):
             raise ConfigError(f"bad config: batch_size={config.batch_size} is not divisible by the {len(devices)} "
                              f"devices; use a multiple of {len(devices)}")
-        self.choices = backends.step_choices(config, devices[0].platform)
+        self.choices = backends.step_choices(config, devices[0].platform)  # "auto" resolved here, once
+        self.plan = RunPlan.of(config, self.num_train, self.choices)
         self.mesh = make_mesh(devices)
         self.replicated = NamedSharding(self.mesh, P())
         batch_rows = NamedSharding(self.mesh, P(None, None, "data"))  # (replica, steps, batch) index tables
         self.model = build_model(config, self.choices)
-        self.tx = build_optimizer(config, self.steps_per_epoch)
+        self.tx = build_optimizer(config, self.plan.steps_per_epoch)
         # The whole preprocessed dataset lives on the devices, once for all replicas; batches are gathered inside jit.
         self.train_images = global_array(dataset.train_images, self.replicated)
         self.train_labels = global_array(dataset.train_labels.astype(np.int32), self.replicated)
         self.compiler_options = backends.compiler_options(devices[0].platform)
         self.test_scorer = SplitScorer(self.model, dataset.test_images, dataset.test_labels,
                                         num_classes=config.num_classes, batch_size=config.eval_batch_size,
-                                        replicas=self.replicas, mesh=self.mesh, compiler_options=self.compiler_options)
+                                        replicas=self.plan.replicas, mesh=self.mesh, compiler_options=self.compiler_options)
         self._train_calls = {}  # steps per call -> compiled program, built on first use
         self.recipe = Recipe.of_config(config)
         self._train_step_kwargs = dict(model=self.model, tx=self.tx, recipe=self.recipe,
                                        batch_sharding=NamedSharding(self.mesh, P("data")))
         order = functools.partial(epoch_order, num_examples=self.num_train, batch_size=config.batch_size)
-        self._epoch_order = jax.jit(over_replicas(order, (0, None), self.replicas), out_shardings=batch_rows)
+        self._epoch_order = jax.jit(over_replicas(order, (0, None), self.plan.replicas), out_shardings=batch_rows)
         self.dispatched_step = None  # the step the last dispatched call ends on (for a stop's announcement)
-
-    @property
-    def steps_per_call(self) -> int:
-        return self.choices["steps_per_call"]
 
     def epoch_order(self, key_data, epoch: int):
         """Each replica's (steps, batch) example indices of `epoch` (1-based), for the runs' key data (K, 2)."""
@@ -85,7 +77,7 @@ class Trainer:
         if count not in self._train_calls:
             steps = functools.partial(train_steps, count=count, loop=self.choices["step_loop"], **self._train_step_kwargs)
             self._train_calls[count] = jax.jit(
-                over_replicas(steps, (0, 0, None, None, 0), self.replicas),
+                over_replicas(steps, (0, 0, None, None, 0), self.plan.replicas),
                 out_shardings=(self.replicated, self.replicated), donate_argnums=(0, 1),
                 compiler_options=self.compiler_options)
         return self._train_calls[count](state, epoch_metrics, self.train_images, self.train_labels, order)
@@ -105,10 +97,10 @@ class Trainer:
         return self._placed_shapes(self._zero_metrics)
 
     def _fresh_state(self) -> TrainState:
-        return init_replicas(self.seeds, self.model, self.tx, self.train_images.shape[1:])
+        return init_replicas(self.plan.seeds, self.model, self.tx, self.train_images.shape[1:])
 
     def _zero_metrics(self) -> dict:
-        return zero_replica_metrics(self.config.num_classes, self.replicas)
+        return zero_replica_metrics(self.config.num_classes, self.plan.replicas)
 
     def _placed_shapes(self, make):
         return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated),
@@ -126,16 +118,16 @@ class Trainer:
         every compiled call (`boundary`: the call ended on a log boundary, where every process asks), cut the
         epoch short. `progress(done, loss)` is called at log boundaries and at least every PROGRESS_EVERY_S.
         """
-        c = self.config
+        plan = self.plan
         order = self.epoch_order(state.key_data, epoch)
         epoch_metrics = self.zero_metrics() if epoch_metrics is None else epoch_metrics
-        done = steps_done(state) - (epoch - 1) * self.steps_per_epoch
+        done = steps_done(state) - plan.epoch_start(epoch)
         shown = time.monotonic()
-        for count in call_plan(done, self.steps_per_epoch, self.steps_per_call):
+        for count in plan.calls(done):
             state, epoch_metrics = self.run_steps(state, epoch_metrics, order, count)
             before, done = done, done + count
-            self.dispatched_step = (epoch - 1) * self.steps_per_epoch + done
-            boundary = done // c.log_every_steps > before // c.log_every_steps or done == self.steps_per_epoch
+            self.dispatched_step = plan.epoch_start(epoch) + done
+            boundary = plan.log_boundary(before, done)
             # Between boundaries nothing syncs unless the bar is due: the device queue stays full.
             if boundary or (progress is not None and time.monotonic() - shown >= PROGRESS_EVERY_S):
                 last = np.asarray(epoch_metrics["last_loss"])  # syncs
@@ -144,19 +136,19 @@ class Trainer:
                 if progress is not None:
                     progress(done, float(last.mean()))
                     shown = time.monotonic()
-            if done < self.steps_per_epoch and should_stop(boundary):
+            if done < plan.steps_per_epoch and should_stop(boundary):
                 return state, epoch_metrics, False
         return state, epoch_metrics, True
 
     def _check_finite(self, last_loss: np.ndarray, epoch: int, step: int) -> None:
         if not np.all(np.isfinite(last_loss)):
-            bad = ", ".join(f"{v} (seed {s})" for s, v in zip(self.seeds, last_loss.tolist()) if not math.isfinite(v))
+            bad = ", ".join(f"{v} (seed {s})" for s, v in zip(self.plan.seeds, last_loss.tolist()) if not math.isfinite(v))
             raise TrainingDiverged(f"loss became {bad} at epoch {epoch}, step {step}: training stopped; "
                                    "lower optimizer.learning_rate or check the input data")
 
     def epoch_summary(self, epoch_metrics: dict) -> tuple[np.ndarray, np.ndarray]:
         """Per replica: (mean training loss (K,), training confusion (K, C, C)) of a finished epoch."""
-        loss = np.asarray(epoch_metrics["loss_sum"], np.float64) / self.steps_per_epoch
+        loss = np.asarray(epoch_metrics["loss_sum"], np.float64) / self.plan.steps_per_epoch
         return loss, np.asarray(epoch_metrics["confusion"])
 
     def score_test_set(self, params, batch_stats) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,7 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
         "config returns a dict": (["--config", _config_file(tmp_path, "{'model': 'vgg_bn_drop'}")],
                                   "get_config() returned a dict, not an ml_collections.ConfigDict"),
         "config lacks fields": (["--config", _config_file(tmp_path, "ml_collections.ConfigDict({'model': 'nin'})")],
-                                "it lacks the fields batch_norm, batch_size,"),
+                                "it lacks the fields augment, batch_norm, batch_size,"),
         # an error in the file's own code, of the type ml_collections also raises for an unknown override
         "config code raises AttributeError": (["--config", _config_file(tmp_path, "ml_collections.no_such_thing")],
                                               "cannot be loaded (AttributeError: module 'ml_collections' has no "

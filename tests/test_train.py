@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxcifar import cache, errors, fake_data, metrics, preprocess, train, trees
-from jaxcifar import step as step_lib
+from jaxcifar import plan as plan_lib
 from jaxcifar.trainer import Trainer
 from conftest import REPO, tiny_config
 
@@ -79,17 +79,6 @@ def test_an_epoch_runs_every_full_batch_once_and_drops_the_remainder(prepared):
     assert len(seen) > 96  # the dropped remainder changes from epoch to epoch
 
 
-def test_call_plan_groups_steps_by_their_place_in_the_epoch():
-    assert step_lib.call_plan(0, 10, 4) == [4, 4, 1, 1]
-    assert step_lib.call_plan(4, 10, 4) == [4, 1, 1]  # a resume at a call boundary continues the same grouping
-    assert step_lib.call_plan(5, 10, 4) == [1, 1, 1, 1, 1]
-    assert step_lib.call_plan(2, 12, 4) == [1, 1, 4, 4]
-    assert step_lib.call_plan(0, 5, 1) == [1] * 5
-    assert step_lib.call_plan(7, 7, 4) == []
-    assert step_lib.call_plan(0, 5, 1000) == [5]  # more than an epoch: one call per epoch
-    assert step_lib.call_plan(2, 5, 1000) == [1, 1, 1]
-
-
 def test_scanned_steps_train_like_unrolled_steps(prepared):
     """step_loop="scan" (one lax.scan per call) is the unrolled program's function."""
     dataset = fake_data.random_preprocessed(48)  # 3 steps of 16: one call each way
@@ -130,7 +119,7 @@ def test_several_steps_per_call_train_like_single_steps_and_resume_exactly(prepa
             assert finished
             return start, None, state, trainer.epoch_summary(epoch_metrics)
         after_calls = []
-        for count in step_lib.call_plan(0, trainer.steps_per_epoch, steps_per_call):
+        for count in plan_lib.call_plan(0, trainer.plan.steps_per_epoch, steps_per_call):
             state, epoch_metrics = trainer.run_steps(state, epoch_metrics, order, count)
             after_calls.append((int(state.step[0]), trees.flat_vector(state.params), float(epoch_metrics["loss_sum"][0])))
         return start, after_calls, state, trainer.epoch_summary(epoch_metrics)

@@ -442,7 +442,7 @@ def test_a_gpu_slots_run_saves_by_time_reports_at_the_end_and_rewrites_its_resul
     real_submit = train.submit_report
     monkeypatch.setattr(train, "submit_report", lambda *a: submitted.append(a[0].history[-1]["epoch"]) or real_submit(*a))
     train.train_and_evaluate(c, str(workdir))
-    per_epoch = Trainer(c, cache.load_dataset(c)).steps_per_epoch
+    per_epoch = Trainer(c, cache.load_dataset(c)).plan.steps_per_epoch
     # No save was due within the hour, none is a best/ save: the last epoch's is the only one. One report, at the end.
     assert checkpoint.complete_steps(workdir / "checkpoints") == [3 * per_epoch]
     assert checkpoint.complete_steps(workdir / "best") == []
@@ -469,6 +469,6 @@ def test_a_stop_at_an_epochs_end_saves_that_epoch_whatever_the_checkpoint_cadenc
     monkeypatch.setattr(train, "train_and_evaluate_epoch", epoch_then_signal)
     with pytest.raises(TrainingInterrupted) as stopped:
         train.train_and_evaluate(c, str(workdir))
-    per_epoch = Trainer(c, cache.load_dataset(c)).steps_per_epoch
+    per_epoch = Trainer(c, cache.load_dataset(c)).plan.steps_per_epoch
     assert stopped.value.step == 3 * per_epoch
     assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == 3 * per_epoch

@@ -27,7 +27,7 @@ for name, devices, seeds in (("one", jax.devices()[:1], ""), ("all", jax.devices
     losses = []
     for epoch in (1, 2):
         epoch_metrics = None
-        for _ in range(trainer.steps_per_epoch):
+        for _ in range(trainer.plan.steps_per_epoch):
             state, epoch_metrics, _ = trainer.train_epoch(state, epoch, epoch_metrics, should_stop=lambda boundary: True)
             losses.append(float(epoch_metrics["last_loss"][0]))
     conf, test_loss = trainer.score_test_set(state.params, state.batch_stats)
