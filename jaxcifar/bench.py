@@ -19,78 +19,17 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
-from jaxcifar import errors, machine
+from jaxcifar import errors
+from jaxcifar.run import machine
+from jaxcifar.tools.flops import matmul_peak_gflops, train_flops
+from jaxcifar.tools.timing import PHASES, time_passes, timed
+from jaxcifar.tools.torch_bench import bench_torch, torch_device
 
 MODELS = ("vgg_bn_drop", "nin")
-PHASES = ("forward", "backward", "forward+backward", "train step")
-
-
-def _timed(fn, runs: int, warmup: int = 1):
-    """(compile+first-call seconds, median seconds of `runs` calls)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
-
-
-# ---------------------------------------------------------------------------
-# FLOPs
-
-
-def forward_flops(model, image_shape=(32, 32, 3)) -> int:
-    """Multiply-adds x 2 of every convolution and dense layer for one image (analytic, from shapes)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
-    from jaxcifar import models
-
-    total = []
-
-    def count(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, (models.Conv, nn.Dense)):
-            x = args[0]
-            cin = x.shape[-1]
-            if isinstance(mod, models.Conv):
-                total.append(2 * out.shape[1] * out.shape[2] * mod.kernel_size ** 2 * cin * out.shape[-1])
-            else:
-                total.append(2 * cin * out.shape[-1])
-        return out
-
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    with nn.intercept_methods(count):
-        jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
-    return int(sum(total))
-
-
-def train_flops(model) -> int:
-    """Forward + backward (input and weight gradients): 3x the forward FLOPs."""
-    return 3 * forward_flops(model)
-
-
-def matmul_peak_gflops(dtype: str = "float32", size: int | None = None, runs: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    size = size or (2048 if jax.default_backend() == "cpu" else 8192)
-    a = jnp.ones((size, size), dtype)
-    f = jax.jit(lambda a: a @ a)
-    _, t = _timed(lambda: f(a).block_until_ready(), runs)
-    return 2 * size ** 3 / t / 1e9
 
 
 # ---------------------------------------------------------------------------
@@ -101,8 +40,8 @@ def _bench_trainer(model_name: str, batch: int, dtype: str, epoch_steps: int, ov
                    replicas: int = 1, width: float = 1.0):
     """A Trainer of `replicas` seeds on random images: `epoch_steps` batches of `batch` per epoch."""
     from jaxcifar import config as config_lib
-    from jaxcifar import fake_data
-    from jaxcifar.trainer import Trainer
+    from jaxcifar.data import fake_data
+    from jaxcifar.run.trainer import Trainer
 
     c = config_lib.base_config()
     c.model, c.batch_size, c.dtype, c.width = model_name, batch, dtype, width
@@ -129,23 +68,11 @@ def time_training(trainer, runs: int, count: int | None = None) -> dict:
                                                                      count)
         jax.block_until_ready(holder["epoch_metrics"])
 
-    first, call_s = _timed(steps, runs)
+    first, call_s = timed(steps, runs)
     step_s = call_s / count
     return {"steps_per_call": count, "step_loop": trainer.choices["step_loop"], "replicas": trainer.plan.replicas,
             "seconds_per_step": step_s, "compile_seconds": first - call_s,
             "images_per_s": trainer.plan.replicas * trainer.config.batch_size / step_s}
-
-
-def time_passes(forward, forward_train, forward_backward, runs: int) -> tuple[dict, dict]:
-    """Median seconds of an eval-mode forward pass, a training forward and backward pass, and the backward alone
-    (less a training-mode forward); and the first call's extra seconds of the first two."""
-    seconds = {}
-    first_forward, seconds["forward"] = _timed(forward, runs)
-    _, forward_train_s = _timed(forward_train, runs)
-    first_both, seconds["forward+backward"] = _timed(forward_backward, runs)
-    seconds["backward"] = max(seconds["forward+backward"] - forward_train_s, 0.0)
-    return seconds, {"forward": first_forward - seconds["forward"],
-                     "forward+backward": first_both - seconds["forward+backward"]}
 
 
 # Each alternative of backends.STEP_CHOICES, timed against the backend's defaults by `--step-variants`.
@@ -231,7 +158,7 @@ def _jax_passes(trainer, images, labels):
     """Zero-argument callables, each blocking until done: eval forward, training forward, forward and backward."""
     import jax
 
-    from jaxcifar import step as step_lib
+    from jaxcifar.nn import step as step_lib
 
     state, model = step_lib.replica(trainer.init_state(), 0), trainer.model
     x, y, key = jax.device_put(images), jax.device_put(labels), jax.random.key(1)
@@ -272,78 +199,6 @@ def time_epoch_loop(trainer) -> dict:
     epoch_s, steps_s = min(loop_s), min(bare_s)
     return {"steps": trainer.plan.steps_per_epoch, "seconds": epoch_s, "bare_steps_seconds": steps_s,
             "fraction_outside_steps": max(epoch_s - steps_s, 0.0) / epoch_s}
-
-
-# ---------------------------------------------------------------------------
-# PyTorch (optional extra)
-
-
-def torch_device(jax_platform: str) -> str:
-    """PyTorch runs where JAX runs: CUDA when JAX is on a GPU, else the CPU."""
-    import torch
-
-    if jax_platform == "gpu":
-        if not torch.cuda.is_available():
-            raise RuntimeError("JAX runs on a GPU but this PyTorch has no CUDA; install a CUDA build of torch "
-                               "or drop --compare-torch")
-        return "cuda"
-    return "cpu"
-
-
-def bench_torch(model_name: str, batch: int, runs: int, threads: int, device: str = "cpu",
-                dtype: str = "float32") -> dict:
-    """PyTorch's eager step on `device`; on CUDA with cudnn.benchmark, each timed call ending in a synchronize."""
-    import torch
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    from jaxcifar.fidelity import torch_port
-
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as XLA's default precision
-    model = torch_port.build_model(model_name).to(device=device, memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, 32, 32, device=device).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch,), device=device)
-    *passes, step = _torch_passes(model, x, y, device, dtype)
-    seconds, _ = time_passes(*passes, runs)
-    _, seconds["train step"] = _timed(step, runs)
-    return {"seconds": seconds, "images_per_s": batch / seconds["train step"], "version": torch.__version__,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": dtype}
-
-
-def _torch_passes(model, x, y, device: str, dtype: str):
-    """Zero-argument callables, each synchronized: eval forward, training forward, forward and backward, SGD step."""
-    import contextlib
-
-    import torch
-
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=0.9, weight_decay=5e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    # bf16 as jaxcifar does it: convolutions and matmuls in bf16, parameters and BatchNorm in fp32.
-    autocast = ((lambda: torch.autocast(device_type=device, dtype=torch.bfloat16)) if dtype == "bfloat16"
-                else contextlib.nullcontext)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    def forward(train: bool):
-        model.train(train)
-        with torch.no_grad(), autocast():
-            out = model(x)
-            if train:
-                loss_fn(out, y)
-        sync()
-
-    def backward(update: bool):
-        model.train()
-        model.zero_grad(set_to_none=True)
-        with autocast():
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        if update:
-            opt.step()
-        sync()
-
-    return (lambda: forward(False), lambda: forward(True), lambda: backward(False), lambda: backward(True))
 
 
 # ---------------------------------------------------------------------------
@@ -454,7 +309,7 @@ def checked_arguments(args) -> tuple[list[str], list[int], list[str] | bool]:
 
 
 def main(argv=None) -> int:
-    from jaxcifar import models
+    from jaxcifar.nn import layers
 
     p = argparse.ArgumentParser(prog="python -m jaxcifar.bench", description=__doc__.splitlines()[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: vgg_bn_drop,nin")
@@ -462,7 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=float, default=1.0, help="channel multiplier (the recipe's: 1)")
     p.add_argument("--runs", type=int, default=5, help="timed calls per measurement (median reported)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--conv-impl", choices=("auto", *models.CONV_IMPLS), default="auto")
+    p.add_argument("--conv-impl", choices=("auto", *layers.CONV_IMPLS), default="auto")
     p.add_argument("--compare-torch", action="store_true", help="also time PyTorch (pip install torch)")
     p.add_argument("--threads", type=int, help="PyTorch threads (default: all cores, as XLA uses)")
     p.add_argument("--epoch-steps", type=int, default=8, help="steps of the timed training-loop epoch")

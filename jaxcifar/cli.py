@@ -20,7 +20,7 @@ def interrupt_exits_quietly() -> None:
     import signal
     import threading
 
-    from jaxcifar.signal_watch import WakeupWatcher
+    from jaxcifar.run.signal_watch import WakeupWatcher
 
     exiting = threading.Lock()
 
@@ -69,7 +69,7 @@ def failure(e: BaseException, workdir: Path | None = None) -> tuple[int, str]:
         return 2, f"error: {errors.OUT_OF_MEMORY}"
     if isinstance(e, KeyboardInterrupt):
         return 130, "jaxcifar: interrupted (Ctrl-C)"
-    from jaxcifar import runlog
+    from jaxcifar.run import runlog
 
     return 1, f"error: unexpected {type(e).__name__}: {errors.first_line(e)} ({runlog.keep_traceback(workdir)})"
 

@@ -6,7 +6,8 @@ import math
 
 import ml_collections
 
-from jaxcifar import augment, backends, models, optim, preprocess
+from jaxcifar.nn import augment, backends, layers, models, optim
+from jaxcifar.data import preprocess
 from jaxcifar.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -147,14 +148,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.model in models.MODEL_NAMES, f"model={c.model!r}; choose one of {', '.join(models.MODEL_NAMES)}")
     need(math.isfinite(c.width) and 0 < c.width <= MAX_WIDTH,
          f"width={c.width} must be a positive number up to {MAX_WIDTH}")
-    need(c.conv_impl in ("auto", *models.CONV_IMPLS),
-         f"conv_impl={c.conv_impl!r}; choose one of auto, {', '.join(models.CONV_IMPLS)}")
+    need(c.conv_impl in ("auto", *layers.CONV_IMPLS),
+         f"conv_impl={c.conv_impl!r}; choose one of auto, {', '.join(layers.CONV_IMPLS)}")
     need(c.step_loop in ("auto", *backends.STEP_LOOPS),
          f"step_loop={c.step_loop!r}; choose one of auto, {', '.join(backends.STEP_LOOPS)}")
-    need(c.pool_grad in ("auto", *models.POOL_GRADS),
-         f"pool_grad={c.pool_grad!r}; choose one of auto, {', '.join(models.POOL_GRADS)}")
-    need(c.bn_grad in ("auto", *models.BN_GRADS), f"bn_grad={c.bn_grad!r}; choose one of auto, {', '.join(models.BN_GRADS)}")
-    need(c.dropout_bits in (0, *models.DROPOUT_BITS), f"dropout_bits={c.dropout_bits}; choose 16, 32 or 0 (the backend's)")
+    need(c.pool_grad in ("auto", *layers.POOL_GRADS),
+         f"pool_grad={c.pool_grad!r}; choose one of auto, {', '.join(layers.POOL_GRADS)}")
+    need(c.bn_grad in ("auto", *layers.BN_GRADS), f"bn_grad={c.bn_grad!r}; choose one of auto, {', '.join(layers.BN_GRADS)}")
+    need(c.dropout_bits in (0, *layers.DROPOUT_BITS), f"dropout_bits={c.dropout_bits}; choose 16, 32 or 0 (the backend's)")
     need(int(c.steps_per_call) == c.steps_per_call and c.steps_per_call >= 0,
          f"steps_per_call={c.steps_per_call} must be a positive integer, or 0 for the backend's")
     seed_list(c)

@@ -25,13 +25,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxcifar import archive, backends, cache, checkpoint, errors, metrics, models, preprocess, resume
-from jaxcifar import workdir as workdir_lib
-from jaxcifar import step as step_lib
-from jaxcifar.errors import CheckpointDamaged, CheckpointError
-from jaxcifar import scoring
-from jaxcifar import mesh as mesh_lib
-from jaxcifar.errors import ConfigError
+from jaxcifar.data import archive, cache, preprocess
+from jaxcifar.nn import backends, layers, mesh as mesh_lib, metrics, models, scoring, step as step_lib
+from jaxcifar.run import checkpoint, resume, workdir as workdir_lib
+from jaxcifar import errors
+from jaxcifar.errors import CheckpointDamaged, CheckpointError, ConfigError
 
 
 class TrainedModel(NamedTuple):
@@ -141,7 +139,7 @@ def batch_statistics(model, variables: dict, images: np.ndarray, num_batches: in
                           f"{num_batches * batch_size:,} images of batch {batch_size}, the split has {len(images):,}; "
                           f"use at most {len(images) // batch_size} batches")
     net = model if dropout_seed is not None else model.clone(dropout=False)
-    momentum = models.TorchBatchNorm.momentum
+    momentum = layers.TorchBatchNorm.momentum
     zeros = jax.tree_util.tree_map(jnp.zeros_like, variables["batch_stats"])
 
     @functools.partial(jax.jit, compiler_options=backends.compiler_options())

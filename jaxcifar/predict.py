@@ -23,8 +23,10 @@ import sys
 
 import numpy as np
 
-from jaxcifar import archive, errors, evaluate, preprocess, scoring
-from jaxcifar import workdir as workdir_lib
+from jaxcifar.data import archive, preprocess
+from jaxcifar import errors, evaluate
+from jaxcifar.nn import scoring
+from jaxcifar.run import workdir as workdir_lib
 
 
 def load_image(path: str) -> np.ndarray:

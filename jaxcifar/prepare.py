@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcifar.archive import CLASS_NAMES, OFFICIAL_MD5, read_archive, read_md5_file
-from jaxcifar.cache import load_preprocessed
+from jaxcifar.data.archive import CLASS_NAMES, OFFICIAL_MD5, read_archive, read_md5_file
+from jaxcifar.data.cache import load_preprocessed
 from jaxcifar.errors import DataError, JaxcifarError
-from jaxcifar.tfds_cifar10 import builder, describe, load_uint8, prepare, set_aside_prepared
+from jaxcifar.data.tfds_cifar10 import builder, describe, load_uint8, prepare, set_aside_prepared
 
 
 def _print_summary(data_dir: str | None) -> None:

@@ -29,15 +29,15 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from jaxcifar import config as config_lib
-from jaxcifar import archive, cache, checkpoint, errors, models, report, resume, workdir as workdir_lib
-from jaxcifar import cli, distributed, machine, results, runlog
-from jaxcifar import step as step_lib
-from jaxcifar.resume import TrainingRun
-from jaxcifar.runlog import RunLog
-from jaxcifar.signals import StopFlag, TrainingInterrupted, exit_now
-from jaxcifar.step import TrainState
-from jaxcifar.trainer import Trainer
+from jaxcifar import cli, config as config_lib, distributed, errors
+from jaxcifar.data import archive, cache
+from jaxcifar.run import checkpoint, machine, report, results, resume, runlog, workdir as workdir_lib
+from jaxcifar.nn import models, step as step_lib
+from jaxcifar.run.resume import TrainingRun
+from jaxcifar.run.runlog import RunLog
+from jaxcifar.run.signals import exit_now, StopFlag, TrainingInterrupted
+from jaxcifar.nn.step import TrainState
+from jaxcifar.run.trainer import Trainer
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,

@@ -53,7 +53,7 @@ def completed_epochs(workdir: Path) -> int:
 
 def final_params(workdir: Path) -> dict:
     """{path: array} of the run's latest saved parameters."""
-    from jaxcifar import checkpoint, trees
+    from jaxcifar.run import checkpoint, trees
 
     params = checkpoint.read_saved(workdir)[0]["train_state"]["params"]
     return {path: np.asarray(leaf) for path, leaf in trees.flat_dict(params).items()}
@@ -97,8 +97,8 @@ def main(argv=None) -> int:
 
 def prepare(root: Path, archive: str | None, md5_file: str | None) -> tuple[dict, Path, Path]:
     """(the runs' environment, the archive, its md5 list), the archive prepared for tfds under `root`."""
-    from jaxcifar import archive as archive_lib
-    from jaxcifar import fake_data, tfds_cifar10
+    from jaxcifar.data import archive as archive_lib
+    from jaxcifar.data import fake_data, tfds_cifar10
 
     env = dict(os.environ, TFDS_DATA_DIR=str(root / "tfds"), JAXCIFAR_CACHE_DIR=str(root / "cache"))
     env.setdefault("JAXCIFAR_COMPILE_CACHE", str(root / "xla"))
@@ -145,7 +145,7 @@ def kill_round(rnd: int, root: Path, workdir: Path, command, env: dict, delay: f
 
 def compare_final(reference: Path, workdir: Path, command, env: dict) -> list[str]:
     """The interrupted run finished, then compared with the uninterrupted one: parameters and per-epoch metrics."""
-    from jaxcifar import runlog
+    from jaxcifar.run import runlog
 
     final = subprocess.run(command(workdir), env=env, capture_output=True, text=True)
     if final.returncode != 0:

@@ -19,7 +19,8 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_opti
 import numpy as np
 import pytest
 
-from jaxcifar import archive, fake_data, tfds_cifar10, trees
+from jaxcifar.data import archive, fake_data, tfds_cifar10
+from jaxcifar.run import trees
 from jaxcifar.config import load_config_file
 
 REPO = Path(__file__).resolve().parents[1]

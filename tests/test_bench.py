@@ -2,7 +2,9 @@ import json
 
 import pytest
 
-from jaxcifar import bench, models
+from jaxcifar import bench
+from jaxcifar.nn import models
+from jaxcifar.tools import flops, torch_bench
 from conftest import import_torch
 
 
@@ -10,9 +12,9 @@ def test_flop_count_matches_the_layer_arithmetic():
     convs = [(32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256), (8, 256, 256), (8, 256, 256),
              (4, 256, 512), (4, 512, 512), (4, 512, 512), (2, 512, 512), (2, 512, 512), (2, 512, 512)]
     expected = sum(2 * hw * hw * 9 * cin * cout for hw, cin, cout in convs) + 2 * (512 * 512 + 512 * 10)
-    assert bench.forward_flops(models.VGGBNDrop()) == expected
-    assert bench.train_flops(models.VGGBNDrop()) == 3 * expected
-    assert 1.85e9 < bench.train_flops(models.VGGBNDrop()) < 1.9e9
+    assert flops.forward_flops(models.VGGBNDrop()) == expected
+    assert flops.train_flops(models.VGGBNDrop()) == 3 * expected
+    assert 1.85e9 < flops.train_flops(models.VGGBNDrop()) < 1.9e9
 
 
 def test_bench_cli_writes_json(tmp_path, capsys):
@@ -49,12 +51,12 @@ def test_fastest_step_settings_need_a_clear_win():
 
 def test_pytorch_runs_where_jax_runs():
     torch = import_torch()
-    assert bench.torch_device("cpu") == "cpu"
+    assert torch_bench.torch_device("cpu") == "cpu"
     if torch.cuda.is_available():
-        assert bench.torch_device("gpu") == "cuda"
+        assert torch_bench.torch_device("gpu") == "cuda"
     else:
         with pytest.raises(RuntimeError, match="no CUDA"):
-            bench.torch_device("gpu")
+            torch_bench.torch_device("gpu")
 
 
 def test_bench_refuses_bad_arguments_before_timing_anything(capsys, tmp_path):

@@ -7,8 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxcifar import checkpoint, resume
-from jaxcifar import integrity
+from jaxcifar.run import checkpoint, integrity, resume
 from jaxcifar.errors import CheckpointDamaged, CheckpointError
 from conftest import REPO, damage_every_data_file, flip_bytes_in_largest_file, set_fields
 
@@ -136,7 +135,7 @@ def test_checksums_see_every_bit_and_every_leaf_dtype():
 DAMAGED_RESTORE = """
 import sys, time
 import numpy as np
-from jaxcifar import checkpoint
+from jaxcifar.run import checkpoint
 template = {f"layer{i}": np.zeros((64, 64), np.float32) for i in range(48)}
 ck = checkpoint.Checkpointer(sys.argv[1])
 state, meta, step = ck.restore(template, log=print)
@@ -190,7 +189,7 @@ def test_an_unretrieved_future_of_a_failed_save_logs_nothing(caplog):
     import asyncio
     import gc
 
-    from jaxcifar import checkpoint  # noqa: F401 - its log filters
+    from jaxcifar.run import checkpoint  # noqa: F401 - its log filters
 
     async def a_failed_write():
         future = asyncio.get_running_loop().create_future()

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcifar import archive as archive_lib
-from jaxcifar import augment, batches, cache, errors, prepare, tfds_cifar10
+from jaxcifar.data import archive as archive_lib, cache, tfds_cifar10
+from jaxcifar.nn import augment, batches
+from jaxcifar import errors, prepare
 
 
 def test_good_archive_verifies(fake_archive):

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxcifar import checkpoint, runlog, trees
+from jaxcifar.run import checkpoint, runlog, trees
 from conftest import REPO, with_devices
 
 EPOCHS = 2  # 6 steps each

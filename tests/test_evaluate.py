@@ -34,7 +34,7 @@ def test_evaluate_reproduces_the_logged_accuracy(trained_run, prepared, capsys, 
 
 
 def test_evaluate_best_and_step(trained_run, prepared, tmp_path):
-    from jaxcifar import checkpoint
+    from jaxcifar.run import checkpoint
 
     steps_before = checkpoint.Checkpointer(trained_run).steps()
     h = history(trained_run)
@@ -63,7 +63,7 @@ def test_recomputed_batch_norm_statistics_are_batch_averages_without_dropout():
     import jax
     from jax import lax
 
-    from jaxcifar import models
+    from jaxcifar.nn import models
 
     model = models.create_model("vgg_bn_drop", width=1 / 16)
     images = np.random.default_rng(0).normal(size=(48, 32, 32, 3)).astype(np.float32)
@@ -108,7 +108,7 @@ def test_evaluate_on_another_device_count(trained_run, prepared):
 
 
 def test_evaluate_names_what_to_use_instead_and_checks_its_inputs_first(trained_run, tmp_path, capsys):
-    from jaxcifar import checkpoint
+    from jaxcifar.run import checkpoint
     workdir = tmp_path / "w"
     shutil.copytree(trained_run, workdir)
     (best,) = checkpoint.Checkpointer(workdir, read_only=True).steps(best=True)
@@ -136,7 +136,7 @@ def test_evaluate_on_an_empty_folder_writes_nothing(tmp_path, capsys):
 def test_a_save_rotated_away_while_it_is_read_is_not_damage(trained_run, tmp_path, monkeypatch):
     import shutil
 
-    from jaxcifar import checkpoint
+    from jaxcifar.run import checkpoint
     workdir = tmp_path / "w"
     shutil.copytree(trained_run, workdir)
     steps = checkpoint.Checkpointer(workdir, read_only=True).steps()

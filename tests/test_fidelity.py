@@ -263,7 +263,7 @@ def test_run_flags_that_would_fail_mid_run_or_train_nothing_are_refused_first(tm
 
 
 def test_a_save_of_another_tool_or_another_run_is_refused_by_name(tmp_path):
-    from jaxcifar import resume
+    from jaxcifar.run import resume
     from jaxcifar.errors import CheckpointError
 
     fidelity_run = {"tool": "fidelity", "side": "jax", "seed": 0}

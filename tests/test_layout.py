@@ -1,6 +1,6 @@
 """The code's shape (docs/layout.md), over jaxcifar/ (with its subpackages) and scripts/: no import circle, no name
-private to one module used from another (tests included), no function over 60 lines, and torch imported only by
-the fidelity port, so that the base install never needs it."""
+private to one module used from another (tests included) nor patched by string, no function over 60 lines, no module
+over 400, and torch imported only by the fidelity port, so that the base install never needs it."""
 
 import ast
 from pathlib import Path
@@ -8,6 +8,7 @@ from pathlib import Path
 from conftest import REPO
 
 LONGEST_FUNCTION = 60
+LONGEST_MODULE = 400  # lines: past it, a module has held several concerns every time so far
 SOURCES = sorted(REPO.glob("jaxcifar/**/*.py")) + sorted(REPO.glob("scripts/*.py"))
 TORCH_MODULE = "jaxcifar.fidelity.torch_port"
 
@@ -92,6 +93,11 @@ def test_no_function_is_longer_than_a_screen():
     long = [f"{p.relative_to(REPO)}:{n.name} ({n.end_lineno - n.lineno + 1} lines)" for p in SOURCES
             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
             and n.end_lineno - n.lineno + 1 > LONGEST_FUNCTION]
+    assert long == [], long
+
+
+def test_no_module_is_longer_than_its_concern():
+    long = [f"{p.relative_to(REPO)} ({n} lines)" for p in SOURCES if (n := len(p.read_text().splitlines())) > LONGEST_MODULE]
     assert long == [], long
 
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from jaxcifar import fake_data, train
+from jaxcifar.data import fake_data
+from jaxcifar import train
 from conftest import tiny_config
 
 
@@ -12,7 +13,7 @@ from conftest import tiny_config
 def learnable(tmp_path_factory):
     """(data_dir, cache_dir, md5 file) of a fake archive whose classes can be learned: 1,000 training and 200 test
     images, each a class's colour ramp (fake_data.fake_batch) under noise."""
-    from jaxcifar import archive, tfds_cifar10
+    from jaxcifar.data import archive, tfds_cifar10
 
     root = tmp_path_factory.mktemp("learnable")
     path, md5_file = fake_data.write_fake_archive(root / "archive", train_per_batch=200, test_records=200)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from jaxcifar import backends, models
+from jaxcifar.nn import backends, layers, models
 
 
 def init(model, batch=2, train=False):
@@ -81,7 +81,7 @@ def test_init_follows_torch7():
 
 
 def test_batchnorm_train_uses_batch_stats_and_updates_running_averages():
-    bn = models.TorchBatchNorm(epsilon=1e-5)
+    bn = layers.TorchBatchNorm(epsilon=1e-5)
     x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, size=(64, 4, 4, 8)).astype(np.float32))
     v = bn.init(jax.random.key(0), x, train=False)
     v = {"params": {"scale": jnp.ones(8), "bias": jnp.zeros(8)}, "batch_stats": v["batch_stats"]}
@@ -109,8 +109,8 @@ def test_matmul_conv_matches_lax(hw, cin, cout, k, pad):
     x = jnp.asarray(rng.normal(size=(3, hw, hw, cin)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(k, k, cin, cout)).astype(np.float32))
     ref = lax.conv_general_dilated(x, w, (1, 1), [(pad, pad)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(models.conv_as_matmul(x, w, pad), ref, rtol=1e-4, atol=1e-4)
-    gx = jax.grad(lambda x: (models.conv_as_matmul(x, w, pad) ** 2).sum())(x)
+    np.testing.assert_allclose(layers.conv_as_matmul(x, w, pad), ref, rtol=1e-4, atol=1e-4)
+    gx = jax.grad(lambda x: (layers.conv_as_matmul(x, w, pad) ** 2).sum())(x)
     gx_ref = jax.grad(lambda x: (lax.conv_general_dilated(x, w, (1, 1), [(pad, pad)] * 2,
                                                           dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2).sum())(x)
     np.testing.assert_allclose(gx, gx_ref, rtol=1e-3, atol=1e-3)
@@ -134,17 +134,17 @@ def torch_ceil_out(size, k, s):
 @pytest.mark.parametrize("size,k,s", [(32, 3, 2), (16, 3, 2), (8, 8, 1), (2, 2, 2), (5, 2, 2), (7, 3, 2)])
 def test_ceil_pooling_sizes(size, k, s):
     x = jnp.ones((1, size, size, 2))
-    assert models.max_pool_ceil(x, k, s).shape[1] == torch_ceil_out(size, k, s)
-    assert models.avg_pool_ceil(x, k, s).shape[1] == torch_ceil_out(size, k, s)
+    assert layers.max_pool_ceil(x, k, s).shape[1] == torch_ceil_out(size, k, s)
+    assert layers.avg_pool_ceil(x, k, s).shape[1] == torch_ceil_out(size, k, s)
 
 
 def test_avg_pool_ceil_averages_only_the_part_inside():
     x = jnp.arange(16.0).reshape(1, 4, 4, 1) + 1
-    got = np.asarray(models.avg_pool_ceil(x, 3, 2))[0, :, :, 0]  # windows start at 0 and 2
+    got = np.asarray(layers.avg_pool_ceil(x, 3, 2))[0, :, :, 0]  # windows start at 0 and 2
     img = np.asarray(x)[0, :, :, 0]
     want = np.array([[img[r:r + 3, c:c + 3].mean() for c in (0, 2)] for r in (0, 2)])
     np.testing.assert_allclose(got, want)
-    got_max = np.asarray(models.max_pool_ceil(x, 3, 2))[0, :, :, 0]
+    got_max = np.asarray(layers.max_pool_ceil(x, 3, 2))[0, :, :, 0]
     np.testing.assert_allclose(got_max, [[img[r:r + 3, c:c + 3].max() for c in (0, 2)] for r in (0, 2)])
 
 
@@ -165,11 +165,11 @@ def test_unknown_model_name():
 def test_dropout_rate_and_scaling(bits):
     x = jnp.ones((64, 32, 32, 8))
     for rate in (0.3, 0.5):
-        y = models.Dropout(rate, bits).apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
+        y = layers.Dropout(rate, bits).apply({}, x, train=True, rngs={"dropout": jax.random.key(0)})
         kept = np.asarray(y) != 0
         assert abs(kept.mean() - (1 - rate)) < 0.005
         np.testing.assert_allclose(np.asarray(y)[kept], 1 / (1 - rate), rtol=1e-6)
-    np.testing.assert_array_equal(models.Dropout(0.5).apply({}, x, train=False), x)
+    np.testing.assert_array_equal(layers.Dropout(0.5).apply({}, x, train=False), x)
 
 
 def test_cpu_convolutions_are_compiled_by_xla_not_ynnpack():
@@ -197,11 +197,11 @@ def test_pooling_matches_reduce_window_and_sends_gradient_to_the_first_maximum(s
     out = torch_ceil_out(size, k, s)
     pad = [(0, 0), (0, max((out - 1) * s + k - size, 0)), (0, max((out - 1) * s + k - size, 0)), (0, 0)]
     ref_max = lax.reduce_window(x, -jnp.inf, lax.max, (1, k, k, 1), (1, s, s, 1), pad)
-    max_pool = jax.jit(lambda x: models.max_pool_ceil(x, k, s))  # op by op, an 8 x 8 window compiles 64 times
+    max_pool = jax.jit(lambda x: layers.max_pool_ceil(x, k, s))  # op by op, an 8 x 8 window compiles 64 times
     np.testing.assert_array_equal(max_pool(x), ref_max)
     ref_sum = lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
     ref_count = lax.reduce_window(jnp.ones_like(x), 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
-    np.testing.assert_allclose(models.avg_pool_ceil(x, k, s), ref_sum / ref_count, rtol=1e-6)
+    np.testing.assert_allclose(layers.avg_pool_ceil(x, k, s), ref_sum / ref_count, rtol=1e-6)
     # torch's backward: each window's gradient goes whole to its first maximum in row-major order
     dy = rng.normal(size=ref_max.shape).astype(np.float32)
     want = np.zeros(x.shape, np.float32)
@@ -217,11 +217,11 @@ def test_pooling_matches_reduce_window_and_sends_gradient_to_the_first_maximum(s
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     # The alternative (pool_grad="xla"): one reduce_window, differentiated by JAX. The same values, and
     # XLA's select-and-scatter also keeps the first maximum of each window, ties included.
-    np.testing.assert_array_equal(models.max_pool_ceil_xla(x, k, s), ref_max)
-    got_xla = jax.vjp(lambda x: models.max_pool_ceil_xla(x, k, s), x)[1](jnp.asarray(dy))[0]
+    np.testing.assert_array_equal(layers.max_pool_ceil_xla(x, k, s), ref_max)
+    got_xla = jax.vjp(lambda x: layers.max_pool_ceil_xla(x, k, s), x)[1](jnp.asarray(dy))[0]
     np.testing.assert_allclose(got_xla, want, rtol=1e-6, atol=1e-6)
     # the average pool's gradient is the reduce_window sum's, divided by the counts
-    g_avg = jax.grad(lambda x: (models.avg_pool_ceil(x, k, s) * dy).sum())(x)
+    g_avg = jax.grad(lambda x: (layers.avg_pool_ceil(x, k, s) * dy).sum())(x)
     g_ref = jax.grad(lambda x: (lax.reduce_window(x, 0.0, lax.add, (1, k, k, 1), (1, s, s, 1), pad)
                                 / ref_count * dy).sum())(x)
     np.testing.assert_allclose(g_avg, g_ref, rtol=1e-5, atol=1e-6)
@@ -240,8 +240,8 @@ def test_batchnorm_gradient_matches_autodiff_of_its_formula():
             return (x - mean) * (scale * lax.rsqrt(jnp.square(x - mean).mean(axes) + 1e-3)) + bias
 
         want = jax.vjp(plain, x, scale, bias)[1](dy)
-        got = jax.vjp(lambda *a: models.batch_normalize(*a, 1e-3)[0], x, scale, bias)[1](dy)
-        alternative = jax.vjp(lambda *a: models.batch_normalize_autodiff(*a, 1e-3)[0], x, scale, bias)[1](dy)
+        got = jax.vjp(lambda *a: layers.batch_normalize(*a, 1e-3)[0], x, scale, bias)[1](dy)
+        alternative = jax.vjp(lambda *a: layers.batch_normalize_autodiff(*a, 1e-3)[0], x, scale, bias)[1](dy)
         for g, a, w in zip(got, alternative, want):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-6)  # bn_grad="autodiff" is the formula's own
@@ -288,7 +288,7 @@ def test_pointwise_conv_matches_lax_with_gradients(shape):
     def conv(x, w):
         return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    y, vjp = jax.vjp(lambda x, w: models.pointwise_conv(x, w[0, 0]), x, w)
+    y, vjp = jax.vjp(lambda x, w: layers.pointwise_conv(x, w[0, 0]), x, w)
     y_ref, vjp_ref = jax.vjp(conv, x, w)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     for g, g_ref in zip(vjp(dy), vjp_ref(dy)):

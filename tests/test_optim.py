@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcifar import optim
+from jaxcifar.nn import optim
 
 
 class Torch7SGDReference:

@@ -3,7 +3,7 @@
 import pytest
 
 from jaxcifar import config as config_lib
-from jaxcifar import plan
+from jaxcifar.run import plan
 from jaxcifar.errors import ConfigError
 
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcifar import archive, cache, evaluate, predict, scoring, tfds_cifar10
+from jaxcifar.data import archive, cache, tfds_cifar10
+from jaxcifar import evaluate, predict
+from jaxcifar.nn import scoring
 from conftest import png_header
 
 

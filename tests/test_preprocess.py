@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxcifar import preprocess
+from jaxcifar.data import preprocess
 
 
 def reference_gaussian1d(size):
@@ -110,7 +110,7 @@ def test_bad_input_is_a_clear_error():
 
 
 def test_preprocessing_on_several_threads_gives_the_serial_bits(monkeypatch):
-    # Chunks of images run on the cores (jaxcifar.parallel); the cache must hold the same bits as one thread wrote.
+    # Chunks of images run on the cores (jaxcifar.data.parallel); the cache must hold the same bits as one thread wrote.
     rng = np.random.default_rng(3)
     train = rng.integers(0, 256, (2500, 32, 32, 3), dtype=np.uint8)  # 3 chunks, the last one short
     test = rng.integers(0, 256, (1100, 32, 32, 3), dtype=np.uint8)

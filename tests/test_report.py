@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxcifar import archive, report
+from jaxcifar.data import archive
+from jaxcifar.run import report
 from conftest import import_torch
 
 
@@ -126,7 +127,7 @@ def test_tensorboard_reads_every_epochs_scalars(trained_run):
 def test_scalars_are_written_without_importing_torch(tmp_path):
     # tensorboardX imports an installed torch for a type annotation (1.6 s of every training start).
     import_torch()  # torch installed: the case that matters
-    code = ("import sys; from jaxcifar import report; w = report.ScalarWriter(sys.argv[1]); w.write(1, {'a': 2.0});"
+    code = ("import sys; from jaxcifar.run import report; w = report.ScalarWriter(sys.argv[1]); w.write(1, {'a': 2.0});"
             " w.close(); print('torch' in sys.modules); import torch; print(torch.zeros(1).shape)")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -2,7 +2,7 @@
 
 import re
 
-from jaxcifar import runlog
+from jaxcifar.run import runlog
 
 
 def eta_seconds(line: str) -> float:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from jaxcifar import signals
+from jaxcifar.run import signals
 from conftest import REPO
 
 
@@ -38,7 +38,7 @@ def test_either_signal_sets_the_flag_and_the_previous_handler_comes_back(sig, ca
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from jaxcifar import signals
+from jaxcifar.run import signals
 with signals.StopFlag() as stop:
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(0.5)
@@ -60,7 +60,7 @@ def test_a_second_signal_exits_at_once_with_one_line(tmp_path):
 
 BLOCKED_MAIN_THREAD = """
 import hashlib, os, signal, threading, time
-from jaxcifar import signals
+from jaxcifar.run import signals
 t0 = time.monotonic()
 hashlib.pbkdf2_hmac("sha256", b"x", b"y", 20000)
 rounds = int(20000 * 3.0 / max(time.monotonic() - t0, 1e-4))  # about 3 s in one call

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcifar import models
+from jaxcifar.nn import models
 from jaxcifar.fidelity import torch_port
 from conftest import import_torch
 
@@ -54,7 +54,7 @@ def _jax_parameter_shapes(config) -> list[tuple]:
     weight as out, in, kh, kw and a linear one as out, in)."""
     from flax import traverse_util
 
-    from jaxcifar import step as step_lib
+    from jaxcifar.nn import step as step_lib
     model = step_lib.build_model(config)
     variables = jax.eval_shape(lambda: model.init({"params": jax.random.key(0)}, np.zeros((1, 32, 32, 3), np.float32),
                                                   train=False))
@@ -73,7 +73,7 @@ def test_the_port_builds_each_recipe_as_the_jax_side_does_and_steps_its_rate_ali
     # The port's layouts and schedule are its own, written from the .lua files and train.lua: a mistake in either
     # side's shows here.
     import_torch()
-    from jaxcifar import step as step_lib
+    from jaxcifar.nn import step as step_lib
     from conftest import REPO
     from jaxcifar.config import load_config_file
     c = load_config_file(REPO / "configs" / f"{recipe}.py")
@@ -92,9 +92,9 @@ def test_the_port_builds_each_recipe_as_the_jax_side_does_and_steps_its_rate_ali
 def test_the_port_augments_as_the_jax_side_does_from_the_same_stream(recipe_augment):
     import jax.numpy as jnp
 
-    from jaxcifar import augment
+    from jaxcifar.nn import augment
     from jaxcifar import config as config_lib
-    from jaxcifar import step as step_lib
+    from jaxcifar.nn import step as step_lib
     from jaxcifar.fidelity.runs import JaxStream
 
     c = config_lib.base_config()

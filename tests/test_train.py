@@ -7,9 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxcifar import cache, errors, fake_data, metrics, preprocess, train, trees
-from jaxcifar import plan as plan_lib
-from jaxcifar.trainer import Trainer
+from jaxcifar.data import cache, fake_data, preprocess
+from jaxcifar import errors, train
+from jaxcifar.nn import metrics
+from jaxcifar.run import plan as plan_lib, trees
+from jaxcifar.run.trainer import Trainer
 from conftest import REPO, tiny_config
 
 
@@ -268,7 +270,7 @@ def test_stopping_is_asked_after_every_call_and_boundaries_are_marked(prepared):
 
 
 def test_the_progress_bar_hears_from_the_loop_between_log_boundaries(prepared, monkeypatch):
-    from jaxcifar import trainer as trainer_lib
+    from jaxcifar.run import trainer as trainer_lib
 
     c = tiny_config(prepared, log_every_steps=1000, steps_per_call=1)  # no log boundary before the epoch's end
     trainer = Trainer(c, fake_data.random_preprocessed(192))

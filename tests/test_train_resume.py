@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcifar import cache, checkpoint, errors, integrity, machine, resume, runlog, train
+from jaxcifar.data import cache
+from jaxcifar.run import checkpoint, integrity, machine, resume, runlog
+from jaxcifar import errors, train
 from jaxcifar.errors import CheckpointError
-from jaxcifar.signals import TrainingInterrupted
-from jaxcifar.trainer import Trainer
+from jaxcifar.run.signals import TrainingInterrupted
+from jaxcifar.run.trainer import Trainer
 from conftest import REPO, assert_same_leaves, damage_every_data_file, tiny_config
 
 
@@ -393,7 +395,8 @@ def test_a_save_whose_folder_names_another_step_is_damage(reference_run, tmp_pat
 def test_a_resume_or_an_evaluation_on_other_data_is_refused(reference_run, prepared, tmp_path, capsys):
     import shutil
 
-    from jaxcifar import archive, evaluate, fake_data, tfds_cifar10
+    from jaxcifar.data import archive, fake_data, tfds_cifar10
+    from jaxcifar import evaluate
     other, md5_file = fake_data.write_fake_archive(tmp_path / "archive", seed=7)  # same shapes, other images
     tfds_cifar10.prepare(str(tmp_path / "tfds"), str(other), archive.read_md5_file(md5_file), log=lambda m: None)
     workdir = tmp_path / "w"
@@ -430,7 +433,7 @@ def test_saves_interrupted_by_a_hard_stop_are_removed_on_the_next_start(referenc
 
 def test_a_gpu_slots_run_saves_by_time_reports_at_the_end_and_rewrites_its_result_every_epoch(prepared, tmp_path,
                                                                                              monkeypatch):
-    from jaxcifar import results
+    from jaxcifar.run import results
 
     written = []
     real_write = results.write_result

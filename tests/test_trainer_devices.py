@@ -12,8 +12,9 @@ from conftest import REPO, tiny_config, with_devices
 SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from jaxcifar import cache, train
-from jaxcifar.trainer import Trainer
+from jaxcifar.data import cache
+from jaxcifar import train
+from jaxcifar.run.trainer import Trainer
 from conftest import tiny_config
 prepared = tuple(json.loads(sys.argv[1]))
 dataset = cache.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
@@ -70,8 +71,8 @@ def test_four_devices_follow_the_one_device_trajectory(prepared):
 
 
 def test_bfloat16_trains_and_agrees_with_float32(prepared):
-    from jaxcifar import cache
-    from jaxcifar.trainer import Trainer
+    from jaxcifar.data import cache
+    from jaxcifar.run.trainer import Trainer
 
     dataset = cache.load_preprocessed(prepared[0], prepared[1], md5s=prepared[2], log=lambda m: None)
     losses = {}

@@ -6,10 +6,12 @@ import signal
 import numpy as np
 import pytest
 
-from jaxcifar import cache, checkpoint, config as config_lib, evaluate, fake_data, runlog, signals, train, trees
-from jaxcifar import step as step_lib
+from jaxcifar.data import cache, fake_data
+from jaxcifar.run import checkpoint, runlog, signals, trees
+from jaxcifar import config as config_lib, evaluate, train
+from jaxcifar.nn import step as step_lib
 from jaxcifar.errors import CheckpointError
-from jaxcifar.trainer import Trainer
+from jaxcifar.run.trainer import Trainer
 from conftest import assert_same_leaves, tiny_config
 
 SEEDS = [0, 1, 2]

@@ -6,8 +6,9 @@ import sys
 import jax
 import numpy as np
 
-from jaxcifar import checkpoint, fake_data, trees
-from jaxcifar.trainer import Trainer
+from jaxcifar.run import checkpoint, trees
+from jaxcifar.data import fake_data
+from jaxcifar.run.trainer import Trainer
 from conftest import REPO, tiny_config
 
 
@@ -37,7 +38,7 @@ def test_flat_dict_orders_paths_whatever_the_insertion_order():
 
 
 def test_models_and_config_import_each_other_in_one_direction_only():
-    code = ("import sys, jaxcifar.models; assert 'jaxcifar.config' not in sys.modules, 'models imports config'; "
+    code = ("import sys, jaxcifar.nn.models; assert 'jaxcifar.config' not in sys.modules, 'models imports config'; "
             "import jaxcifar.config; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from jaxcifar import errors
-from jaxcifar.workdir import WorkdirLock
+from jaxcifar.run.workdir import WorkdirLock
 from conftest import REPO
 
 
@@ -21,7 +21,7 @@ def test_a_held_lock_refuses_a_second_holder_naming_the_first(tmp_path):
     second.release()
 
 
-HOLD_LOCK = ("import sys, time\nfrom jaxcifar.workdir import WorkdirLock\nWorkdirLock(sys.argv[1]).acquire()\n"
+HOLD_LOCK = ("import sys, time\nfrom jaxcifar.run.workdir import WorkdirLock\nWorkdirLock(sys.argv[1]).acquire()\n"
              "print('held', flush=True)\ntime.sleep(600)\n")
 
 
@@ -46,7 +46,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_and_named(tmp_path):
     ("metrics.jsonl", "folder", "a folder", "a file"), ("log.txt", "folder", "a folder", "a file"),
     ("tensorboard", "file", "a file", "a folder"), ("train.lock", "fifo", "a named pipe", "a file")])
 def test_a_workdir_entry_of_the_wrong_kind_stops_the_run_before_it_starts(tmp_path, entry, make, kind, wanted):
-    from jaxcifar import workdir as workdir_lib
+    from jaxcifar.run import workdir as workdir_lib
 
     target = tmp_path / entry
     {"folder": target.mkdir, "file": target.touch, "fifo": lambda: os.mkfifo(target)}[make]()
@@ -64,7 +64,7 @@ def test_a_workdir_entry_of_the_wrong_kind_stops_the_run_before_it_starts(tmp_pa
 def test_a_write_failure_is_advised_by_its_cause(tmp_path, code, advice):
     import errno
 
-    from jaxcifar import files
+    from jaxcifar.run import files
     error = files.write_failed(OSError(getattr(errno, code), os.strerror(getattr(errno, code))),
                                         tmp_path / "metrics.jsonl")
     assert f"while writing {tmp_path / 'metrics.jsonl'}; {advice}" in str(error)

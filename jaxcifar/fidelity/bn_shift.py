@@ -33,8 +33,8 @@ def load_state(result: dict, workdir: Path):
     """The PyTorch port's network holding the run's last saved state; refuses a run that has not finished."""
     import numpy as np
 
-    from jaxcifar import checkpoint
-    from jaxcifar import step as step_lib
+    from jaxcifar.run import checkpoint
+    from jaxcifar.nn import step as step_lib
     from jaxcifar.fidelity import torch_port
 
     c = result["config"]
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {e}") from None
     import ml_collections
 
-    from jaxcifar import cache
+    from jaxcifar.data import cache
 
     first = json.loads(Path(args.runs[0]).read_text())
     dataset = cache.load_dataset(ml_collections.ConfigDict(first["config"]), log=lambda m: print(m, file=sys.stderr))

@@ -26,7 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from jaxcifar import cache, errors, files, machine
+from jaxcifar.data import cache
+from jaxcifar import errors
+from jaxcifar.run import files, machine
 from jaxcifar.fidelity import comparison, runs, tables
 
 REPO = Path(__file__).resolve().parents[2]

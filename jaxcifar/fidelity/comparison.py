@@ -8,7 +8,8 @@ import json
 import statistics
 from pathlib import Path
 
-from jaxcifar import errors, files
+from jaxcifar import errors
+from jaxcifar.run import files
 
 SIGNIFICANT_SE = 2.0  # a difference between the sides beyond this many standard errors gets localised
 

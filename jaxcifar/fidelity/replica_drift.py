@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcifar import errors, machine
+from jaxcifar import errors
+from jaxcifar.run import machine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +96,7 @@ class Programs:
     @functools.cached_property
     def start_vectors(self) -> list:
         """`start_trees` flat, computed once (every step measures the distance travelled from them)."""
-        from jaxcifar import trees
+        from jaxcifar.run import trees
 
         return [trees.flat_vector(t) for t in self.start_trees]
 
@@ -103,10 +104,10 @@ class Programs:
     def build(cls, config_file: str, width: float, seeds: list[int], control_change: str) -> "Programs":
         import jax
 
-        from jaxcifar import cache
-        from jaxcifar import step as step_lib
+        from jaxcifar.data import cache
+        from jaxcifar.nn import step as step_lib
         from jaxcifar.fidelity import runs
-        from jaxcifar.trainer import Trainer
+        from jaxcifar.run.trainer import Trainer
 
         def config(*overrides, flag="--set"):
             return runs.recipe_config(config_file, width, 10, seeds[0], ["steps_per_call=1", *overrides], flag)
@@ -130,8 +131,8 @@ class Programs:
 
     def step(self, step: int) -> dict:
         """One update of every program; the row of losses and parameter distances from the singles."""
-        from jaxcifar import trees
-        from jaxcifar import step as step_lib
+        from jaxcifar.run import trees
+        from jaxcifar.nn import step as step_lib
 
         s, m = self.states, self.metrics
         s["multi"], m["multi"] = self.multi.run_steps(s["multi"], m["multi"], self.orders["multi"], 1)
@@ -157,8 +158,8 @@ class Programs:
 
     def leaf_differences(self, k: int) -> dict:
         """{leaf: |replica - single| / |single - start|} of seed k's parameter leaves, largest first."""
-        from jaxcifar import trees
-        from jaxcifar import step as step_lib
+        from jaxcifar.run import trees
+        from jaxcifar.nn import step as step_lib
 
         got = trees.flat_dict(step_lib.replica(self.states["multi"].params, k))
         want = trees.flat_dict(step_lib.replica(self.states["single"][k].params, 0))

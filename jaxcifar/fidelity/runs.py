@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from jaxcifar import cache, errors
-from jaxcifar import config as config_lib
+from jaxcifar.data import cache
+from jaxcifar import config as config_lib, errors
 
 
 def say(message: str) -> None:
@@ -128,8 +128,8 @@ def epoch_row(epoch: int, loss: float, train_accuracy: float, test_accuracy: flo
 
 
 def run_jax(config, dataset: cache.Preprocessed, measure: Measurements, record: RunRecord) -> None:
-    from jaxcifar import checkpoint, resume
-    from jaxcifar.trainer import Trainer
+    from jaxcifar.run import checkpoint, resume
+    from jaxcifar.run.trainer import Trainer
 
     trainer = Trainer(config, dataset)
     ckpt = checkpoint.Checkpointer(record.workdir, config.keep_checkpoints)
@@ -156,7 +156,7 @@ def measure_jax_epoch(trainer, state, dataset, measure: Measurements, epoch: int
     import jax
 
     from jaxcifar import evaluate
-    from jaxcifar import step as step_lib
+    from jaxcifar.nn import step as step_lib
 
     one = step_lib.replica(state, 0)
     variables = {"params": one.params, "batch_stats": one.batch_stats}
@@ -188,7 +188,7 @@ def _scorer(model, images: np.ndarray, labels: np.ndarray, classes: int):
     """The evaluation of `model` over `images` (scoring.SplitScorer, as training evaluates), built once."""
     import jax
 
-    from jaxcifar import mesh, scoring
+    from jaxcifar.nn import mesh, scoring
 
     held = _SCORERS.get((model, id(images)))
     if held is None or held[0] is not images:
@@ -204,7 +204,9 @@ def dropout_statistics(model, variables, images, num_batches: int, batch_size: i
     """
     from flax import traverse_util
 
-    from jaxcifar import evaluate, models, trees
+    from jaxcifar import evaluate
+    from jaxcifar.nn import models
+    from jaxcifar.run import trees
 
     batches = [trees.flat_dict(stats) for stats in evaluate.batch_statistics(
         model, variables, images, num_batches, batch_size, seed, dropout_seed=seed + 1000)]
@@ -229,8 +231,8 @@ class JaxStream:
     def __init__(self, config, num_examples: int):
         import jax
 
-        from jaxcifar import augment
-        from jaxcifar import step as step_lib
+        from jaxcifar.nn import augment
+        from jaxcifar.nn import step as step_lib
 
         self.config, self.n = config, num_examples
         self.rng = jax.random.key_data(jax.random.key(config.seed))
@@ -253,7 +255,7 @@ class JaxStream:
         return np.asarray(self._crops(self.rng, step))
 
     def initial_variables(self, image_shape):
-        from jaxcifar import step as step_lib
+        from jaxcifar.nn import step as step_lib
 
         model = step_lib.build_model(self.config)
         state = step_lib.init_train_state(self.config.seed, model, step_lib.build_optimizer(self.config, 1), image_shape)
@@ -284,7 +286,7 @@ def run_torch(config, dataset: cache.Preprocessed, measure: Measurements, record
 
 def restore_torch(port, saved: Path, record: RunRecord) -> list[dict]:
     """The rows of the port's saved state, loaded into `port`; [] when there is none."""
-    from jaxcifar import resume
+    from jaxcifar.run import resume
 
     if not saved.exists():
         return []

@@ -180,7 +180,7 @@ class TorchRun:
         return torch.randint(0, 2 * self.crop_padding + 1, (batch, 2), generator=self.generator)
 
     def augment_batch(self, x: torch.Tensor) -> torch.Tensor:
-        """Random crops (when the recipe has them), then flips: jaxcifar.augment's recipe, NCHW."""
+        """Random crops (when the recipe has them), then flips: jaxcifar.nn.augment's recipe, NCHW."""
         b, _, h, w = x.shape
         if self.crop_padding:
             p = self.crop_padding

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from jaxcifar import parallel
+from jaxcifar.data import parallel
 
 # Bump when any function below changes its output: it keys the preprocessed cache.
 PREPROCESS_VERSION = 1

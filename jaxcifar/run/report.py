@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxcifar import metrics
-from jaxcifar.files import atomic_write, write_failed
+from jaxcifar.nn import metrics
+from jaxcifar.run.files import atomic_write, write_failed
 
 
 def plot_curves(history: Sequence[dict]) -> bytes:
@@ -214,7 +214,7 @@ def model_summary(params, batch_stats=None, order: Sequence[str] = ()) -> str:
     count, then the total."""
     import jax
 
-    from jaxcifar import trees
+    from jaxcifar.run import trees
 
     lines = []
     total = 0

@@ -22,8 +22,8 @@ from typing import Mapping
 
 import numpy as np
 
-from jaxcifar import parallel
-from jaxcifar.archive import CLASS_NAMES, OFFICIAL_MD5, TEST_FILES, TRAIN_FILES, md5s_of, parse_batches, read_archive
+from jaxcifar.data import parallel
+from jaxcifar.data.archive import CLASS_NAMES, OFFICIAL_MD5, TEST_FILES, TRAIN_FILES, md5s_of, parse_batches, read_archive
 from jaxcifar.errors import DataError, disk_failure_cause, first_line, os_error_fix
 
 DOWNLOAD_HOST = ("www.cs.toronto.edu", 443)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcifar.archive import ARCHIVE_PREFIX, CLASS_NAMES, TEST_FILES, TRAIN_FILES
+from jaxcifar.data.archive import ARCHIVE_PREFIX, CLASS_NAMES, TEST_FILES, TRAIN_FILES
 
 
 def fake_batch(num_records: int, seed: int) -> bytes:
@@ -50,7 +50,7 @@ def write_fake_archive(folder, train_per_batch: int = 40, test_records: int = 50
 def random_preprocessed(num_train: int, num_test: int | None = None, seed: int = 0):
     """A cache.Preprocessed of standard-normal images, labels cycling through the classes; the test split is the
     first `num_test` training images (default: all). For benchmarks and tests where only shapes matter."""
-    from jaxcifar import cache, preprocess
+    from jaxcifar.data import cache, preprocess
 
     rng = np.random.default_rng(seed)
     images = rng.normal(size=(num_train, 32, 32, 3)).astype(np.float32)

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxcifar import backends, batches
-from jaxcifar.mesh import global_array
-from jaxcifar.step import eval_split, over_replicas
+from jaxcifar.nn import backends, batches
+from jaxcifar.nn.mesh import global_array
+from jaxcifar.nn.step import eval_split, over_replicas
 
 
 class SplitScorer:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxcifar import archive, files, metrics
+from jaxcifar.data import archive
+from jaxcifar.run import files
+from jaxcifar.nn import metrics
 from jaxcifar.errors import short_path
 
 

@@ -17,10 +17,10 @@ from typing import Mapping, NamedTuple
 
 import numpy as np
 
-from jaxcifar import preprocess, tfds_cifar10
-from jaxcifar.archive import OFFICIAL_MD5, read_md5_file
+from jaxcifar.data import preprocess, tfds_cifar10
+from jaxcifar.data.archive import OFFICIAL_MD5, read_md5_file
 from jaxcifar.errors import DataError, failure_line, os_error_cause
-from jaxcifar.tfds_cifar10 import DamagedDataset
+from jaxcifar.data.tfds_cifar10 import DamagedDataset
 
 CACHE_FORMAT_VERSION = 1
 

@@ -1,12 +1,7 @@
-"""cifar.torch's models in Flax linen: VGG-BN-Dropout and Network-in-Network.
-
-Initialization follows the torch7 modules of 2015: MSR normal for VGG convolutions,
-N(0, 0.05) for NIN's, zero conv biases; `nn.Linear` U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-for weight and bias; BatchNormalization weight U(0, 1), bias 0.
-
-BatchNorm follows torch's THNN arithmetic: batch mean and biased variance normalize in
-training, the running variance is updated with the unbiased one, momentum 0.1. Its
-running statistics live in the `batch_stats` collection and move only in training.
+"""The torch7 layers cifar.torch's networks are built of, in Flax linen, and the kernels behind them: convolutions
+(XLA's, or as matmuls where XLA:CPU is slow), torch's BatchNormalization (THNN's arithmetic, closed-form backward),
+Dropout (16- or 32-bit draws), ceil-mode max and average pooling (a first-max backward on phase-split views).
+Each takes a concrete choice of kernel; "auto" is resolved by backends.step_choices alone.
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-MODEL_NAMES = ("vgg_bn_drop", "nin")
 CONV_IMPLS = ("xla", "matmul", "small")  # "small": matmuls on maps of <= AUTO_MATMUL_MAX_PIXELS and 1x1 kernels
 POOL_GRADS = ("first_max", "xla")
 BN_GRADS = ("closed_form", "autodiff")
@@ -80,7 +74,7 @@ def conv_as_matmul(x, kernel, padding: int):
     return out.reshape(n, oh, ow, cout)
 
 
-def _choice(field: str, value, allowed: tuple):
+def checked_choice(field: str, value, allowed: tuple):
     """`value`, checked: the models take concrete choices; "auto" is resolved by backends.step_choices alone."""
     if value not in allowed:
         raise ValueError(f"{field}={value!r}; choose one of {', '.join(map(str, allowed))} (backends.step_choices "
@@ -89,7 +83,7 @@ def _choice(field: str, value, allowed: tuple):
 
 
 def use_matmul_conv(impl: str, spatial_pixels: int, kernel_size: int) -> bool:
-    impl = _choice("conv_impl", impl, CONV_IMPLS)
+    impl = checked_choice("conv_impl", impl, CONV_IMPLS)
     if impl == "matmul":
         return True
     if impl == "xla":
@@ -179,7 +173,8 @@ class TorchBatchNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         if not train:
             return _normalize(x32, running_mean.value, running_var.value, scale, bias, self.epsilon).astype(x.dtype)
-        normalize = batch_normalize if _choice("bn_grad", self.grad, BN_GRADS) == "closed_form" else batch_normalize_autodiff
+        closed_form = checked_choice("bn_grad", self.grad, BN_GRADS) == "closed_form"
+        normalize = batch_normalize if closed_form else batch_normalize_autodiff
         y, mean, var = normalize(x32, scale, bias, self.epsilon)
         if not self.is_initializing():
             n = x.size // c
@@ -204,7 +199,7 @@ class Dropout(nn.Module):
         if not train or self.rate == 0:
             return x
         key = self.make_rng("dropout")
-        if _choice("dropout_bits", self.bits, DROPOUT_BITS) == 32:
+        if checked_choice("dropout_bits", self.bits, DROPOUT_BITS) == 32:
             keep = jax.random.bits(key, x.shape, jnp.uint32) >= jnp.uint32(round(self.rate * 2.0 ** 32))
         else:
             n = x.size
@@ -292,7 +287,7 @@ def max_pool_ceil_xla(x, window: int, stride: int):
 
 def max_pool(x, window: int, stride: int, grad: str = "first_max"):
     """torch's ceil-mode max pooling, its gradient as `grad` (one of POOL_GRADS) chooses."""
-    pool = max_pool_ceil if _choice("pool_grad", grad, POOL_GRADS) == "first_max" else max_pool_ceil_xla
+    pool = max_pool_ceil if checked_choice("pool_grad", grad, POOL_GRADS) == "first_max" else max_pool_ceil_xla
     return pool(x, window, stride)
 
 
@@ -308,142 +303,3 @@ def _ceil_pad(size: int, window: int, stride: int) -> int:
     if (out - 1) * stride >= size:  # torch: the last window must start inside the image
         out -= 1
     return max((out - 1) * stride + window - size, 0)
-
-
-def scaled(channels: int, width: float) -> int:
-    """A layer's channel count at width multiplier `width` (at least one)."""
-    return max(1, int(round(channels * width)))
-
-
-class ConvBNReLU(nn.Module):
-    features: int
-    kernel_size: int
-    padding: int
-    kernel_std: float
-    batch_norm: bool
-    conv_impl: str
-    dtype: Any
-    bn_grad: str = "closed_form"
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        x = Conv(self.features, self.kernel_size, self.padding, self.kernel_std, self.conv_impl, self.dtype)(x)
-        if self.batch_norm:
-            x = TorchBatchNorm(epsilon=1e-3, grad=self.bn_grad)(x, train)
-        return nn.relu(x)
-
-
-# (channels or 'M', dropout after the block); cifar.torch's models/vgg_bn_drop.lua
-VGG_LAYOUT = (
-    (64, 0.3), (64, 0), "M",
-    (128, 0.4), (128, 0), "M",
-    (256, 0.4), (256, 0.4), (256, 0), "M",
-    (512, 0.4), (512, 0.4), (512, 0), "M",
-    (512, 0.4), (512, 0.4), (512, 0), "M",
-)
-
-
-class CifarNet(nn.Module):
-    """Options shared by both networks: the seed's ablations and a width multiplier for fast tests."""
-
-    num_classes: int = 10
-    width: float = 1.0
-    batch_norm: bool = True
-    dropout: bool = True
-    # How the step is computed: each alternative gives the same function, only speed differs. The defaults are
-    # the portable ones; the Trainer builds with its backend's (backends.step_choices).
-    conv_impl: str = "xla"
-    dtype: Any = jnp.float32
-    pool_grad: str = "first_max"
-    bn_grad: str = "closed_form"
-    dropout_bits: int = 16
-
-
-class VGGBNDrop(CifarNet):
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        drop = ((lambda r: functools.partial(Dropout(r, self.dropout_bits), train=train)) if self.dropout
-                else (lambda r: lambda y: y))
-        for layer in VGG_LAYOUT:
-            if layer == "M":
-                x = max_pool(x, 2, 2, self.pool_grad)
-                continue
-            channels, rate = layer
-            c = scaled(channels, self.width)
-            x = ConvBNReLU(c, 3, 1, math.sqrt(2.0 / (9 * c)), self.batch_norm, self.conv_impl, self.dtype,
-                           self.bn_grad)(x, train)
-            if rate:
-                x = drop(rate)(x)
-        x = x.reshape(x.shape[0], -1)
-        hidden = scaled(512, self.width)
-        x = drop(0.5)(x)
-        x = self._linear(hidden, x)
-        if self.batch_norm:
-            x = TorchBatchNorm(epsilon=1e-5, grad=self.bn_grad)(x, train)
-        x = nn.relu(x)
-        x = drop(0.5)(x)
-        return self._linear(self.num_classes, x).astype(jnp.float32)
-
-    def _linear(self, features: int, x):
-        init = torch_linear_init(x.shape[-1])
-        return nn.Dense(features, dtype=self.dtype, kernel_init=init, bias_init=init)(x)
-
-
-# (out channels, kernel, padding) per block, pools between; cifar.torch's models/nin.lua
-NIN_LAYOUT = (
-    (192, 5, 2), (160, 1, 0), (96, 1, 0), "max",
-    (192, 5, 2), (192, 1, 0), (192, 1, 0), "avg",
-    (192, 3, 1), (192, 1, 0), (None, 1, 0),
-)
-
-
-class NIN(CifarNet):
-
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        for layer in NIN_LAYOUT:
-            if layer in ("max", "avg"):
-                x = max_pool(x, 3, 2, self.pool_grad) if layer == "max" else avg_pool_ceil(x, 3, 2)
-                if self.dropout:
-                    x = Dropout(0.5, self.dropout_bits)(x, train)
-                continue
-            channels, k, pad = layer
-            c = self.num_classes if channels is None else scaled(channels, self.width)
-            x = ConvBNReLU(c, k, pad, 0.05, self.batch_norm, self.conv_impl, self.dtype, self.bn_grad)(x, train)
-        x = avg_pool_ceil(x, 8, 1)
-        return x.reshape(x.shape[0], -1).astype(jnp.float32)
-
-
-def create_model(name: str, **kwargs) -> nn.Module:
-    if name == "vgg_bn_drop":
-        return VGGBNDrop(**kwargs)
-    if name == "nin":
-        return NIN(**kwargs)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-
-
-def count_params(params) -> int:
-    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
-
-
-def init_variables(model: nn.Module, key, image_shape) -> dict:
-    """{params, batch_stats} of `model` before training, for images of `image_shape` (H, W, C): the one place a
-    network is initialised (a run's state, a restore template and the layer order all trace this)."""
-    variables = model.init({"params": key}, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-
-
-def batch_norm_epsilons(model: nn.Module, image_shape) -> dict[str, float]:
-    """'ConvBNReLU_0/TorchBatchNorm_0' -> that layer's epsilon, read from the network itself (traced, nothing
-    computed): the convolutions' BatchNorm and the classifier's differ (1e-3 and 1e-5 in the original)."""
-    found = {}
-
-    def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, TorchBatchNorm) and context.method_name == "__call__":
-            found["/".join(context.module.path)] = context.module.epsilon
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda key: init_variables(model, key, image_shape), jax.random.key(0))
-    return found

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Any, Callable
 import ml_collections
 import numpy as np
 
-from jaxcifar import checkpoint
+from jaxcifar.run import checkpoint
 from jaxcifar import config as config_lib
 from jaxcifar.errors import CheckpointError
-from jaxcifar import step as step_lib
-from jaxcifar.step import TrainState
-from jaxcifar.trainer import Trainer
+from jaxcifar.nn import step as step_lib
+from jaxcifar.nn.step import TrainState
+from jaxcifar.run.trainer import Trainer
 
 if TYPE_CHECKING:  # for type hints only
-    from jaxcifar import cache
+    from jaxcifar.data import cache
 
 # The resume policy fails safe: every config field is fixed on resume (changing it would make the resumed run differ
 # from an uninterrupted run of the new config: another network, input, step -> epoch mapping, random stream or update

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcifar import distributed, trees
+from jaxcifar import distributed
+from jaxcifar.run import trees
 from jaxcifar.errors import CheckpointDamaged
 
 # Per-leaf checksums in the meta: the wrapping uint32 sum of the leaf's bits times odd position weights.

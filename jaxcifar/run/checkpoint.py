@@ -20,8 +20,8 @@ import flax.serialization
 import jax
 import orbax.checkpoint as ocp
 
-from jaxcifar import distributed, integrity, orbax_quiet
-from jaxcifar import workdir as workdir_lib
+from jaxcifar import distributed
+from jaxcifar.run import integrity, orbax_quiet, workdir as workdir_lib
 from jaxcifar.errors import CheckpointDamaged, CheckpointError, CheckpointSaveFailed, failure_line, os_error_fix
 
 # Every state leaf has a leading replica axis (one entry per seed), recorded in the meta as "seeds".

@@ -10,7 +10,7 @@ import json
 import statistics
 from pathlib import Path
 
-from jaxcifar import files, machine
+from jaxcifar.run import files, machine
 
 # Per-epoch fields a result's curve keeps; the timing ones (startup_s, bookkeeping_s) when the records have them.
 CURVE_FIELDS = ("epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate", "epoch_time_s",

@@ -11,17 +11,17 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxcifar import backends
+from jaxcifar.nn import backends
 from jaxcifar.errors import ConfigError, TrainingDiverged
-from jaxcifar.scoring import SplitScorer
-from jaxcifar.mesh import global_array, make_mesh
-from jaxcifar.recipe import Recipe
-from jaxcifar.plan import RunPlan
-from jaxcifar.step import (TrainState, build_model, build_optimizer, epoch_order, init_replicas,
+from jaxcifar.nn.scoring import SplitScorer
+from jaxcifar.nn.mesh import global_array, make_mesh
+from jaxcifar.nn.recipe import Recipe
+from jaxcifar.run.plan import RunPlan
+from jaxcifar.nn.step import (TrainState, build_model, build_optimizer, epoch_order, init_replicas,
                            over_replicas, steps_done, train_steps, zero_replica_metrics)
 
 if TYPE_CHECKING:  # for type hints only: the Trainer does not sit above the tfds stack
-    from jaxcifar import cache
+    from jaxcifar.data import cache
 
 
 # The progress bar's longest silence: a sync this often costs nothing at full width (one 4-step call of the VGG

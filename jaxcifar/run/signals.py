@@ -8,7 +8,7 @@ import sys
 import threading
 
 from jaxcifar import distributed
-from jaxcifar.signal_watch import WakeupWatcher
+from jaxcifar.run.signal_watch import WakeupWatcher
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from jaxcifar import augment, backends, batches, metrics, models, optim
-from jaxcifar.recipe import Recipe
+from jaxcifar.nn import augment, backends, batches, metrics, models, optim
+from jaxcifar.nn.recipe import Recipe
 
 
 @flax.struct.dataclass

@@ -10,7 +10,7 @@ import dataclasses
 import jax
 import optax
 
-from jaxcifar.augment import Augment
+from jaxcifar.nn.augment import Augment
 
 
 @dataclasses.dataclass(frozen=True)
