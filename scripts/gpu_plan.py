@@ -2,6 +2,8 @@
 
     python scripts/gpu_plan.py queue RESULTS_DIR        -> the runs the seed's table still lacks, one NAME:SEED:DTYPE a line
     python scripts/gpu_plan.py plan RESULTS_DIR         -> the same queue for a person: config, seed, dtype, estimated s
+    python scripts/gpu_plan.py estimates RESULTS_DIR [--runs NAME:SEED:DTYPE ...]
+                                                        -> "NAME:SEED:DTYPE SECONDS" of the runs given, or of the queue
     python scripts/gpu_plan.py estimate NAME SEEDS DTYPE RESULTS_DIR
                                                         -> seconds that run needs (SEEDS trained one after another;
                                                            "0,1,2,3+" for seeds in one program, as vmap trained them)
@@ -208,6 +210,16 @@ def estimate(name: str, seeds: list[int], dtype: str, results_dir: Path, togethe
     return int((runs * one + f["compile_s"]) * SAFETY)
 
 
+def parse_run(text: str) -> tuple[str, int, str]:
+    """NAME:SEED:DTYPE of a run (gpu_run.sh's RUNS), checked: SystemExit with one line naming what is wrong."""
+    parts = text.split(":")
+    if (len(parts) != 3 or not (REPO / "configs" / f"{parts[0]}.py").is_file() or not parts[1].isdigit()
+            or parts[2] not in ("float32", "bfloat16")):
+        raise SystemExit(f"gpu_plan.py: error: run {text!r}: give NAME:SEED:DTYPE, NAME one of configs/*.py, SEED an "
+                         "integer, DTYPE float32 or bfloat16 (e.g. vgg:0:float32)")
+    return parts[0], int(parts[1]), parts[2]
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["queue"] and len(argv) == 2:
         for name, seed, dtype in queue(load_results(Path(argv[1]))):
@@ -230,6 +242,12 @@ def main(argv: list[str]) -> int:
             print(f"{name:<12} {seed:>4}  {dtype:<9} {shown:>9}  {where}")
         print(f"gpu_run.sh: {len(rows)} runs queued, about {total / 60:.0f} min of GPU time in all" if rows else
               "gpu_run.sh: the table is complete; nothing queued")
+    elif argv[:1] == ["estimates"] and len(argv) >= 2:
+        results_dir = Path(argv[1])
+        given = argv[2:][:1] == ["--runs"]
+        runs = [parse_run(r) for r in argv[3:]] if given else queue(load_results(results_dir))
+        for name, seed, dtype in runs:
+            print(f"{name}:{seed}:{dtype} {estimate(name, [int(seed)], dtype, results_dir)}")
     elif argv[:1] == ["estimate"] and len(argv) == 5:
         together = argv[2].endswith("+")
         seeds = [int(s) for s in argv[2].rstrip("+").split(",") if s]

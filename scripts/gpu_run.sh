@@ -82,21 +82,26 @@ export TFDS_DATA_DIR="$work/tfds" JAXCIFAR_CACHE_DIR="$work/cache"
 md5=${MD5_FILE:+--md5-file $MD5_FILE}
 train_md5=${MD5_FILE:+--config.data.md5_file=$MD5_FILE}  # training checks the prepared set against the same list
 cd "$repo"
-echo "== preparing CIFAR-10"
-# shellcheck disable=SC2086
-$py -m jaxcifar.prepare --archive "$archive" --preprocess $md5
+if [ ! -e "$work/.prepared" ]; then  # an earlier call of this slot prepared it from the same checked archive
+  echo "== preparing CIFAR-10"
+  # shellcheck disable=SC2086
+  $py -m jaxcifar.prepare --archive "$archive" --preprocess $md5
+  touch "$work/.prepared"
+fi
 echo "setup done after $(( $(date +%s) - start )) s"
 
-runs=${RUNS-$($py scripts/gpu_plan.py queue results)}
+# The runs with their estimates, "NAME:SEED:DTYPE SECONDS" a line, from one start of Python.
+# shellcheck disable=SC2086
+plan=$($py scripts/gpu_plan.py estimates results ${RUNS+--runs $RUNS})  # RUNS="": none
 touch "$work/finished"
-for run in $runs; do
+while read -r run need; do
+  [ -n "$run" ] || continue
   IFS=: read -r name seed dtype <<<"$run"
   grep -qxF "$run" "$work/finished" && continue  # an earlier call of this slot finished it
   if [ "$(left)" -lt $((min_start_s + 15)) ]; then
     echo "== $(left) s left: too little to start $name seed $seed ($dtype); the next call starts it"
     break
   fi
-  need=$($py scripts/gpu_plan.py estimate "$name" "$seed" "$dtype" results)
   echo "== $name seed $seed ($dtype): ~${need} s estimated, $(left) s left in this call"
   tag=$name
   [ "$dtype" = float32 ] || tag="$name-$dtype"
@@ -112,7 +117,7 @@ for run in $runs; do
     124|143) echo "== out of this call's time: its saved epochs are a partial row; the next call resumes it"; break ;;
     *) echo "== $name seed $seed failed (its error is above): on to the next run" ;;
   esac
-done
+done <<<"$plan"
 
 if [ "${BENCH:-1}" != 0 ] && [ "$(left)" -gt 120 ]; then
   echo "== benchmark (a tail: the queue is done)"

@@ -121,3 +121,6 @@ def test_gpu_run_trains_its_runs_one_after_another_and_a_second_call_skips_what_
     again = gpu_run(["-", archive, tmp_path / "out2", 240], env)
     assert again.returncode == 0 and "== tiny seed" not in again.stdout
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["gpu_run.log"]
+    # A run named wrongly is one line, before anything trains.
+    bad = gpu_run(["-", archive, tmp_path / "out3", 240], {**env, "RUNS": "tiny:zero:float32"})
+    assert bad.returncode != 0 and "give NAME:SEED:DTYPE" in bad.stdout + bad.stderr
