@@ -12,7 +12,7 @@ import pytest
 
 from jaxcifar.data import cache
 from jaxcifar.run import checkpoint, integrity, machine, resume, runlog
-from jaxcifar import errors, train
+from jaxcifar import errors, evaluate, train
 from jaxcifar.errors import CheckpointError
 from jaxcifar.run.signals import TrainingInterrupted
 from jaxcifar.run.trainer import Trainer
@@ -475,3 +475,21 @@ def test_a_stop_at_an_epochs_end_saves_that_epoch_whatever_the_checkpoint_cadenc
     per_epoch = Trainer(c, cache.load_dataset(c)).plan.steps_per_epoch
     assert stopped.value.step == 3 * per_epoch
     assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == 3 * per_epoch
+
+
+@pytest.mark.parametrize("piece", ["meta", "state", "everything"])
+def test_a_save_missing_a_piece_is_damage_set_aside_and_the_run_resumes_from_the_one_before(prepared, reference_run,
+                                                                                             tmp_path, piece):
+    import shutil
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    latest = max(checkpoint.Checkpointer(workdir, read_only=True).steps())
+    folder = workdir / "checkpoints" / str(latest)
+    for part in folder.iterdir() if piece == "everything" else [folder / piece]:
+        shutil.rmtree(part) if part.is_dir() else part.unlink()
+    with pytest.raises(errors.JaxcifarError, match=f"checkpoint {latest} .* is unreadable"):
+        evaluate.load_trained(workdir)  # a reader names it and the other saves
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=4, log_every_steps=1), str(workdir))
+    assert (workdir / "damaged-checkpoints").is_dir()  # set aside, not deleted
+    assert_same_leaves(checkpoint.read_saved(reference_run)[0]["train_state"]["params"],
+                       checkpoint.read_saved(workdir)[0]["train_state"]["params"])

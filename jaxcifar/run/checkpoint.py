@@ -74,7 +74,12 @@ def _saved_arrays(manager, step: int) -> dict:
     """Orbax's metadata (shape, dtype) of the arrays a save holds, as nested dicts; CheckpointDamaged if unreadable."""
     where = f"checkpoint {step} in {manager.directory}"
     try:
-        tree = manager.item_metadata(step)["state"]
+        items = manager.item_metadata(step)
+        if "state" not in items:  # its state/ folder deleted
+            raise CheckpointDamaged(f"{where} is unreadable: it has no arrays (its state/ folder is missing)")
+        tree = items["state"]
+    except CheckpointDamaged:
+        raise
     except Exception as e:  # noqa: BLE001 - narrowed by integrity.unreadable()
         if not integrity.unreadable(e):
             raise

@@ -113,8 +113,12 @@ def unreadable(e: BaseException) -> bool:
     file of a save (truncated, emptied, deleted, replaced by noise, a flipped byte, a folder in its place):
     TensorStore's DATA_LOSS / NOT_FOUND / OUT_OF_RANGE are ValueErrors, a damaged JSON file a
     JSONDecodeError or UnicodeDecodeError (ValueErrors too), missing files OSErrors, and orbax wraps a
-    failed array read in a bare Exception. Anything else (a TypeError, an AttributeError) is a bug."""
+    failed array read in a bare Exception. A save missing a whole piece (its `meta/` or `state/` folder deleted,
+    or nothing left in its folder) is orbax's KeyError 'Item "meta" was not found in the checkpoint'. Anything else
+    (a TypeError, an AttributeError, another KeyError) is a bug."""
     if isinstance(e, (OSError, ValueError, EOFError)):
+        return True
+    if isinstance(e, KeyError) and "was not found in the checkpoint" in str(e):
         return True
     return type(e) is Exception and "Encountered error while reading array" in str(e)
 
