@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import ml_collections
 
@@ -12,6 +13,7 @@ from jaxcifar.errors import ConfigError
 
 DTYPES = ("float32", "bfloat16")
 MAX_WIDTH = 16  # the channel multiplier: 16 times the original VGG is already ~4 billion parameters
+MIN_WIDTH = 1 / 64  # below it the narrowest layer (64 channels) would round to none: it was trained with 1 silently
 
 
 def seed_list(config) -> list[int]:
@@ -146,8 +148,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(not missing, f"it lacks the fields {', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}; build it "
                       "from jaxcifar.config.base_config(), as configs/vgg.py does")
     need(c.model in models.MODEL_NAMES, f"model={c.model!r}; choose one of {', '.join(models.MODEL_NAMES)}")
-    need(math.isfinite(c.width) and 0 < c.width <= MAX_WIDTH,
-         f"width={c.width} must be a positive number up to {MAX_WIDTH}")
+    need(math.isfinite(c.width) and MIN_WIDTH <= c.width <= MAX_WIDTH,
+         f"width={c.width} must be from {MIN_WIDTH} (one channel in the narrowest layer) to {MAX_WIDTH}")
     need(c.conv_impl in ("auto", *layers.CONV_IMPLS),
          f"conv_impl={c.conv_impl!r}; choose one of auto, {', '.join(layers.CONV_IMPLS)}")
     need(c.step_loop in ("auto", *backends.STEP_LOOPS),
@@ -173,12 +175,18 @@ def validate(c: ml_collections.ConfigDict) -> None:
     need(c.augment in augment.AUGMENTS, f"augment={c.augment!r}; choose one of {', '.join(augment.AUGMENTS)}")
     need(0 <= c.label_smoothing < 1, f"label_smoothing={c.label_smoothing} must be in [0, 1)")
     o = c.optimizer
-    need(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
+    need(math.isfinite(o.learning_rate) and o.learning_rate > 0,
+         f"optimizer.learning_rate={o.learning_rate} must be a positive number")
     need(0 <= o.momentum < 1, f"optimizer.momentum={o.momentum} must be in [0, 1)")
     need(o.dampening is None or 0 <= o.dampening <= 1,
          f"optimizer.dampening={o.dampening} must be in [0, 1], or unset for torch's default (the momentum)")
-    need(o.weight_decay >= 0 and o.learning_rate_decay >= 0, "optimizer weight_decay and learning_rate_decay must be >= 0")
+    for field in ("weight_decay", "learning_rate_decay"):  # inf passed, and failed as NaN half a minute later
+        need(math.isfinite(o[field]) and o[field] >= 0, f"optimizer.{field}={o[field]} must be a number >= 0")
     need(int(o.epoch_step) == o.epoch_step and o.epoch_step > 0, f"optimizer.epoch_step={o.epoch_step} must be a positive integer")
     need(o.schedule in optim.SCHEDULES, f"optimizer.schedule={o.schedule!r}; choose one of {', '.join(optim.SCHEDULES)}")
+    cache_dir = str(c.compile_cache_dir)
+    need(cache_dir in ("", "none") or not os.path.exists(cache_dir) or os.path.isdir(cache_dir),
+         f"compile_cache_dir={cache_dir!r} is not a folder (JAX would ignore it silently); give a folder, or 'none' "
+         "to compile afresh every start")
     need(c.data.preprocess in preprocess.NORMALIZERS,
          f"data.preprocess={c.data.preprocess!r}; choose one of {', '.join(preprocess.NORMALIZERS)}")

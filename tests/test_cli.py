@@ -39,7 +39,7 @@ def test_train_command_line_errors_are_one_line(tmp_path, case):
         "workdir name too long": (["--workdir", str(tmp_path / ("x" * 300))], "File name too long"),
         "workdir not utf-8": (["--workdir", str(tmp_path / "run\udcff")], "holds bytes that are not UTF-8"),
         "eleven classes": (["--config.num_classes=11"], "num_classes=11; CIFAR-10 has 10 classes"),
-        "infinite width": (["--config.width=inf"], "width=inf must be a positive number up to 16"),
+        "infinite width": (["--config.width=inf"], "width=inf must be from 0.015625 (one channel in the narrowest layer) to 16"),
         "huge seed": (["--config.seeds=0,99999999999999999999"], "seeds=99999999999999999999 is out of range"),
         "empty seed entry": (["--config.seeds=1,,2"], "seeds='1,,2'; give comma-separated integers"),
         "config returns None": (["--config", _config_file(tmp_path, "None")], "get_config() returned None"),

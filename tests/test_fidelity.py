@@ -118,7 +118,7 @@ def test_a_bad_recipe_or_override_is_one_line_before_any_data_loads(tmp_path, mo
     for extra, message in (
             (["--config", str(tmp_path / "nope.py")], "--config .*nope.py: no such file; give a recipe"),
             (["--config", str(REPO / "README.md")], "--config .*README.md: is not a Python file"),
-            (["--width", "0"], "bad config: width=0.0 must be a positive number"),
+            (["--width", "0"], "bad config: width=0.0 must be from 0.015625"),
             (["--set", "conv_impl"], "--set conv_impl: give FIELD=VALUE"),
             (["--set", "nogroup.x=1"], "--set nogroup.x=1: the config has no field 'nogroup.x'"),
             (["--set", "width.x=1"], "--set width.x=1: the config has no field 'width.x'"),
