@@ -123,6 +123,8 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     context = machine.run_context()
     resume.say_where_it_moved(run.history, context, log.print)
     evaluated = None  # when the last epoch's evaluation ended: what follows until the next step is bookkeeping
+    if stop():  # during preparation, preprocessing or restoring: nothing has been trained, so nothing to save
+        raise TrainingInterrupted(stop.signum, run.step, saved=False)
     try:
         for epoch in resume.epochs_to_train(run, log.print):
             ckpt.check()  # a save that failed in the background stops the run here, not at its end
@@ -158,7 +160,8 @@ def open_scalars(workdir: Path, history: list[dict]) -> report.ScalarWriter:
 
 def stop_announcement(trainer: Trainer) -> str:
     """What a stop signal's acknowledgement says happens next, from where the loop has dispatched to."""
-    return trainer.plan.stop_landing(trainer.dispatched_step, 1 if distributed.single_process() else jax.process_count())
+    return trainer.plan.stop_landing(trainer.dispatched_step, 1 if distributed.single_process() else jax.process_count(),
+                                     trainer.epoch_in_progress)
 
 
 def describe_run(run: TrainingRun, log: RunLog) -> str:
@@ -278,7 +281,9 @@ def main(argv) -> None:
         train_and_evaluate(cfg, workdir, summary, Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem)
     except TrainingInterrupted as e:
         code = 128 + e.signum
-        outcome = f"stopped by {signal.Signals(e.signum).name} at step {e.step}, saved (the same command resumes)"
+        outcome = (f"stopped by {signal.Signals(e.signum).name} at step {e.step}, "
+                   + ("saved (the same command resumes)" if e.saved else "before training anything; nothing new to "
+                      "save (the same command " + ("resumes)" if e.step else "starts it)")))
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - one line each, as every command says it
         code, line = cli.failure(e, summary.workdir)
         outcome = "interrupted" if code == 130 else "failed"  # Ctrl-C before or after the stop handlers

@@ -39,10 +39,20 @@ def test_the_plan_is_computed_once_from_the_config_the_data_and_the_step_choices
 
 def test_a_stop_lands_where_the_announcement_says():
     p = run_plan(batch_size=100, log_every_steps=3)  # 10 steps an epoch, 4 per call
-    assert p.stop_landing(None).startswith("stopping as soon as training reaches its first step boundary")
+    assert p.stop_landing(None) == "stopping before the first step (nothing trained yet, so nothing to save)"
     assert p.stop_landing(20) == "stopping when epoch 2 has been evaluated and saved (step 20)"
     assert p.stop_landing(12) == ("stopping after the compiled call in progress (by step 16), then saving a "
                                   "checkpoint")
     assert "by step 20)" in p.stop_landing(18)  # not past the epoch's end
     assert p.stop_landing(12, processes=2) == ("stopping at the next log boundary, where the 2 processes agree (by "
                                                "step 16), then saving a checkpoint")
+
+
+def test_a_stop_as_the_next_epoch_begins_speaks_of_that_epoch():
+    # 0.1 s after "==> epoch 2" nothing of epoch 2 is dispatched yet: the stop lands after its first call, not "when
+    # epoch 1 has been evaluated and saved" (epoch 1 is done with).
+    p = run_plan(batch_size=100)  # 10 steps an epoch, 4 per call
+    assert p.stop_landing(10, epoch=2) == ("stopping after the compiled call in progress (by step 14), then saving a "
+                                           "checkpoint")
+    assert p.stop_landing(10, epoch=None) == "stopping when epoch 1 has been evaluated and saved (step 10)"
+    assert p.stop_landing(0, epoch=1).startswith("stopping after the compiled call in progress (by step 4)")

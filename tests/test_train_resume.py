@@ -493,3 +493,24 @@ def test_a_save_missing_a_piece_is_damage_set_aside_and_the_run_resumes_from_the
     assert (workdir / "damaged-checkpoints").is_dir()  # set aside, not deleted
     assert_same_leaves(checkpoint.read_saved(reference_run)[0]["train_state"]["params"],
                        checkpoint.read_saved(workdir)[0]["train_state"]["params"])
+
+
+def test_a_hangup_during_preprocessing_stops_before_the_first_step_and_says_nothing_was_saved(prepared, tmp_path,
+                                                                                             monkeypatch):
+    # SIGHUP (a closed terminal, a dropped SSH session) is a stop like SIGTERM; one that comes before any step is
+    # honoured before training, with no save (there is nothing to save), instead of after a step and a save.
+    real_load = cache.load_dataset_once
+
+    def load_then_hang_up(config, log):
+        dataset = real_load(config, log)
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(1.0)  # the watcher thread sets the flag (signal_watch.py)
+        return dataset
+
+    monkeypatch.setattr(cache, "load_dataset_once", load_then_hang_up)
+    workdir = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train.train_and_evaluate(tiny_config(prepared, num_epochs=2), str(workdir))
+    assert (stopped.value.signum, stopped.value.step, stopped.value.saved) == (signal.SIGHUP, 0, False)
+    assert checkpoint.complete_steps(workdir / "checkpoints") == []
+    assert "before training anything" in str(stopped.value)

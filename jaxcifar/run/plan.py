@@ -61,14 +61,17 @@ class RunPlan:
         epoch, into = divmod(step, self.steps_per_epoch)
         return f"after epoch {epoch}" if into == 0 else f"during epoch {epoch + 1}"
 
-    def stop_landing(self, dispatched: int | None, processes: int = 1) -> str:
+    def stop_landing(self, dispatched: int | None, processes: int = 1, epoch: int | None = None) -> str:
         """What a stop signal's acknowledgement says happens next, when the loop has dispatched up to `dispatched`
-        (None: nothing yet); with several processes a stop lands on the next log boundary, where they all ask."""
+        (None: nothing yet) of `epoch` (the epoch being trained; None between epochs); with several processes a
+        stop lands on the next log boundary, where they all ask."""
         if dispatched is None:
-            return "stopping as soon as training reaches its first step boundary, then saving a checkpoint"
+            return "stopping before the first step (nothing trained yet, so nothing to save)"
         per_epoch = self.steps_per_epoch
         epoch_end = math.ceil(dispatched / per_epoch) * per_epoch
-        if dispatched == epoch_end:
+        if dispatched == epoch_end and epoch is not None and self.epoch_start(epoch) == dispatched:
+            epoch_end = dispatched + per_epoch  # the next epoch has begun: its first call lands the stop
+        elif dispatched == epoch_end:
             return f"stopping when epoch {dispatched // per_epoch} has been evaluated and saved (step {dispatched})"
         if processes == 1:
             return (f"stopping after the compiled call in progress (by step "

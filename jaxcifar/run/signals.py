@@ -10,17 +10,21 @@ import threading
 from jaxcifar import distributed
 from jaxcifar.run.signal_watch import WakeupWatcher
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: a closed terminal or a dropped SSH session; it killed a run at once, with no line and no save.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived; the state was saved and the run can be resumed."""
+    """SIGINT/SIGTERM/SIGHUP arrived; the state was saved (`saved`: False when nothing had been trained since the
+    start or the last save, so there was nothing to save) and the run can be resumed."""
 
-    def __init__(self, signum: int, step: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step} after saving; "
-                         "run the same command again to resume")
+    def __init__(self, signum: int, step: int, saved: bool = True):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}"
+                         + (" after saving" if saved else ", before training anything") + "; run the same command "
+                         "again to " + ("resume" if saved or step else "start"))
         self.signum = signum
         self.step = step
+        self.saved = saved
 
 
 class StopFlag:
@@ -36,7 +40,7 @@ class StopFlag:
     def __init__(self):
         self.signum = None
         # What the first signal's acknowledgement says happens next; the training loop sets a precise one.
-        self.describe = lambda: "stopping at the next step boundary, then saving a checkpoint"
+        self.describe = lambda: "stopping before the first step (nothing trained yet, so nothing to save)"
         self._previous = {}
         self._watcher = None
         self._lock = threading.Lock()

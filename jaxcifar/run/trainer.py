@@ -67,6 +67,7 @@ class Trainer:
         order = functools.partial(epoch_order, num_examples=self.num_train, batch_size=config.batch_size)
         self._epoch_order = jax.jit(over_replicas(order, (0, None), self.plan.replicas), out_shardings=batch_rows)
         self.dispatched_step = None  # the step the last dispatched call ends on (for a stop's announcement)
+        self.epoch_in_progress = None  # the epoch train_epoch is training, None between epochs
 
     def epoch_order(self, key_data, epoch: int):
         """Each replica's (steps, batch) example indices of `epoch` (1-based), for the runs' key data (K, 2)."""
@@ -118,6 +119,13 @@ class Trainer:
         every compiled call (`boundary`: the call ended on a log boundary, where every process asks), cut the
         epoch short. `progress(done, loss)` is called at log boundaries and at least every PROGRESS_EVERY_S.
         """
+        self.epoch_in_progress = epoch
+        try:
+            return self._train_epoch(state, epoch, epoch_metrics, progress, should_stop)
+        finally:
+            self.epoch_in_progress = None
+
+    def _train_epoch(self, state, epoch, epoch_metrics, progress, should_stop):
         plan = self.plan
         order = self.epoch_order(state.key_data, epoch)
         epoch_metrics = self.zero_metrics() if epoch_metrics is None else epoch_metrics
