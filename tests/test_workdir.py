@@ -69,3 +69,20 @@ def test_a_write_failure_is_advised_by_its_cause(tmp_path, code, advice):
                                         tmp_path / "metrics.jsonl")
     assert f"while writing {tmp_path / 'metrics.jsonl'}; {advice}" in str(error)
     assert code != "EMFILE" or "free space" not in str(error)
+
+
+def test_a_full_disk_when_the_lock_is_taken_is_one_line_and_leaves_it_free(tmp_path, monkeypatch):
+    # 0 bytes free: the lock's few bytes fail to write (os.pwrite: ENOSPC); that was "unexpected OSError", exit 1.
+    import errno
+
+    real_pwrite = os.pwrite
+
+    def disk_full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    with pytest.raises(errors.WorkdirError, match="no space left on device while writing .*train.lock; free space"):
+        WorkdirLock(tmp_path).acquire()
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    with WorkdirLock(tmp_path):  # the refused start kept no lock
+        pass

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from jaxcifar.errors import WorkdirError, failure_line, short_path
+from jaxcifar.run import files
 
 LOCK_NAME = "train.lock"
 
@@ -143,9 +144,15 @@ class WorkdirLock:
         stale = _read_holder(fd)
         self.stale = None if stale is None else _describe(stale)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+            os.fsync(fd)
+        except OSError as e:  # a full disk: with 0 bytes free even these few bytes fail
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise files.write_failed(e, self.path, "run the same command again (nothing was trained or changed)") \
+                from None
         self._fd = fd
         return self
 
