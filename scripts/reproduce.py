@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,10 @@ def run_config(name: str, seeds: list[int], workdir: Path, extra: list[str]) -> 
     print("+", " ".join(cmd), flush=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO)
+    # SIGTERM and SIGHUP reach this process alone (not its group, as Ctrl-C does): passed on, the training saves and
+    # stops, and this waits for it; before, this exited at once and left the training running, holding its lock.
+    forwarded = {sig: signal.signal(sig, lambda signum, frame: proc.send_signal(signum))
+                 for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         code = proc.wait()
     except KeyboardInterrupt:
@@ -46,7 +51,10 @@ def run_config(name: str, seeds: list[int], workdir: Path, extra: list[str]) -> 
         finally:
             proc.kill()
         raise
-    if code in (130, 143):  # SIGINT, SIGTERM: it said so above, and saved
+    finally:
+        for sig, previous in forwarded.items():
+            signal.signal(sig, previous)
+    if code in (129, 130, 143):  # SIGHUP, SIGINT, SIGTERM: it said so above, and saved
         print(f"reproduce: training {name} was stopped in {workdir}; the same command resumes it", file=sys.stderr)
         raise SystemExit(code)
     if code:  # its own message is above; the runs before it have their results written

@@ -279,3 +279,27 @@ def test_a_benchmark_prices_an_epoch_with_the_loop_around_its_steps(tmp_path):
     assert "`bench-gpu.json`, training loop only (1 x NVIDIA H200)" in costs["| `vgg_fast`"][5]
     row = pages.bench_table(results).splitlines()[2]
     assert "| vgg_bn_drop | 1.18 ms | 2.67 ms | 3.83 ms | 2.97 ms | - | 4 | 25,000 | 50.0 % |" in row
+
+
+def test_a_sigterm_to_reproduce_reaches_its_training_and_waits_for_it(tmp_path, monkeypatch):
+    # It exited at once and left the training running, holding its workdir's lock. A stand-in for the training
+    # records the signal it gets and exits as training does after its save (128 + 15).
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    got = tmp_path / "got"
+    child = ("import signal, sys, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: (open({str(got)!r}, 'w').write('TERM'), sys.exit(143)))\n"
+             "time.sleep(60)\nsys.exit(0)\n")
+    real_popen = subprocess.Popen
+    monkeypatch.setattr(reproduce.subprocess, "Popen", lambda cmd, cwd: real_popen([sys.executable, "-c", child]))
+    # The parent is signalled once its training is running (a Python start with nothing to import: well under 2 s).
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(SystemExit) as stopped:
+        reproduce.run_config("tiny", [0], tmp_path / "w", [])
+    assert stopped.value.code == 143 and got.read_text() == "TERM"
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is put back
