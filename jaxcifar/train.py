@@ -56,7 +56,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.results.dir and not config.results.name:
         config.results.name = config_name
     writer = summary.writer = distributed.is_writer()  # of several processes, only process 0 writes files
+    held_nothing, existed = writer and workdir_lib.holds_nothing(workdir), Path(workdir).exists()
     workdir = workdir_lib.make_workdir(workdir) if writer else Path(workdir)
+    try:
+        return _lock_and_train(config, workdir, writer, summary)
+    except (errors.JaxcifarError, TrainingInterrupted):
+        # A start refused (bad data or config found after the lock) or stopped before training anything leaves a
+        # workdir that held nothing as it was, not with checkpoints/, best/, log.txt and train.lock in it.
+        if held_nothing:
+            workdir_lib.clear_if_untrained(workdir, remove=not existed)
+        raise
+
+
+def _lock_and_train(config, workdir: Path, writer: bool, summary: runlog.RunSummary) -> TrainState:
     with contextlib.ExitStack() as stack:  # closes in reverse: pending saves, reporter, checkpointer, log, lock
         lock = workdir_lib.WorkdirLock(workdir)
         if writer:

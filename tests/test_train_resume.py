@@ -514,3 +514,25 @@ def test_a_hangup_during_preprocessing_stops_before_the_first_step_and_says_noth
     assert (stopped.value.signum, stopped.value.step, stopped.value.saved) == (signal.SIGHUP, 0, False)
     assert checkpoint.complete_steps(workdir / "checkpoints") == []
     assert "before training anything" in str(stopped.value)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_start_refused_after_the_lock_leaves_a_workdir_that_held_nothing_as_it_was(prepared, tmp_path, existed):
+    # The fake set has 200 training images: a batch of 256 is refused once the data is read, after the lock and the
+    # log and the checkpoint folders exist. They went on existing.
+    workdir = tmp_path / "run"
+    if existed:
+        workdir.mkdir()
+    with pytest.raises(errors.ConfigError, match="batch_size=256 exceeds the 200 training images"):
+        train.train_and_evaluate(tiny_config(prepared, batch_size=256), str(workdir))
+    assert (list(workdir.iterdir()) == []) if existed else not workdir.exists()
+
+
+def test_a_refused_start_in_a_workdir_with_a_run_touches_nothing(prepared, reference_run, tmp_path):
+    import shutil
+    workdir = tmp_path / "w"
+    shutil.copytree(reference_run, workdir)
+    before = sorted(p.name for p in workdir.iterdir())
+    with pytest.raises(errors.ConfigError, match="exceeds the 200 training images"):
+        train.train_and_evaluate(tiny_config(prepared, num_epochs=4, batch_size=256), str(workdir))
+    assert sorted(p.name for p in workdir.iterdir()) == before

@@ -53,6 +53,33 @@ def make_workdir(path: str | os.PathLike) -> Path:
     return path
 
 
+def holds_nothing(path: str | os.PathLike) -> bool:
+    """Whether `path` is missing or an empty folder (a start there that fails leaves it so: clear_if_untrained)."""
+    try:
+        path = Path(path)
+        return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+    except (OSError, ValueError):
+        return False
+
+
+def clear_if_untrained(path: Path, remove: bool = False) -> None:
+    """Empties a workdir that held nothing before a start that trained nothing (no complete save, no epoch logged):
+    what that start made (the lock, log.txt, empty checkpoint folders) goes, and the folder too if that start made
+    it (`remove`); a workdir with anything trained in it is left as it is."""
+    saved = any(p.name.isdigit() for folder in ("checkpoints", "best") if (path / folder).is_dir()
+                for p in (path / folder).iterdir())
+    logged = (path / "metrics.jsonl").is_file() and (path / "metrics.jsonl").read_text().strip()
+    if saved or logged:
+        return
+    for entry in path.iterdir():
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+    if remove:
+        try:
+            path.rmdir()
+        except OSError:  # something appeared meanwhile: kept
+            pass
+
+
 # What a run keeps in its workdir, and of what kind: something else of that name stops it before it starts.
 RUN_FILES = ("log.txt", "metrics.jsonl", "metrics.csv", "metrics.discarded.jsonl", "report.html", "accuracy.png",
              "train.lock")
