@@ -2,7 +2,7 @@
 
     python -m jaxcifar.predict --workdir W [--best] [--all | --json] IMAGE...
 
-Each image is read with Pillow, converted to RGB, resized to 32x32 (bilinear, like
+Each image is read with Pillow, turned upright as its EXIF orientation says, converted to RGB, resized to 32x32 (bilinear, like
 torch's image.scale), preprocessed with the statistics stored in the checkpoint, and classified:
 one line per image with its most probable class, all 10 probabilities with --all (the original's
 table) or --json. The images are read before the model is loaded; a file that cannot be read
@@ -33,7 +33,7 @@ def load_image(path: str) -> np.ndarray:
     """uint8 (32, 32, 3) RGB; raises ValueError with the reason for anything Pillow cannot decode."""
     import warnings
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -41,7 +41,9 @@ def load_image(path: str) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(path)
         with im:
-            im = _eight_bit(im).convert("RGB")
+            # A phone photo is stored as the sensor saw it, with its orientation in EXIF: turned upright first
+            # (it was classified sideways).
+            im = _eight_bit(ImageOps.exif_transpose(im)).convert("RGB")
             if im.size != (32, 32):
                 im = im.resize((32, 32), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)

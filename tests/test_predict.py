@@ -104,3 +104,18 @@ def test_predict_reads_16_bit_and_float_images_by_their_range(tmp_path):
     Image.fromarray(np.full((32, 32), 1e6, np.float32), mode="F").save(huge)
     with pytest.raises(ValueError, match="no known range to scale to 8 bits"):
         predict.load_image(str(huge))
+
+
+def test_predict_turns_an_image_upright_as_its_exif_orientation_says(tmp_path):
+    # A phone photo: the pixels as the sensor saw them, EXIF orientation 6 ("rotate 90 degrees clockwise to view").
+    rng = np.random.default_rng(0)
+    upright = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    stored = np.rot90(upright, k=1)  # what a sensor turned a quarter the other way recorded
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=100, subsampling=0)
+    Image.fromarray(stored).save(tmp_path / "plain.png")
+    got = predict.load_image(str(tmp_path / "phone.jpg")).astype(int)
+    assert np.abs(got - upright).mean() < 3  # JPEG's rounding at quality 100
+    assert np.abs(got - stored).mean() > 30  # not as stored
+    np.testing.assert_array_equal(predict.load_image(str(tmp_path / "plain.png")), stored)  # no EXIF: as stored
