@@ -163,10 +163,14 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
 def open_scalars(workdir: Path, history: list[dict]) -> report.ScalarWriter:
     """TensorBoard's writer, holding exactly the epochs of `history`: what earlier writers left (epochs logged after
     the last save, or lost in a writer's buffer to a hard stop) is hidden and the history written again, as the
-    metrics files are rewritten."""
+    metrics files are rewritten; once it is, the earlier writers' files go (each start added one, each holding the
+    whole history): one file, rewritten."""
+    earlier = sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))
     scalars = report.ScalarWriter(workdir / "tensorboard", purge_after=0)
     for record in history:
         scalars.write(record["step"], runlog.scalar_summary(record))
+    for events in earlier:
+        events.unlink(missing_ok=True)
     return scalars
 
 

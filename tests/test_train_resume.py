@@ -298,6 +298,7 @@ def test_tensorboard_holds_each_epoch_once_after_a_resume_from_an_earlier_save(p
     for tag in events.Tags()["scalars"]:
         logged = [e.step for e in events.Scalars(tag)]
         assert logged == sorted(set(logged)) and len(logged) == 4, (tag, logged)
+    assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 1  # one file, not one per start
 
 
 # ---------------------------------------------------------------------------
