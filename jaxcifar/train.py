@@ -56,14 +56,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if config.results.dir and not config.results.name:
         config.results.name = config_name
     writer = summary.writer = distributed.is_writer()  # of several processes, only process 0 writes files
-    held_nothing, existed = writer and workdir_lib.holds_nothing(workdir), Path(workdir).exists()
+    held_nothing = writer and workdir_lib.holds_nothing(workdir)
+    existed = held_nothing and Path(workdir).is_dir()  # an empty folder (a missing one is made, then removed)
     workdir = workdir_lib.make_workdir(workdir) if writer else Path(workdir)
     try:
         return _lock_and_train(config, workdir, writer, summary)
     except (errors.JaxcifarError, TrainingInterrupted):
         # A start refused (bad data or config found after the lock) or stopped before training anything leaves a
         # workdir that held nothing as it was, not with checkpoints/, best/, log.txt and train.lock in it.
-        if held_nothing:
+        if held_nothing and not summary.training_started:  # a run that trained keeps its log of what happened
             workdir_lib.clear_if_untrained(workdir, remove=not existed)
         raise
 
@@ -137,6 +138,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     evaluated = None  # when the last epoch's evaluation ended: what follows until the next step is bookkeeping
     if stop():  # during preparation, preprocessing or restoring: nothing has been trained, so nothing to save
         raise TrainingInterrupted(stop.signum, run.step, saved=False)
+    summary.training_started = True
     try:
         for epoch in resume.epochs_to_train(run, log.print):
             ckpt.check()  # a save that failed in the background stops the run here, not at its end
@@ -150,7 +152,7 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
                 if not saved:
                     run.save(ckpt, epoch)
                 stopping = True
-            if stopping:
+            if stopping and epoch < config.num_epochs:  # during the last epoch's evaluation: finished, and saved
                 ckpt.wait()
                 raise TrainingInterrupted(stop.signum, record["step"])
     except TrainingInterrupted:

@@ -132,4 +132,5 @@ def test_training_acknowledges_a_stop_at_once_and_stops_within_one_compiled_call
     assert 50 < stopped <= by, (stopped, ack)  # in epoch 3, no later than announced: one compiled call
     assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert f": {len(epochs)} of 40 epochs, final test accuracy " in last and "; checkpoints " in last
+    assert f": {len(epochs)} of 40 epochs, last test accuracy " in last and "; checkpoints " in last
+    assert f"; saved: step {stopped}, during epoch {len(epochs) + 1};" in last  # what the workdir holds

@@ -537,3 +537,20 @@ def test_a_refused_start_in_a_workdir_with_a_run_touches_nothing(prepared, refer
     with pytest.raises(errors.ConfigError, match="exceeds the 200 training images"):
         train.train_and_evaluate(tiny_config(prepared, num_epochs=4, batch_size=256), str(workdir))
     assert sorted(p.name for p in workdir.iterdir()) == before
+
+
+def test_a_stop_during_the_last_epochs_evaluation_finishes_the_run(prepared, tmp_path, monkeypatch):
+    # Everything was trained and the last epoch saves anyway: that is a finished run (exit 0), not a stopped one.
+    real_epoch = train.train_and_evaluate_epoch
+
+    def last_epoch_then_signal(run, epoch, *args):
+        record = real_epoch(run, epoch, *args)
+        if epoch == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.0)  # the watcher thread sets the stop flag (signal_watch.py)
+        return record
+
+    monkeypatch.setattr(train, "train_and_evaluate_epoch", last_epoch_then_signal)
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config(prepared, num_epochs=2), str(workdir))  # returns: no TrainingInterrupted
+    assert runlog.saved_in(workdir).startswith("epoch 2 ")

@@ -223,26 +223,49 @@ class RunSummary:
     history: list = dataclasses.field(default_factory=list)
     epochs_before: int = 0  # finished epochs the run resumed with
     writer: bool = True  # of several processes, only process 0 says it
+    training_started: bool = False  # the loop over epochs began (before it, a failed start leaves nothing behind)
 
     def follow(self, history: list) -> None:
         """Reads the run's history list from now on (the epochs it resumed with count as done before)."""
         self.history, self.epochs_before = history, len(history)
 
     def line(self, outcome: str) -> str:
-        """'jaxcifar: finished: 40 of 40 epochs, final test accuracy ..., best ...; 6 h 05 min; report ...; ...'."""
-        h = self.history
+        """'jaxcifar: finished: 40 of 40 epochs, final test accuracy ..., best ...; 6 h 05 min; report ...; ...'.
+
+        A run that did not finish says what its workdir has saved (the epochs up to its newest complete checkpoint),
+        and its accuracy is the last one, not a final one."""
+        h, finished = self.history, outcome == "finished"
         done = f"{len(h)} of {self.num_epochs} epochs" if self.num_epochs else "nothing trained"
         if len(h) > self.epochs_before and self.epochs_before:
             done += f" ({len(h) - self.epochs_before} this time)"
         if h:
             best = max(h, key=lambda r: r["test_accuracy"])
-            done += (f", final test accuracy {h[-1]['test_accuracy']:.2f} % (epoch {h[-1]['epoch']}), best "
-                     f"{best['test_accuracy']:.2f} % (epoch {best['epoch']})")
+            done += (f", {'final' if finished else 'last'} test accuracy {h[-1]['test_accuracy']:.2f} % (epoch "
+                     f"{h[-1]['epoch']}), best {best['test_accuracy']:.2f} % (epoch {best['epoch']})")
+        if not finished and self.writer:
+            done += f"; saved: {saved_in(self.workdir)}"
         where = [f"{name} {short_path(path)}" for name, path in (("report", self.workdir / "report.html"),
                                                                  ("checkpoints", self.workdir / "checkpoints"))
                  if _exists(path)]
         return f"jaxcifar: {outcome}: {done}; {duration(time.monotonic() - self.started)}" + "".join(
             f"; {w}" for w in where)
+
+
+def saved_in(workdir: Path) -> str:
+    """What a workdir's newest complete checkpoint holds, in words: 'epoch 3 (step 18)', 'step 23, during epoch 4',
+    or 'nothing'. Read from the folder names and metrics.jsonl alone (no checkpoint is opened)."""
+    try:
+        steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit() and p.is_dir()]
+        lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").is_file() else []
+    except (OSError, ValueError):
+        steps, lines = [], []
+    if not steps:
+        return "nothing"
+    step = max(steps)
+    epochs = [r for r in (json.loads(line) for line in lines if line.strip()) if r.get("step", step + 1) <= step]
+    if epochs and epochs[-1]["step"] == step:
+        return f"epoch {epochs[-1]['epoch']} (step {step})"
+    return f"step {step}, during epoch {len(epochs) + 1}"
 
 
 def _exists(path: Path) -> bool:
