@@ -45,3 +45,12 @@ def test_a_run_that_did_not_finish_says_what_its_workdir_has_saved(tmp_path):
     assert "; saved: step 14, during epoch 3;" in summary.line("failed")
     finished = summary.line("finished")
     assert "final test accuracy" in finished and "saved:" not in finished
+
+
+def test_the_summary_is_said_over_a_metrics_file_a_full_disk_cut_short(tmp_path):
+    import json
+
+    (tmp_path / "checkpoints" / "12").mkdir(parents=True)
+    whole = json.dumps({"epoch": 2, "step": 12, "test_accuracy": 20.0})
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 6}) + "\n" + whole + "\n" + whole[:30])
+    assert runlog.saved_in(tmp_path) == "epoch 2 (step 12)"

@@ -262,10 +262,19 @@ def saved_in(workdir: Path) -> str:
     if not steps:
         return "nothing"
     step = max(steps)
-    epochs = [r for r in (json.loads(line) for line in lines if line.strip()) if r.get("step", step + 1) <= step]
+    epochs = [r for r in map(_record, lines) if r is not None and r.get("step", step + 1) <= step]
     if epochs and epochs[-1]["step"] == step:
         return f"epoch {epochs[-1]['epoch']} (step {step})"
     return f"step {step}, during epoch {len(epochs) + 1}"
+
+
+def _record(line: str) -> dict | None:
+    """A metrics.jsonl line as a record; None for a line a full disk cut short (the summary must still be said)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _exists(path: Path) -> bool:
