@@ -100,17 +100,15 @@ def test_a_failed_run_ends_on_its_error_and_a_summary_line(tmp_path, prepared):
     assert "loss became nan" in (tmp_path / "run" / "log.txt").read_text()  # a run that trained keeps its log
 
 
-@pytest.mark.parametrize("command", ["prepare", "predict"])
-def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, command):
+def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path):
+    # predict blocks opening a FIFO as an image: interrupted there, it says one line.
     import signal
     import time
 
     fifo = tmp_path / "input"
     os.mkfifo(fifo)  # opening it blocks: the command waits there until the signal
-    args = {"prepare": ["jaxcifar.prepare", "--data-dir", str(tmp_path / "tfds"), "--archive", str(fifo)],
-            "predict": ["jaxcifar.predict", "--workdir", str(tmp_path), str(fifo)]}[command]
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxcifar.predict", "--workdir", str(tmp_path), str(fifo)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while True:  # until the command has opened the pipe: past its imports, then blocked reading it
         try:
@@ -125,6 +123,47 @@ def test_ctrl_c_outside_training_is_one_line_and_exit_130(tmp_path, command):
     os.close(writer)
     assert proc.returncode == 130, err[-2000:]
     assert err.strip() == "jaxcifar: interrupted (Ctrl-C)" and "Traceback" not in out + err
+
+
+def test_ctrl_c_while_prepare_waits_for_another_preparation_is_one_line(tmp_path, fake_archive):
+    # prepare waits for the preparation lock another process holds (here: this test): interrupted there, one line.
+    import fcntl
+    import signal
+
+    archive_path, md5_file = fake_archive
+    folder = tmp_path / "tfds" / "cifar10"
+    folder.mkdir(parents=True)
+    with open(folder / ".jaxcifar-prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.Popen([sys.executable, "-m", "jaxcifar.prepare", "--data-dir", str(tmp_path / "tfds"),
+                                 "--archive", str(archive_path), "--md5-file", str(md5_file)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        waiting = ""
+        while "waiting for it" not in waiting and proc.poll() is None:
+            waiting += proc.stdout.readline()
+        assert "another process is preparing CIFAR-10" in waiting, waiting
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip() == "jaxcifar: interrupted (Ctrl-C)" and "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("where", ["archive", "md5 file"])
+def test_a_device_or_pipe_given_as_the_archive_or_md5_list_is_refused_at_once(tmp_path, fake_archive, where):
+    # /dev/zero was hashed without end (and a FIFO waited forever); as the MD5 list it was read whole, 6 GB in 8 s.
+    from jaxcifar import errors
+    from jaxcifar.data import archive
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for odd in ("/dev/zero", str(fifo)):
+        with pytest.raises(errors.DataError, match="is not a regular file"):
+            archive.read_archive(odd) if where == "archive" else archive.read_md5_file(odd)
+    if where == "md5 file":
+        big = tmp_path / "big"
+        big.write_bytes(b"0" * (archive.MD5_FILE_LIMIT + 1))
+        with pytest.raises(errors.DataError, match="too large for a list of MD5s"):
+            archive.read_md5_file(big)
 
 
 def test_ctrl_c_while_a_command_loads_is_one_line_too(tmp_path):

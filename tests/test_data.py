@@ -246,12 +246,16 @@ def test_eval_batches_cover_every_example_once():
 # Damaged inputs: one line that names the problem and the fix
 
 
-def test_an_md5_list_that_is_not_text_is_named_as_such(fake_archive, capsys):
+def test_an_md5_list_that_is_not_text_is_named_as_such(fake_archive, capsys, tmp_path):
+    binary = tmp_path / "sums.bin"
+    binary.write_bytes(bytes(range(128, 256)))
     with pytest.raises(errors.DataError, match="is not an MD5 list .*not text"):
+        archive_lib.read_md5_file(binary)
+    with pytest.raises(errors.DataError, match=r"too large for a list of MD5s \(an archive\?\)"):
         archive_lib.read_md5_file(fake_archive[0])  # the archive given in the list's place
     assert prepare.main(["--archive", str(fake_archive[0]), "--md5-file", str(fake_archive[0])]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "is not an MD5 list" in err
+    assert err.count("\n") == 0 and "too large for a list of MD5s" in err
 
 
 @pytest.mark.parametrize("content", [b"", bytes(range(256)) * 40])

@@ -32,11 +32,21 @@ OFFICIAL_MD5 = {
 RECORD_BYTES = 1 + 32 * 32 * 3
 
 
+MD5_FILE_LIMIT = 1 << 16  # bytes: an MD5 list of the six batches is ~300
+
+
 def read_md5_file(path: str | os.PathLike) -> dict[str, str]:
     """`md5sum`-style lines (`<md5>  <name>`) -> {name: md5}."""
     sums = {}
+    path = Path(path)
     try:
-        text = Path(path).read_text()
+        if path.exists() and not path.is_file():  # /dev/zero was read whole: 6 GB in 8 s
+            raise DataError(f"MD5 file {path} is not a regular file (a folder, a device or a pipe?); give the list of "
+                            "the batch files' MD5s, as `md5sum` writes it")
+        if path.exists() and path.stat().st_size > MD5_FILE_LIMIT:
+            raise DataError(f"MD5 file {path} is {path.stat().st_size:,} bytes, too large for a list of MD5s (an "
+                            f"archive?); give the list of the batch files' MD5s, as `md5sum` writes it")
+        text = path.read_text()
     except OSError as e:
         raise DataError(f"cannot read MD5 file {path}: {e.strerror}") from None
     except UnicodeDecodeError:
@@ -65,6 +75,9 @@ def read_archive(path: str | os.PathLike, md5s: Mapping[str, str] = OFFICIAL_MD5
     path = Path(path)
     if not path.exists():
         raise DataError(f"archive {path} does not exist; pass the path of cifar-10-binary.tar.gz")
+    if not (path.is_dir() or path.is_file()):  # /dev/zero was read without end, a pipe waited forever
+        raise DataError(f"archive {path} is not a regular file (a device or a pipe?); pass the path of "
+                        "cifar-10-binary.tar.gz")
     if path.is_dir():
         members = _read_folder(path)
     else:
