@@ -142,19 +142,20 @@ def _train(config, workdir: Path, log: RunLog, ckpt: checkpoint.Checkpointer, st
     try:
         for epoch in resume.epochs_to_train(run, log.print):
             ckpt.check()  # a save that failed in the background stops the run here, not at its end
-            waited = (("startup_s", time.monotonic() - summary.started) if evaluated is None
-                      else ("bookkeeping_s", time.monotonic() - evaluated))
-            record = dict(train_and_evaluate_epoch(run, epoch, ckpt, log, stop, context), **dict([waited]))
+            started = time.monotonic()
+            record = train_and_evaluate_epoch(run, epoch, ckpt, log, stop, context)
+            if evaluated is None:  # the first epoch this process trains: what came before it is start-up
+                record["startup_s"] = started - summary.started
+            else:
+                record["bookkeeping_s"] = started - evaluated
             evaluated = time.monotonic()
-            stopping = stop()
-            saved = save_log_and_report(run, record, ckpt, log, reporter, scalars, model_summary, stopping)
-            if not stopping and stop():  # the signal came during the bookkeeping: its announcement said "saved"
+            saved = save_log_and_report(run, record, ckpt, log, reporter, scalars, model_summary, stopping=stop())
+            if stop():  # asked again: a signal during the bookkeeping was announced as "evaluated and saved" too
                 if not saved:
                     run.save(ckpt, epoch)
-                stopping = True
-            if stopping and epoch < config.num_epochs:  # during the last epoch's evaluation: finished, and saved
-                ckpt.wait()
-                raise TrainingInterrupted(stop.signum, record["step"])
+                if epoch < config.num_epochs:  # during the last epoch's evaluation: finished, and saved
+                    ckpt.wait()
+                    raise TrainingInterrupted(stop.signum, record["step"])
     except TrainingInterrupted:
         if log.writer and run.config.report_every_epochs == 0 and run.history:  # the report waits for a stop
             submit_report(run, reporter, model_summary)
@@ -279,7 +280,7 @@ def submit_report(run: TrainingRun, reporter: report.BackgroundReporter, summary
 
 def result_name(config) -> str:
     """The NAME of the run's result file: `results.name`, else the --config file's, with the dtype if not fp32."""
-    name = config.results.name or "run"
+    name = config.results.name  # train_and_evaluate names it when results.dir is set
     return name if config.dtype == "float32" else f"{name}-{config.dtype}"
 
 

@@ -20,6 +20,7 @@ run on a GPU from the VGG's figures scaled by the two networks' ratio on the CPU
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import runpy
@@ -58,7 +59,9 @@ def load_results(results_dir: Path) -> list[dict]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def recipe(name: str):
+    """configs/NAME.py's config, read once (the queue asks about each recipe many times)."""
     return runpy.run_path(str(REPO / "configs" / f"{name}.py"))["get_config"]()
 
 
@@ -196,18 +199,30 @@ def figures(results: list[dict], results_dir: Path, model: str, dtype: str, toge
     return {}, "nothing measured"
 
 
-def estimate(name: str, seeds: list[int], dtype: str, results_dir: Path, together: bool = False) -> int:
+def estimate(name: str, seeds: list[int], dtype: str, results_dir: Path, together: bool = False,
+             results: list[dict] | None = None, compiled: bool = False) -> int:
     """Seconds that `name` takes for `seeds`, one run after another (the persistent compilation cache compiles the
-    first only), or all in one program (`together`); 10**9 when nothing measured allows an estimate."""
-    results = load_results(results_dir)
+    first only; none if `compiled`: an earlier run of the slot compiled it), or all in one program (`together`);
+    10**9 when nothing measured allows an estimate. `results`: results_dir's, when the caller has read them."""
+    results = load_results(results_dir) if results is None else results
     c = recipe(name)
-    k = len(seeds) if together else 1
-    f, _ = figures(results, results_dir, c.model, dtype, k)
+    f, _ = figures(results, results_dir, c.model, dtype, len(seeds) if together else 1)
     if not f:
         return 10 ** 9
     runs = 1 if together else len(seeds)
     one = f["startup_s"] + c.num_epochs * (f["epoch_s"] + f["bookkeeping_s"])
-    return int((runs * one + f["compile_s"]) * SAFETY)
+    return int((runs * one + (0 if compiled else f["compile_s"])) * SAFETY)
+
+
+def estimated(runs: list[tuple[str, int, str]], results_dir: Path) -> list[tuple[str, int, str, int, str]]:
+    """Each run (NAME, SEED, DTYPE) in slot order with its estimated seconds and where its figures come from; a
+    config's program compiles once in a slot (the persistent cache), so its later seeds pay no compilation."""
+    results, compiled, out = load_results(results_dir), set(), []
+    for name, seed, dtype in runs:
+        seconds = estimate(name, [seed], dtype, results_dir, results=results, compiled=(name, dtype) in compiled)
+        compiled.add((name, dtype))
+        out.append((name, seed, dtype, seconds, figures(results, results_dir, recipe(name).model, dtype)[1]))
+    return out
 
 
 def parse_run(text: str) -> tuple[str, int, str]:
@@ -225,29 +240,20 @@ def main(argv: list[str]) -> int:
         for name, seed, dtype in queue(load_results(Path(argv[1]))):
             print(f"{name}:{seed}:{dtype}")
     elif argv[:1] == ["plan"] and len(argv) == 2:
-        results_dir = Path(argv[1])
-        results = load_results(results_dir)
-        rows = queue(results)
-        total = 0
+        rows = estimated(queue(load_results(Path(argv[1]))), Path(argv[1]))
         print(f"{'config':<12} {'seed':>4}  {'dtype':<9} {'estimate':>9}  figures from")
-        for i, (name, seed, dtype) in enumerate(rows):
-            # Seeds after the first of a config reuse its compiled program: only the first pays compilation.
-            first = all(n != name for n, _, _ in rows[:i])
-            seconds = estimate(name, [seed], dtype, results_dir)
-            if not first and seconds < 10 ** 9:
-                seconds -= int(figures(results, results_dir, recipe(name).model, dtype)[0]["compile_s"] * SAFETY)
-            total += seconds
-            where = figures(results, results_dir, recipe(name).model, dtype)[1]
+        for name, seed, dtype, seconds, where in rows:
             shown = f"{seconds} s" if seconds < 10 ** 9 else "unknown"
             print(f"{name:<12} {seed:>4}  {dtype:<9} {shown:>9}  {where}")
+        total = sum(seconds for *_, seconds, _ in rows if seconds < 10 ** 9)
         print(f"gpu_run.sh: {len(rows)} runs queued, about {total / 60:.0f} min of GPU time in all" if rows else
               "gpu_run.sh: the table is complete; nothing queued")
     elif argv[:1] == ["estimates"] and len(argv) >= 2:
         results_dir = Path(argv[1])
         given = argv[2:][:1] == ["--runs"]
         runs = [parse_run(r) for r in argv[3:]] if given else queue(load_results(results_dir))
-        for name, seed, dtype in runs:
-            print(f"{name}:{seed}:{dtype} {estimate(name, [int(seed)], dtype, results_dir)}")
+        for name, seed, dtype, seconds, _ in estimated(runs, results_dir):
+            print(f"{name}:{seed}:{dtype} {seconds}")
     elif argv[:1] == ["estimate"] and len(argv) == 5:
         together = argv[2].endswith("+")
         seeds = [int(s) for s in argv[2].rstrip("+").split(",") if s]

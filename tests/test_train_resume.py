@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxcifar.data import cache
-from jaxcifar.run import checkpoint, integrity, machine, resume, runlog
+from jaxcifar.run import checkpoint, integrity, machine, resume, runlog, workdir as workdir_lib
 from jaxcifar import errors, evaluate, train
 from jaxcifar.errors import CheckpointError
 from jaxcifar.run.signals import TrainingInterrupted
@@ -448,8 +448,8 @@ def test_a_gpu_slots_run_saves_by_time_reports_at_the_end_and_rewrites_its_resul
     train.train_and_evaluate(c, str(workdir))
     per_epoch = Trainer(c, cache.load_dataset(c)).plan.steps_per_epoch
     # No save was due within the hour, none is a best/ save: the last epoch's is the only one. One report, at the end.
-    assert checkpoint.complete_steps(workdir / "checkpoints") == [3 * per_epoch]
-    assert checkpoint.complete_steps(workdir / "best") == []
+    assert workdir_lib.complete_steps(workdir / "checkpoints") == [3 * per_epoch]
+    assert workdir_lib.complete_steps(workdir / "best") == []
     assert submitted == [3] and (workdir / "report.html").is_file()
     # The result after each epoch: a partial row until the last.
     assert [(r["epochs_completed"], r["partial"]) for r in written] == [(1, True), (2, True), (3, False)]
@@ -475,7 +475,7 @@ def test_a_stop_at_an_epochs_end_saves_that_epoch_whatever_the_checkpoint_cadenc
         train.train_and_evaluate(c, str(workdir))
     per_epoch = Trainer(c, cache.load_dataset(c)).plan.steps_per_epoch
     assert stopped.value.step == 3 * per_epoch
-    assert checkpoint.complete_steps(workdir / "checkpoints")[-1] == 3 * per_epoch
+    assert workdir_lib.complete_steps(workdir / "checkpoints")[-1] == 3 * per_epoch
 
 
 @pytest.mark.parametrize("piece", ["meta", "state", "everything"])
@@ -513,7 +513,7 @@ def test_a_hangup_during_preprocessing_stops_before_the_first_step_and_says_noth
     with pytest.raises(TrainingInterrupted) as stopped:
         train.train_and_evaluate(tiny_config(prepared, num_epochs=2), str(workdir))
     assert (stopped.value.signum, stopped.value.step, stopped.value.saved) == (signal.SIGHUP, 0, False)
-    assert checkpoint.complete_steps(workdir / "checkpoints") == []
+    assert workdir_lib.complete_steps(workdir / "checkpoints") == []
     assert "before training anything" in str(stopped.value)
 
 

@@ -40,12 +40,14 @@ def read_md5_file(path: str | os.PathLike) -> dict[str, str]:
     sums = {}
     path = Path(path)
     try:
-        if path.exists() and not path.is_file():  # /dev/zero was read whole: 6 GB in 8 s
-            raise DataError(f"MD5 file {path} is not a regular file (a folder, a device or a pipe?); give the list of "
-                            "the batch files' MD5s, as `md5sum` writes it")
-        if path.exists() and path.stat().st_size > MD5_FILE_LIMIT:
-            raise DataError(f"MD5 file {path} is {path.stat().st_size:,} bytes, too large for a list of MD5s (an "
-                            f"archive?); give the list of the batch files' MD5s, as `md5sum` writes it")
+        if path.exists():  # a missing one is read_text's OSError below
+            if not path.is_file():  # /dev/zero was read whole: 6 GB in 8 s
+                raise DataError(f"MD5 file {path} is not a regular file (a folder, a device or a pipe?); give the list "
+                                "of the batch files' MD5s, as `md5sum` writes it")
+            size = path.stat().st_size
+            if size > MD5_FILE_LIMIT:
+                raise DataError(f"MD5 file {path} is {size:,} bytes, too large for a list of MD5s (an archive?); give "
+                                "the list of the batch files' MD5s, as `md5sum` writes it")
         text = path.read_text()
     except OSError as e:
         raise DataError(f"cannot read MD5 file {path}: {e.strerror}") from None

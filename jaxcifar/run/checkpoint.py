@@ -75,16 +75,13 @@ def _saved_arrays(manager, step: int) -> dict:
     where = f"checkpoint {step} in {manager.directory}"
     try:
         items = manager.item_metadata(step)
-        if "state" not in items:  # its state/ folder deleted
-            raise CheckpointDamaged(f"{where} is unreadable: it has no arrays (its state/ folder is missing)")
-        tree = items["state"]
-    except CheckpointDamaged:
-        raise
     except Exception as e:  # noqa: BLE001 - narrowed by integrity.unreadable()
         if not integrity.unreadable(e):
             raise
         raise CheckpointDamaged(f"{where} is unreadable: {failure_line(e)}") from None
-    tree = getattr(tree, "tree", tree)
+    if "state" not in items:  # its state/ folder deleted
+        raise CheckpointDamaged(f"{where} is unreadable: it has no arrays (its state/ folder is missing)")
+    tree = getattr(items["state"], "tree", items["state"])
     if tree is None:
         raise CheckpointDamaged(f"{where} is unreadable: its array metadata is missing")
     return tree
@@ -168,7 +165,7 @@ class Checkpointer:
                 except Exception:  # noqa: BLE001 - the same cause; its partial save is removed below
                     pass
         self.remove_failed_saves()
-        complete = complete_steps(self.workdir / "checkpoints")
+        complete = workdir_lib.complete_steps(self.workdir / "checkpoints")
         last = (f"the last complete checkpoint is step {complete[-1]} in {self.workdir / 'checkpoints'}"
                 if complete else "no checkpoint of this run is complete yet")
         raise CheckpointSaveFailed(f"{failure_line(e)} while saving step {step} to {directory}; {last}. "
@@ -316,14 +313,6 @@ class Checkpointer:
             raise CheckpointDamaged(f"every checkpoint in {manager.directory} is damaged; move that folder away to "
                                     f"start afresh{spare}, or use a fresh --workdir")
         return None
-
-
-def complete_steps(directory: Path) -> list[int]:
-    """The steps of the saves orbax finished (renamed from their temporary names) in `directory`."""
-    try:
-        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
-    except OSError:
-        return []
 
 
 def _require_step(manager, step: int) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxcifar.data import archive
-from jaxcifar.run import files
+from jaxcifar.run import files, workdir as workdir_lib
 from jaxcifar.nn import metrics
 from jaxcifar.errors import short_path
 
@@ -254,14 +254,14 @@ class RunSummary:
 def saved_in(workdir: Path) -> str:
     """What a workdir's newest complete checkpoint holds, in words: 'epoch 3 (step 18)', 'step 23, during epoch 4',
     or 'nothing'. Read from the folder names and metrics.jsonl alone (no checkpoint is opened)."""
-    try:
-        steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit() and p.is_dir()]
-        lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").is_file() else []
-    except (OSError, ValueError):
-        steps, lines = [], []
+    steps = workdir_lib.complete_steps(workdir / "checkpoints")
     if not steps:
         return "nothing"
-    step = max(steps)
+    try:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").is_file() else []
+    except (OSError, ValueError):
+        lines = []
+    step = steps[-1]
     epochs = [r for r in map(_record, lines) if r is not None and r.get("step", step + 1) <= step]
     if epochs and epochs[-1]["step"] == step:
         return f"epoch {epochs[-1]['epoch']} (step {step})"

@@ -53,6 +53,15 @@ def make_workdir(path: str | os.PathLike) -> Path:
     return path
 
 
+def complete_steps(directory: Path) -> list[int]:
+    """The steps of the saves orbax finished (renamed from their temporary names) in `directory`; read from the folder
+    names alone, nothing opened."""
+    try:
+        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+    except OSError:
+        return []
+
+
 def holds_nothing(path: str | os.PathLike) -> bool:
     """Whether `path` is missing or an empty folder (a start there that fails leaves it so: clear_if_untrained)."""
     try:
@@ -66,8 +75,7 @@ def clear_if_untrained(path: Path, remove: bool = False) -> None:
     """Empties a workdir that held nothing before a start that trained nothing (no complete save, no epoch logged):
     what that start made (the lock, log.txt, empty checkpoint folders) goes, and the folder too if that start made
     it (`remove`); a workdir with anything trained in it is left as it is."""
-    saved = any(p.name.isdigit() for folder in ("checkpoints", "best") if (path / folder).is_dir()
-                for p in (path / folder).iterdir())
+    saved = complete_steps(path / "checkpoints") or complete_steps(path / "best")
     logged = (path / "metrics.jsonl").is_file() and (path / "metrics.jsonl").read_text().strip()
     if saved or logged:
         return
